@@ -1,0 +1,3 @@
+from kracauer.cli import main
+
+raise SystemExit(main())
