@@ -1,0 +1,120 @@
+"""The TUN device and the routes that lead into it.
+
+The device is opened with the TUNSETIFF ioctl (the only way to get its file
+descriptor); bringing it up, its MTU and the routes go through netlink with
+pyroute2, never by running `ip`. The device is not persistent: when the
+descriptor closes the kernel removes it, and its routes with it, so even a
+crash leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import ipaddress
+import logging
+import os
+import socket
+import struct
+from dataclasses import dataclass, field
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+log = logging.getLogger("kracauer.tun")
+
+# linux/if_tun.h
+TUNSETIFF = 0x400454CA
+IFF_TUN = 0x0001
+IFF_NO_PI = 0x1000
+IFNAMSIZ = 16
+
+
+class TunError(RuntimeError):
+    """The TUN device or its routes could not be set up."""
+
+
+@dataclass
+class Tun:
+    """An open TUN device with the routes kracauer added for it."""
+
+    name: str
+    fd: int
+    index: int
+    routes: list[tuple[int, str]] = field(default_factory=list)
+
+    def close(self) -> None:
+        """Remove the routes, then the device (closing a non-persistent TUN deletes it)."""
+        with IPRoute() as ipr:
+            for family, dst in reversed(self.routes):
+                try:
+                    ipr.route("del", dst=dst, oif=self.index, family=family)
+                except NetlinkError as exc:
+                    if exc.code not in (errno.ESRCH, errno.ENODEV):
+                        log.warning("could not remove route %s: %s", dst, exc)
+            self.routes.clear()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def check_forwarding() -> None:
+    """DESIGN.md: the box forwards between interfaces, so both sysctls must be 1."""
+    missing = []
+    for path, name in (
+        ("/proc/sys/net/ipv4/ip_forward", "net.ipv4.ip_forward"),
+        ("/proc/sys/net/ipv6/conf/all/forwarding", "net.ipv6.conf.all.forwarding"),
+    ):
+        try:
+            with open(path) as f:
+                value = f.read().strip()
+        except OSError as exc:
+            raise TunError(f"cannot read {name} ({path}): {exc}") from exc
+        if value != "1":
+            missing.append(name)
+    if missing:
+        settings = " ".join(f"{name}=1" for name in missing)
+        raise TunError(f"forwarding is off: kracauer needs {', '.join(missing)} = 1 (run: sysctl -w {settings})")
+
+
+def open_tun(name: str, mtu: int, ipv4_routes: list[ipaddress.IPv4Network],
+             ipv6_routes: list[ipaddress.IPv6Network]) -> Tun:
+    """Create the TUN `name`, set its MTU, bring it up and route the given prefixes into it."""
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as exc:
+        raise TunError(f"cannot open /dev/net/tun: {exc} (kracauer must run as root, with the tun module)") from exc
+    try:
+        ifr = struct.pack("16sH22x", name.encode(), IFF_TUN | IFF_NO_PI)
+        try:
+            fcntl.ioctl(fd, TUNSETIFF, ifr)
+        except OSError as exc:
+            hint = " (is another kracauer running with this device name?)" if exc.errno == errno.EBUSY else ""
+            raise TunError(f"cannot create TUN device {name!r}: {exc}{hint}") from exc
+        os.set_blocking(fd, False)
+        tun = Tun(name=name, fd=fd, index=socket.if_nametoindex(name))
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        with IPRoute() as ipr:
+            ipr.link("set", index=tun.index, mtu=mtu, state="up")
+            for net in ipv4_routes:
+                _add_route(ipr, tun, socket.AF_INET, str(net))
+            for net in ipv6_routes:
+                _add_route(ipr, tun, socket.AF_INET6, str(net))
+    except BaseException:
+        tun.close()
+        raise
+    return tun
+
+
+def _add_route(ipr: IPRoute, tun: Tun, family: int, dst: str) -> None:
+    try:
+        ipr.route("add", dst=dst, oif=tun.index, family=family)
+    except NetlinkError as exc:
+        if exc.code == errno.EEXIST:
+            raise TunError(f"a route for {dst} already exists; remove it or change the config") from exc
+        raise TunError(f"cannot add route {dst} via {tun.name}: {exc}") from exc
+    tun.routes.append((family, dst))
+    log.info("route %s dev %s", dst, tun.name)

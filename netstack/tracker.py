@@ -1,0 +1,842 @@
+"""The connection tracker: delayed binding and the IPv4⇄IPv6 TCP splice.
+
+Sans-I/O, in the manner of aioquic's connection: ``receive(packet, now)``
+returns the packets to send, ``next_timer()`` says when ``on_timer(now)`` wants
+to run. The clock and the random source are the caller's.
+
+One connection, as ../shared/DESIGN.md describes it:
+
+    PEEKING     kracauer answered the client's SYN with its own ISN k and
+                buffers the first bytes unacknowledged until the name is known.
+    CONNECTING  a route was chosen; kracauer sent the host a SYN from
+                prefix::client with the client's ISN c and options.
+    ESTABLISHED the host answered (ISN h): delta = h - k; the buffered bytes
+                were replayed and every packet is translated both ways.
+    REFUSING    no route: an alert (TLS) or a 421 (HTTP) and a FIN were sent.
+    GONE        removed from the tables.
+
+State changes happen in the ``_client_*`` and ``_host_*`` handlers named after
+the state they handle; a packet a state has no use for is dropped and counted
+in ``drops`` under a reason, never forwarded.
+"""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from netstack import http, tls
+from netstack.checksum import is_valid, ones_sum, update
+from netstack.ip import (
+    IPV6_HEADER_LEN, PROTO_TCP, IPv4Header, IPv6Header, PacketError, build_ipv4_header, build_ipv6_header,
+)
+from netstack.peek import NEED_DATA, Decision, NotProtocol
+from netstack.reassembly import StreamBuffer
+from netstack.tcp import (
+    ACK, DEFAULT_MSS, FIN, MOD32, PSH, RST, SYN, U16, U32, TcpHeader, add_u32, build_segment, seq_le, seq_lt,
+    set_checksum, shift_sack_blocks, syn_options, timestamp_option,
+)
+
+PEEKING, CONNECTING, ESTABLISHED, REFUSING, GONE = range(5)
+STATE_NAMES = ("PEEKING", "CONNECTING", "ESTABLISHED", "REFUSING", "GONE")
+
+# The window scale kracauer announces to clients. Linux hosts with default
+# buffers announce 7 as well, so their windows usually pass unchanged.
+OUR_WSCALE = 7
+# SYN-ACK windows are never scaled (RFC 7323 §2.2).
+SYN_WINDOW = 65535
+# Host SYN retransmissions after 1, 2, 4, ... seconds, as RFC 6298 §5.5 backs off.
+SYN_RETRY_FIRST = 1.0
+# How often a refusal (alert or 421, with FIN) is sent before giving up.
+REFUSAL_TRIES = 3
+# How long a connection whose FINs are both acknowledged keeps translating
+# retransmitted FINs and ACKs before its state goes (a short TIME-WAIT).
+CLOSE_LINGER = 10.0
+# How long state waits after an in-window but inexact RST (RFC 5961 §3.2):
+# the endpoint answers a blind RST with a challenge ACK, which revives it.
+RST_LINGER = 5.0
+
+LISTENER_PROTOCOLS = ("tls", "http", "tcp")
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """An IPv4 service address and port, and how its connections are routed."""
+
+    address: bytes  # 4 bytes
+    port: int
+    protocol: str  # "tls" | "http" | "tcp"
+
+    def __str__(self) -> str:
+        return f"{ipaddress.IPv4Address(self.address)}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a connection goes: an IPv6 host and port, and the route that chose it."""
+
+    host: bytes  # 16 bytes
+    port: int
+    route: str
+
+
+# (listener, decision) -> target, or None to refuse the name.
+Resolver = Callable[[Listener, Decision], "Target | None"]
+
+
+@dataclass(frozen=True, slots=True)
+class TrackerConfig:
+    prefix: bytes  # the 12 bytes of the /96 translation prefix
+    mtu: int = 1500
+    hello_timeout: float = 10.0
+    hello_max_bytes: int = 16384
+    connect_timeout: float = 10.0
+    idle_timeout: float = 7440.0
+
+    @property
+    def mss(self) -> int:
+        """The largest segment that still fits the IPv6 path: mtu - 40 (IPv6) - 20 (TCP)."""
+        return self.mtu - 60
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionRecord:
+    """What is known about a connection when it ends (one access-log line)."""
+
+    start: float
+    duration: float
+    client: str
+    client_port: int
+    listener: str
+    protocol: str
+    name: str | None
+    alpn: tuple[str, ...]
+    route: str | None
+    host: str | None
+    host_port: int | None
+    bytes_to_host: int
+    bytes_to_client: int
+    packets_to_host: int
+    packets_to_client: int
+    hello_size: int
+    outcome: str
+
+
+class Connection:
+    """Per-connection state; kept small (slots) since there may be very many."""
+
+    __slots__ = (
+        "listener", "client_addr", "client_port", "client_key", "state", "start", "last_seen", "timer_at",
+        "tries",
+        # client side of the handshake kracauer answered
+        "client_isn", "our_isn", "client_mss", "client_wscale", "client_sack", "client_ts", "client_tsval",
+        "client_window", "ts_base", "our_wscale",
+        # the first bytes
+        "hello", "peeker", "fed", "client_fin_offset", "decision",
+        # the host side
+        "target", "src6", "host_sport", "host_key", "host_isn", "host_mss", "host_tsval",
+        "delta", "ts_off", "c2h_shift", "h2c_shift", "host_wscale",
+        # progress, for FIN/RST checks and byte counts
+        "client_ack", "client_win", "host_ack", "host_win", "client_fin", "host_fin", "closing",
+        "packets_to_host", "packets_to_client", "outcome", "connect_start", "rst_at",
+    )
+
+    def __init__(self, listener: Listener, client_addr: bytes, client_port: int, client_key: bytes) -> None:
+        self.listener = listener
+        self.client_addr = client_addr
+        self.client_port = client_port
+        self.client_key = client_key
+        self.state = PEEKING
+        self.timer_at = 0.0
+        self.tries = 0
+        self.hello: StreamBuffer | None = None
+        self.peeker = None
+        self.fed = 0
+        self.client_fin_offset = -1
+        self.decision: Decision | None = None
+        self.target: Target | None = None
+        self.host_key = b""
+        self.host_isn = 0
+        self.delta = 0
+        self.ts_off = 0
+        self.c2h_shift = 0
+        self.h2c_shift = 0
+        self.host_wscale = 0
+        self.client_fin = -1
+        self.host_fin = -1
+        self.closing = False
+        self.packets_to_host = 0
+        self.packets_to_client = 0
+        self.outcome = ""
+        self.connect_start = 0.0
+        self.rst_at = 0.0
+
+
+class Tracker:
+    """All connections of one kracauer instance, keyed from both sides."""
+
+    def __init__(
+        self,
+        config: TrackerConfig,
+        listeners: Iterable[Listener],
+        resolve: Resolver,
+        random32: Callable[[], int],
+    ) -> None:
+        if len(config.prefix) != 12:
+            raise ValueError("the translation prefix must be 12 bytes (a /96)")
+        self.config = config
+        self.listeners = {lst.address + U16.pack(lst.port): lst for lst in listeners}
+        self.resolve = resolve
+        self.random32 = random32
+        # client key: client address + service address + client port + service port,
+        # exactly bytes 12:20 of the IPv4 header and 0:4 of the TCP header.
+        self.clients: dict[bytes, Connection] = {}
+        # host key: host address + prefix::client + host port + source port towards
+        # the host, exactly bytes 8:40 of the host's IPv6 header and 0:4 of its TCP header.
+        self.hosts: dict[bytes, Connection] = {}
+        self.records: list[ConnectionRecord] = []
+        self.drops: Counter[str] = Counter()
+        self._timers: list[tuple[float, int, Connection]] = []
+        self._timer_seq = 0
+        self._ident = 0
+
+    def __len__(self) -> int:
+        return len(self.clients)
+
+    # ------------------------------------------------------------------ input
+
+    def receive(self, packet: bytes, now: float) -> list[bytearray]:
+        """Handle one packet read from the TUN; return the packets to write back."""
+        if not packet:
+            return self._drop("empty")
+        version = packet[0] >> 4
+        try:
+            if version == 4:
+                return self._from_client(packet, now)
+            if version == 6:
+                return self._from_host(packet, now)
+        except PacketError:
+            return self._drop("malformed_ipv4" if version == 4 else "malformed_ipv6")
+        return self._drop("not_ip")
+
+    def _drop(self, reason: str) -> list[bytearray]:
+        self.drops[reason] += 1
+        return []
+
+    def _from_client(self, packet: bytes, now: float) -> list[bytearray]:
+        ip = IPv4Header(packet)
+        if ip.proto != PROTO_TCP:
+            return self._drop("not_tcp")
+        # DESIGN.md: never forward half a segment; TCP sets DF, so fragments are rare.
+        if ip.is_fragment:
+            return self._drop("fragment")
+        segment = memoryview(packet)[ip.header_len:ip.total_len]
+        tcp = TcpHeader(segment)
+        hl = ip.header_len
+        conn = self.clients.get(packet[12:20] + packet[hl:hl + 4])
+        if conn is None:
+            return self._client_new(packet, ip, segment, tcp, now)
+        conn.last_seen = now
+        if tcp.flags & SYN:
+            return self._client_syn_again(conn, packet, ip, segment, tcp, now)
+        if conn.state == ESTABLISHED:
+            return self._client_established(conn, ip, segment, tcp, now)
+        if conn.state == PEEKING or conn.state == CONNECTING:
+            return self._client_early(conn, ip, segment, tcp, now)
+        if conn.state == REFUSING:
+            return self._client_refusing(conn, ip, segment, tcp, now)
+        return self._drop("no_connection")
+
+    def _from_host(self, packet: bytes, now: float) -> list[bytearray]:
+        ip = IPv6Header(packet)
+        # Hosts send TCP without extension headers; anything else is not ours to carry.
+        if ip.next_header != PROTO_TCP:
+            return self._drop("not_tcp")
+        if ip.dst[:12] != self.config.prefix:
+            return self._drop("not_prefix")
+        segment = memoryview(packet)[IPV6_HEADER_LEN:IPV6_HEADER_LEN + ip.payload_len]
+        tcp = TcpHeader(segment)
+        conn = self.hosts.get(packet[8:40] + packet[40:44])
+        if conn is None:
+            return self._drop("no_connection")
+        conn.last_seen = now
+        if conn.state == ESTABLISHED:
+            if tcp.flags & SYN:
+                return self._host_synack_again(conn, tcp, now)
+            return self._host_established(conn, ip, segment, tcp, now)
+        if conn.state == CONNECTING:
+            return self._host_connecting(conn, segment, tcp, now)
+        return self._drop("host_packet_in_state")
+
+    # ---------------------------------------------------------- client: SYN
+
+    def _client_new(self, packet: bytes, ip: IPv4Header, segment: memoryview, tcp: TcpHeader,
+                    now: float) -> list[bytearray]:
+        if tcp.flags & (SYN | ACK | RST | FIN) != SYN:
+            return self._drop("no_connection")
+        hl = ip.header_len
+        listener = self.listeners.get(packet[16:20] + packet[hl + 2:hl + 4])
+        if listener is None:
+            return self._drop("no_listener")
+        if not is_valid(segment, ones_sum(ip.src + ip.dst) + PROTO_TCP + len(segment)):
+            return self._drop("bad_checksum")
+        conn = Connection(listener, ip.src, tcp.sport, packet[12:20] + packet[hl:hl + 4])
+        conn.start = conn.last_seen = now
+        self._accept_syn(conn, segment, tcp)
+        self.clients[conn.client_key] = conn
+        self._set_timer(conn, now + self.config.hello_timeout)
+        return [self._syn_ack_to_client(conn, now)]
+
+    def _accept_syn(self, conn: Connection, segment: memoryview, tcp: TcpHeader) -> None:
+        """Record the client's SYN and choose kracauer's side of the handshake (DESIGN.md step 1)."""
+        conn.client_isn = tcp.seq
+        conn.our_isn = self.random32() & MOD32
+        conn.ts_base = self.random32() & MOD32
+        conn.client_mss = tcp.mss if tcp.mss is not None else DEFAULT_MSS
+        conn.client_wscale = tcp.wscale
+        conn.client_sack = tcp.sack_permitted
+        stamps = tcp.timestamps(segment)
+        conn.client_ts = stamps is not None
+        conn.client_tsval = stamps[0] if stamps else 0
+        conn.client_window = tcp.window
+        # RFC 7323 §2.2: scaling is used only when both SYNs carry the option.
+        conn.our_wscale = OUR_WSCALE if tcp.wscale is not None else 0
+        conn.client_ack = (conn.our_isn + 1) & MOD32
+        conn.client_win = tcp.window
+        conn.hello = StreamBuffer(self.config.hello_max_bytes)
+        protocol = conn.listener.protocol
+        if protocol == "tls":
+            conn.peeker = tls.TlsPeeker(self.config.hello_max_bytes)
+        elif protocol == "http":
+            conn.peeker = http.HttpPeeker(self.config.hello_max_bytes)
+
+    def _client_syn_again(self, conn: Connection, packet: bytes, ip: IPv4Header, segment: memoryview,
+                          tcp: TcpHeader, now: float) -> list[bytearray]:
+        if tcp.flags & ACK:
+            return self._drop("syn_ack_from_client")
+        if tcp.seq == conn.client_isn and conn.state == PEEKING:
+            # Our SYN-ACK was lost: answer the retransmitted SYN the same way.
+            return [self._syn_ack_to_client(conn, now)]
+        if conn.closing or (conn.state == PEEKING and conn.hello.contiguous == 0 and tcp.seq != conn.client_isn):
+            # A new connection reusing the port of one that is over (or never began).
+            self._finish(conn, conn.outcome or "closed", now)
+            return self._client_new(packet, ip, segment, tcp, now)
+        # RFC 5961 §4: a SYN in a synchronized state must not tear it down.
+        return self._drop("syn_in_connection")
+
+    def _syn_ack_to_client(self, conn: Connection, now: float) -> bytearray:
+        stamps = (self._our_tsval(conn, now), conn.client_tsval) if conn.client_ts else None
+        wscale = conn.our_wscale if conn.client_wscale is not None else None
+        # DESIGN.md step 1: MSS clamped so a full client segment still fits the IPv6 path.
+        options = syn_options(min(self.config.mss, 65535), wscale, conn.client_sack, stamps)
+        segment = build_segment(conn.listener.port, conn.client_port, conn.our_isn, conn.client_isn + 1,
+                                SYN | ACK, SYN_WINDOW, options)
+        return self._ipv4_to_client(conn, segment)
+
+    # ------------------------------------------------- client: the first bytes
+
+    def _client_early(self, conn: Connection, ip: IPv4Header, segment: memoryview, tcp: TcpHeader,
+                      now: float) -> list[bytearray]:
+        """Client packets before the splice: the handshake ACK and the hello, buffered unacknowledged."""
+        if tcp.flags & RST:
+            # RFC 5961 §3.2 is about synchronized state; here any RST in the
+            # stretch the client may send in ends a connection that holds nothing yet.
+            offset = (tcp.seq - conn.client_isn - 1) & MOD32
+            if offset > SYN_WINDOW + self.config.hello_max_bytes:
+                return self._drop("rst_out_of_window")
+            out = []
+            if conn.state == CONNECTING:
+                out.append(self._rst_to_host(conn))
+            self._finish(conn, "reset_by_client", now)
+            return out
+        if not tcp.flags & ACK or tcp.ack != (conn.our_isn + 1) & MOD32:
+            return self._drop("bad_ack_before_splice")
+        if not is_valid(segment, ones_sum(ip.src + ip.dst) + PROTO_TCP + len(segment)):
+            # These bytes are replayed in segments kracauer checksums itself:
+            # a corrupted one must not be laundered into a valid one.
+            return self._drop("bad_checksum")
+        self._note_client_options(conn, segment, tcp)
+        payload = segment[tcp.header_len:]
+        offset = (tcp.seq - conn.client_isn - 1) & MOD32
+        if offset >= 0x80000000:
+            offset -= 0x100000000
+        if payload:
+            conn.hello.add(offset, payload)
+        if tcp.flags & FIN and conn.client_fin_offset < 0:
+            conn.client_fin_offset = offset + len(payload)
+        if conn.state == CONNECTING:
+            return []
+        return self._peek(conn, now)
+
+    def _note_client_options(self, conn: Connection, segment: memoryview, tcp: TcpHeader) -> None:
+        conn.client_window = tcp.window
+        if tcp.ts_at >= 0:
+            conn.client_tsval = U32.unpack_from(segment, tcp.ts_at)[0]
+
+    def _peek(self, conn: Connection, now: float) -> list[bytearray]:
+        """Feed newly contiguous bytes to the peeker and act on its answer."""
+        if conn.peeker is None:
+            # A tcp listener: no name to wait for, the handshake is enough.
+            conn.decision = Decision(name=None)
+            return self._route(conn, now)
+        end = conn.hello.contiguous
+        result = NEED_DATA
+        if end > conn.fed:
+            result = conn.peeker.feed(memoryview(conn.hello.data)[conn.fed:end])
+            conn.fed = end
+        if result is NEED_DATA:
+            if conn.client_fin_offset >= 0 and conn.client_fin_offset <= end:
+                # The client closed before its hello was complete: nothing to route.
+                self._finish(conn, "incomplete_hello", now)
+                return [self._rst_to_client(conn, end)]
+            return []
+        if isinstance(result, NotProtocol):
+            self._finish(conn, "not_" + conn.listener.protocol, now)
+            return [self._rst_to_client(conn, end)]
+        conn.decision = result
+        return self._route(conn, now)
+
+    def _route(self, conn: Connection, now: float) -> list[bytearray]:
+        target = self.resolve(conn.listener, conn.decision)
+        if target is None:
+            return self._refuse(conn, now)
+        return self._bind(conn, target, now)
+
+    # ------------------------------------------------------------ host: bind
+
+    def _bind(self, conn: Connection, target: Target, now: float) -> list[bytearray]:
+        """DESIGN.md step 3: SYN to the host from prefix::client with the client's ISN and options."""
+        conn.target = target
+        conn.src6 = self.config.prefix + conn.client_addr
+        sport = conn.client_port
+        key = target.host + conn.src6 + U16.pack(target.port) + U16.pack(sport)
+        # DESIGN.md, Collisions: one client port towards two listeners that lead to
+        # the same host and port; another source port keeps the two apart.
+        for _ in range(64):
+            if key not in self.hosts:
+                break
+            sport = 1024 + self.random32() % (65536 - 1024)
+            key = target.host + conn.src6 + U16.pack(target.port) + U16.pack(sport)
+        else:
+            self._finish(conn, "no_source_port", now)
+            return [self._rst_to_client(conn, conn.hello.contiguous)]
+        conn.host_sport = sport
+        conn.host_key = key
+        self.hosts[key] = conn
+        conn.state = CONNECTING
+        conn.tries = 1
+        conn.connect_start = now
+        return self._connect_attempt(conn, now)
+
+    def _connect_attempt(self, conn: Connection, now: float) -> list[bytearray]:
+        retry = now + SYN_RETRY_FIRST * (1 << (conn.tries - 1))
+        self._set_timer(conn, min(retry, conn.connect_start + self.config.connect_timeout))
+        return [self._syn_to_host(conn)]
+
+    def _connect_timer(self, conn: Connection, now: float) -> list[bytearray]:
+        """The host has not answered: send the SYN again, or give up and reset the client."""
+        if now >= conn.connect_start + self.config.connect_timeout:
+            self._finish(conn, "host_unreachable", now)
+            return [self._rst_to_client(conn, conn.hello.contiguous)]
+        conn.tries += 1
+        return self._connect_attempt(conn, now)
+
+    def _syn_to_host(self, conn: Connection) -> bytearray:
+        stamps = (conn.client_tsval, 0) if conn.client_ts else None
+        mss = min(conn.client_mss, self.config.mss)
+        options = syn_options(mss, conn.client_wscale, conn.client_sack, stamps)
+        segment = build_segment(conn.host_sport, conn.target.port, conn.client_isn, 0, SYN, conn.client_window,
+                                options)
+        return self._ipv6_to_host(conn, segment)
+
+    def _host_connecting(self, conn: Connection, segment: memoryview, tcp: TcpHeader,
+                         now: float) -> list[bytearray]:
+        if tcp.flags & ACK == 0 or tcp.ack != (conn.client_isn + 1) & MOD32:
+            return self._drop("bad_ack_from_host")
+        if tcp.flags & RST:
+            # The host refused (RFC 9293 §3.5): the client learns it the same way.
+            self._finish(conn, "host_refused", now)
+            return [self._rst_to_client(conn, conn.hello.contiguous)]
+        if tcp.flags & SYN == 0:
+            return self._drop("host_packet_in_state")
+        if not is_valid(segment, ones_sum(bytes(conn.target.host) + conn.src6) + PROTO_TCP + len(segment)):
+            return self._drop("bad_checksum")
+        self._splice(conn, segment, tcp, now)
+        return self._replay(conn, now)
+
+    def _splice(self, conn: Connection, segment: memoryview, tcp: TcpHeader, now: float) -> None:
+        """DESIGN.md step 4: record delta, window scales and the host's timestamp clock."""
+        conn.host_isn = tcp.seq
+        conn.delta = (tcp.seq - conn.our_isn) & MOD32
+        conn.host_mss = min(tcp.mss if tcp.mss is not None else DEFAULT_MSS, self.config.mss)
+        # RFC 7323 §2.2: scaling holds only if both SYNs carried it; the client was
+        # told OUR_WSCALE, the host was told the client's own.
+        scaled = conn.client_wscale is not None and tcp.wscale is not None
+        conn.host_wscale = tcp.wscale if scaled else 0
+        client_ws_seen_by_host = conn.client_wscale if scaled else 0
+        conn.c2h_shift = (conn.client_wscale or 0) - client_ws_seen_by_host
+        conn.h2c_shift = conn.host_wscale - conn.our_wscale
+        stamps = tcp.timestamps(segment)
+        conn.host_tsval = stamps[0] if stamps else 0
+        # RFC 7323 §5.3 (PAWS): the client must see one clock that never goes
+        # back, so the host's is moved onto the one kracauer started.
+        conn.ts_off = (conn.host_tsval - self._our_tsval(conn, now)) & MOD32 if stamps else 0
+        conn.host_ack = (conn.client_isn + 1) & MOD32
+        conn.host_win = tcp.window
+        conn.state = ESTABLISHED
+        conn.peeker = None
+        self._set_timer(conn, now + self.config.idle_timeout)
+
+    def _replay(self, conn: Connection, now: float) -> list[bytearray]:
+        """Complete the host's handshake and hand it the buffered bytes (and FIN), with ACK h+1."""
+        data = memoryview(conn.hello.data)[:conn.hello.contiguous]
+        fin_here = conn.client_fin_offset == len(data)
+        ack = (conn.host_isn + 1) & MOD32
+        options = timestamp_option(conn.client_tsval, conn.host_tsval) if conn.client_ts and conn.host_tsval else b""
+        window = self._client_window_for_host(conn, conn.client_window)
+        out = []
+        step = max(conn.host_mss - len(options), 1)
+        offset = 0
+        while True:
+            chunk = data[offset:offset + step]
+            last = offset + len(chunk) >= len(data)
+            flags = ACK | (PSH if chunk else 0) | (FIN if last and fin_here else 0)
+            segment = build_segment(conn.host_sport, conn.target.port, conn.client_isn + 1 + offset, ack, flags,
+                                    window, options, chunk)
+            out.append(self._ipv6_to_host(conn, segment))
+            conn.packets_to_host += 1
+            offset += len(chunk)
+            if last:
+                break
+        if fin_here:
+            conn.client_fin = (conn.client_isn + 1 + len(data)) & MOD32
+        return out
+
+    def _host_synack_again(self, conn: Connection, tcp: TcpHeader, now: float) -> list[bytearray]:
+        # The host did not get the replay (or its ACK) and repeats its SYN-ACK.
+        if tcp.seq != conn.host_isn or seq_lt((conn.client_isn + 1 + conn.hello.contiguous) & MOD32, conn.host_ack) \
+                or conn.host_ack != (conn.client_isn + 1) & MOD32:
+            return self._drop("syn_in_connection")
+        return self._replay(conn, now)
+
+    # ---------------------------------------------------------- the splice
+
+    def _client_established(self, conn: Connection, ip: IPv4Header, segment: memoryview, tcp: TcpHeader,
+                            now: float) -> list[bytearray]:
+        """Client → host: ports, ack + delta, SACK + delta, TSecr + offset, IPv4 → IPv6 header."""
+        flags = tcp.flags
+        if flags & RST:
+            return self._rst_from_client(conn, ip, segment, tcp, now)
+        if ip.ttl <= 1:
+            return self._drop("ttl_exceeded")
+        hl = tcp.header_len
+        header = bytearray(segment[:hl])
+        old = ones_sum(ip.src + ip.dst + header)
+        U16.pack_into(header, 0, conn.host_sport)
+        U16.pack_into(header, 2, conn.target.port)
+        if flags & ACK:
+            add_u32(header, 8, conn.delta)
+            if seq_lt(conn.client_ack, tcp.ack):
+                conn.client_ack = tcp.ack
+            conn.client_win = tcp.window
+        if conn.c2h_shift:
+            U16.pack_into(header, 14, min(tcp.window << conn.c2h_shift, 0xFFFF))
+        if tcp.ts_at >= 0:
+            add_u32(header, tcp.ts_at + 4, conn.ts_off)
+        if tcp.sack_at >= 0:
+            shift_sack_blocks(header, tcp, conn.delta)
+        new = ones_sum(conn.src6 + conn.target.host + header)
+        U16.pack_into(header, 16, update(tcp.checksum, old, new))
+        payload_len = len(segment) - hl
+        if flags & FIN and conn.client_fin < 0:
+            conn.client_fin = (tcp.seq + payload_len) & MOD32
+        conn.packets_to_host += 1
+        out = bytearray(build_ipv6_header(conn.src6, conn.target.host, PROTO_TCP, len(segment), ip.ttl - 1, ip.tos))
+        out += header
+        out += segment[hl:]
+        self._check_closed(conn, now)
+        return [out]
+
+    def _host_established(self, conn: Connection, ip: IPv6Header, segment: memoryview, tcp: TcpHeader,
+                          now: float) -> list[bytearray]:
+        """Host → client: ports, seq - delta, window rescaled, TSval - offset, IPv6 → IPv4 header."""
+        flags = tcp.flags
+        if flags & RST:
+            return self._rst_from_host(conn, ip, segment, tcp, now)
+        if ip.hop_limit <= 1:
+            return self._drop("ttl_exceeded")
+        hl = tcp.header_len
+        header = bytearray(segment[:hl])
+        old = ones_sum(ip.src + ip.dst + header)
+        U16.pack_into(header, 0, conn.listener.port)
+        U16.pack_into(header, 2, conn.client_port)
+        add_u32(header, 4, -conn.delta)
+        if flags & ACK:
+            if seq_lt(conn.host_ack, tcp.ack):
+                conn.host_ack = tcp.ack
+            conn.host_win = tcp.window
+        if conn.h2c_shift:
+            U16.pack_into(header, 14, self._rescale(tcp.window, conn.h2c_shift))
+        if tcp.ts_at >= 0:
+            add_u32(header, tcp.ts_at, -conn.ts_off)
+        new = ones_sum(conn.listener.address + conn.client_addr + header)
+        U16.pack_into(header, 16, update(tcp.checksum, old, new))
+        payload_len = len(segment) - hl
+        if flags & FIN and conn.host_fin < 0:
+            conn.host_fin = (tcp.seq - conn.delta + payload_len) & MOD32
+        conn.packets_to_client += 1
+        out = self._ipv4_header(conn, len(segment), ip.hop_limit - 1, ip.traffic_class)
+        out += header
+        out += segment[hl:]
+        self._check_closed(conn, now)
+        return [out]
+
+    @staticmethod
+    def _rescale(window: int, shift: int) -> int:
+        """A window in one scale expressed in another; rounded up so it never closes by rounding."""
+        if shift > 0:
+            return min(window << shift, 0xFFFF)
+        return min((window + (1 << -shift) - 1) >> -shift, 0xFFFF)
+
+    def _client_window_for_host(self, conn: Connection, window: int) -> int:
+        if conn.c2h_shift:
+            return min(window << conn.c2h_shift, 0xFFFF)
+        return window
+
+    def _check_closed(self, conn: Connection, now: float) -> None:
+        """Both FINs sent and acknowledged: linger briefly for retransmissions, then go."""
+        if conn.closing or conn.client_fin < 0 or conn.host_fin < 0:
+            return
+        if seq_le((conn.client_fin + 1) & MOD32, conn.host_ack) and seq_le((conn.host_fin + 1) & MOD32,
+                                                                          conn.client_ack):
+            conn.closing = True
+            conn.outcome = "closed"
+            self._set_timer(conn, now + CLOSE_LINGER)
+
+    # RFC 5961 §3.2: an RST is acted on only when its sequence number is exactly the
+    # next one expected; one merely inside the window is passed on (the endpoint
+    # answers it with a challenge ACK) but the state stays; one outside is dropped.
+    def _rst_from_client(self, conn: Connection, ip: IPv4Header, segment: memoryview, tcp: TcpHeader,
+                         now: float) -> list[bytearray]:
+        window = max(conn.host_win << conn.host_wscale, 1)
+        if not (seq_le(conn.host_ack, tcp.seq) and seq_lt(tcp.seq, (conn.host_ack + window) & MOD32)):
+            return self._drop("rst_out_of_window")
+        packet = self._translate_rst_to_host(conn, ip, segment, tcp)
+        if tcp.seq == conn.host_ack:
+            self._finish(conn, "reset_by_client", now)
+        else:
+            self._rst_pending(conn, "reset_by_client", now)
+        return [packet]
+
+    def _rst_from_host(self, conn: Connection, ip: IPv6Header, segment: memoryview, tcp: TcpHeader,
+                       now: float) -> list[bytearray]:
+        expected = (conn.client_ack + conn.delta) & MOD32
+        window = max(conn.client_win << (conn.client_wscale or 0), 1)
+        if not (seq_le(expected, tcp.seq) and seq_lt(tcp.seq, (expected + window) & MOD32)):
+            return self._drop("rst_out_of_window")
+        seq = (tcp.seq - conn.delta) & MOD32
+        ack = tcp.ack if tcp.flags & ACK else 0
+        segment_out = build_segment(conn.listener.port, conn.client_port, seq, ack, tcp.flags & (RST | ACK), 0)
+        packet = self._ipv4_to_client(conn, segment_out)
+        if tcp.seq == expected:
+            self._finish(conn, "reset_by_host", now)
+        else:
+            self._rst_pending(conn, "reset_by_host", now)
+        return [packet]
+
+    def _rst_pending(self, conn: Connection, outcome: str, now: float) -> None:
+        conn.rst_at = now
+        conn.outcome = outcome
+        self._set_timer(conn, now + RST_LINGER)
+
+    def _translate_rst_to_host(self, conn: Connection, ip: IPv4Header, segment: memoryview,
+                               tcp: TcpHeader) -> bytearray:
+        ack = (tcp.ack + conn.delta) & MOD32 if tcp.flags & ACK else 0
+        out = build_segment(conn.host_sport, conn.target.port, tcp.seq, ack, tcp.flags & (RST | ACK), 0)
+        conn.packets_to_host += 1
+        return self._ipv6_to_host(conn, out)
+
+    # ------------------------------------------------------------- refusals
+
+    def _refuse(self, conn: Connection, now: float) -> list[bytearray]:
+        """No route for the name: a fatal alert (TLS) or a 421 (HTTP), then FIN (DESIGN.md)."""
+        conn.state = REFUSING
+        conn.outcome = "refused_unknown_name"
+        conn.tries = 1
+        self._set_timer(conn, now + SYN_RETRY_FIRST)
+        return [self._refusal_segment(conn, now)]
+
+    def _refusal_segment(self, conn: Connection, now: float) -> bytearray:
+        payload = tls.UNRECOGNIZED_NAME_ALERT if conn.listener.protocol == "tls" else http.MISDIRECTED_REQUEST
+        # The hello bytes are acknowledged (consumed) and answered in one segment with FIN.
+        ack = conn.client_isn + 1 + conn.hello.contiguous
+        return self._segment_to_client(conn, conn.our_isn + 1, ack, ACK | PSH | FIN, now, payload)
+
+    def _client_refusing(self, conn: Connection, ip: IPv4Header, segment: memoryview, tcp: TcpHeader,
+                         now: float) -> list[bytearray]:
+        if tcp.flags & RST:
+            self._finish(conn, conn.outcome, now)
+            return []
+        payload = tls.UNRECOGNIZED_NAME_ALERT if conn.listener.protocol == "tls" else http.MISDIRECTED_REQUEST
+        our_fin = (conn.our_isn + 1 + len(payload)) & MOD32
+        if tcp.flags & FIN:
+            # The client closes too: acknowledge its FIN and forget the connection.
+            fin_seq = (tcp.seq + len(segment) - tcp.header_len) & MOD32
+            self._note_client_options(conn, segment, tcp)
+            self._finish(conn, conn.outcome, now)
+            return [self._segment_to_client(conn, (our_fin + 1) & MOD32, fin_seq + 1, ACK, now)]
+        expected = (conn.client_isn + 1 + conn.hello.contiguous) & MOD32
+        if len(segment) > tcp.header_len and seq_lt(expected, (tcp.seq + len(segment) - tcp.header_len) & MOD32):
+            # New data after the refusal: nobody will read it.
+            self._finish(conn, conn.outcome, now)
+            return [self._rst_to_client(conn, conn.hello.contiguous)]
+        return []
+
+    # --------------------------------------------------------------- timers
+
+    def next_timer(self) -> float | None:
+        """When ``on_timer`` next has work, or None when there are no connections."""
+        timers = self._timers
+        while timers:
+            at, _, conn = timers[0]
+            if conn.state != GONE and conn.timer_at == at:
+                return at
+            heapq.heappop(timers)
+        return None
+
+    def on_timer(self, now: float) -> list[bytearray]:
+        """Run every timer that is due: timeouts, SYN and refusal retransmissions."""
+        out: list[bytearray] = []
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            at, _, conn = heapq.heappop(timers)
+            if conn.state == GONE or conn.timer_at != at:
+                continue
+            out.extend(self._expire(conn, now))
+        return out
+
+    def _expire(self, conn: Connection, now: float) -> list[bytearray]:
+        state = conn.state
+        if state == PEEKING:
+            self._finish(conn, "hello_timeout", now)
+            return [self._rst_to_client(conn, conn.hello.contiguous)]
+        if state == CONNECTING:
+            return self._connect_timer(conn, now)
+        if state == REFUSING:
+            if conn.tries >= REFUSAL_TRIES:
+                self._finish(conn, conn.outcome, now)
+                return []
+            conn.tries += 1
+            self._set_timer(conn, now + SYN_RETRY_FIRST * (1 << (conn.tries - 1)))
+            return [self._refusal_segment(conn, now)]
+        if conn.closing:
+            self._finish(conn, conn.outcome, now)
+            return []
+        if conn.rst_at:
+            if conn.last_seen <= conn.rst_at:
+                # Nothing followed the RST: the endpoint took it.
+                self._finish(conn, conn.outcome, now)
+                return []
+            conn.rst_at = 0.0
+            conn.outcome = ""
+        idle_until = conn.last_seen + self.config.idle_timeout
+        if idle_until > now:
+            self._set_timer(conn, idle_until)
+            return []
+        self._finish(conn, "idle_timeout", now)
+        return []
+
+    def _set_timer(self, conn: Connection, at: float) -> None:
+        conn.timer_at = at
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (at, self._timer_seq, conn))
+
+    # -------------------------------------------------------------- the end
+
+    def _finish(self, conn: Connection, outcome: str, now: float) -> None:
+        """Remove a connection from both tables and leave its record."""
+        if conn.state == GONE:
+            return
+        conn.state = GONE
+        self.clients.pop(conn.client_key, None)
+        if conn.host_key:
+            self.hosts.pop(conn.host_key, None)
+        self.records.append(self._record(conn, outcome, now))
+
+    def _record(self, conn: Connection, outcome: str, now: float) -> ConnectionRecord:
+        decision = conn.decision
+        target = conn.target
+        to_host = to_client = 0
+        if conn.host_isn or conn.delta:
+            to_host = (conn.host_ack - conn.client_isn - 1) & MOD32
+            to_client = (conn.client_ack - conn.our_isn - 1) & MOD32
+            # A FIN takes one sequence number but carries no byte.
+            if conn.client_fin >= 0 and seq_lt(conn.client_fin, conn.host_ack):
+                to_host -= 1
+            if conn.host_fin >= 0 and seq_lt(conn.host_fin, conn.client_ack):
+                to_client -= 1
+        return ConnectionRecord(
+            start=conn.start,
+            duration=now - conn.start,
+            client=str(ipaddress.IPv4Address(conn.client_addr)),
+            client_port=conn.client_port,
+            listener=str(conn.listener),
+            protocol=conn.listener.protocol,
+            name=decision.name if decision else None,
+            alpn=decision.alpn if decision else (),
+            route=target.route if target else None,
+            host=str(ipaddress.IPv6Address(target.host)) if target else None,
+            host_port=target.port if target else None,
+            bytes_to_host=max(to_host, 0),
+            bytes_to_client=max(to_client, 0),
+            packets_to_host=conn.packets_to_host,
+            packets_to_client=conn.packets_to_client,
+            hello_size=decision.hello_size if decision else 0,
+            outcome=outcome,
+        )
+
+    # ------------------------------------------------------- packet building
+
+    def _our_tsval(self, conn: Connection, now: float) -> int:
+        """kracauer's timestamp clock for one connection: milliseconds from a random base."""
+        return (conn.ts_base + int(now * 1000)) & MOD32
+
+    def _segment_to_client(self, conn: Connection, seq: int, ack: int, flags: int, now: float,
+                           payload: bytes = b"") -> bytearray:
+        # RFC 7323 §3.2: once timestamps are on, every segment but an RST carries them.
+        options = timestamp_option(self._our_tsval(conn, now), conn.client_tsval) if conn.client_ts else b""
+        window = max(self.config.hello_max_bytes >> conn.our_wscale, 1)
+        segment = build_segment(conn.listener.port, conn.client_port, seq, ack, flags, window, options, payload)
+        conn.packets_to_client += 1
+        return self._ipv4_to_client(conn, segment)
+
+    def _rst_to_client(self, conn: Connection, consumed: int) -> bytearray:
+        """RST|ACK from kracauer's side of the handshake (RFC 9293 §3.10.7.4)."""
+        segment = build_segment(conn.listener.port, conn.client_port, conn.our_isn + 1,
+                                conn.client_isn + 1 + consumed, RST | ACK, 0)
+        conn.packets_to_client += 1
+        return self._ipv4_to_client(conn, segment)
+
+    def _rst_to_host(self, conn: Connection) -> bytearray:
+        segment = build_segment(conn.host_sport, conn.target.port, conn.client_isn + 1, 0, RST, 0)
+        return self._ipv6_to_host(conn, segment)
+
+    def _ipv4_header(self, conn: Connection, payload_len: int, ttl: int = 64, tos: int = 0) -> bytearray:
+        self._ident = (self._ident + 1) & 0xFFFF
+        return build_ipv4_header(conn.listener.address, conn.client_addr, PROTO_TCP, payload_len, ttl, tos,
+                                 self._ident)
+
+    def _ipv4_to_client(self, conn: Connection, segment: bytearray) -> bytearray:
+        set_checksum(segment, conn.listener.address, conn.client_addr)
+        packet = self._ipv4_header(conn, len(segment))
+        packet += segment
+        return packet
+
+    def _ipv6_to_host(self, conn: Connection, segment: bytearray) -> bytearray:
+        set_checksum(segment, conn.src6, conn.target.host)
+        packet = bytearray(build_ipv6_header(conn.src6, conn.target.host, PROTO_TCP, len(segment)))
+        packet += segment
+        return packet
