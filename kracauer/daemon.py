@@ -87,6 +87,9 @@ class Daemon:
         self._last_error_log = 0.0
 
     def run(self) -> int:
+        # pyroute2 and asyncio chatter at debug level about every netlink message.
+        for noisy in ("pyroute2", "asyncio"):
+            logging.getLogger(noisy).setLevel(max(logging.getLogger(noisy).getEffectiveLevel(), logging.INFO))
         check_forwarding()
         addresses = sorted({lst.address for lst in self.config.listeners})
         self.tun = open_tun(

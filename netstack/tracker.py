@@ -141,7 +141,7 @@ class Connection:
         "delta", "ts_off", "c2h_shift", "h2c_shift", "host_wscale",
         # progress, for FIN/RST checks and byte counts
         "client_ack", "client_win", "host_ack", "host_win", "client_fin", "host_fin", "closing",
-        "packets_to_host", "packets_to_client", "outcome", "connect_start", "rst_at",
+        "packets_to_host", "packets_to_client", "outcome", "connect_start", "rst_at", "recorded",
     )
 
     def __init__(self, listener: Listener, client_addr: bytes, client_port: int, client_key: bytes) -> None:
@@ -173,6 +173,7 @@ class Connection:
         self.outcome = ""
         self.connect_start = 0.0
         self.rst_at = 0.0
+        self.recorded = False
 
 
 class Tracker:
@@ -614,6 +615,9 @@ class Tracker:
                                                                           conn.client_ack):
             conn.closing = True
             conn.outcome = "closed"
+            # The connection is over now; its record should not wait for the linger.
+            self.records.append(self._record(conn, "closed", now))
+            conn.recorded = True
             self._set_timer(conn, now + CLOSE_LINGER)
 
     # RFC 5961 §3.2: an RST is acted on only when its sequence number is exactly the
@@ -764,7 +768,8 @@ class Tracker:
         self.clients.pop(conn.client_key, None)
         if conn.host_key:
             self.hosts.pop(conn.host_key, None)
-        self.records.append(self._record(conn, outcome, now))
+        if not conn.recorded:
+            self.records.append(self._record(conn, outcome, now))
 
     def _record(self, conn: Connection, outcome: str, now: float) -> ConnectionRecord:
         decision = conn.decision

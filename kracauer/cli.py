@@ -1,0 +1,153 @@
+"""Command line: run the daemon, check a configuration, encode/decode addresses.
+
+    kracauer --config FILE [--log-level debug|info|warning]   run in the foreground
+    kracauer check-config FILE                              validate a configuration
+    kracauer decode ADDR [ADDR ...]                         64:ff9b:1::cb00:7107 -> 203.0.113.7
+    kracauer encode (--prefix P | --config FILE) IPV4 ...   203.0.113.7 -> 64:ff9b:1::cb00:7107
+    kracauer --version
+
+Exit status: 0 on success, 2 for bad arguments, configuration or input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import sys
+
+from kracauer import __version__
+from kracauer.config import Config, ConfigError, load_config, parse_prefix
+from netstack.addr import embed_address, extract_address
+
+__all__ = ["main"]
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+
+
+class _Failure(Exception):
+    """A user error: printed as ``kracauer: <message>``, exit status 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kracauer",
+        description="Route IPv4 TLS/HTTP connections by name to IPv6 hosts, "
+                    "with the client's IPv4 address embedded in the source address.",
+        epilog="Without a command, runs the daemon in the foreground with --config FILE.",
+    )
+    parser.add_argument("--version", action="version", version=f"kracauer {__version__}")
+    parser.add_argument("--config", metavar="FILE", help="configuration file (TOML)")
+    parser.add_argument("--log-level", choices=tuple(LOG_LEVELS), default="info",
+                        help="logging threshold (default: info)")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    check = commands.add_parser("check-config", help="validate a configuration file",
+                                description="Validate a configuration file and summarize it.")
+    check.add_argument("file", metavar="FILE")
+
+    decode = commands.add_parser(
+        "decode", help="print the IPv4 address embedded in IPv6 addresses",
+        description="Print the IPv4 address in the low 32 bits of each IPv6 address, one per line.")
+    decode.add_argument("addresses", metavar="ADDR", nargs="+")
+
+    encode = commands.add_parser(
+        "encode", help="print the IPv6 address that embeds IPv4 addresses",
+        description="Print the IPv6 address (translate prefix + IPv4 address) for each IPv4 address.")
+    encode.add_argument("--prefix", metavar="P", help="the /96 translate prefix, e.g. 64:ff9b:1::/96")
+    encode.add_argument("--config", metavar="FILE", dest="encode_config",
+                        help="take the prefix from this configuration file's [translate] prefix")
+    encode.add_argument("addresses", metavar="IPV4", nargs="+")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, usage errors
+        return e.code if isinstance(e.code, int) else (EXIT_OK if e.code is None else EXIT_USAGE)
+    try:
+        if args.command == "check-config":
+            return _check_config(args.file)
+        if args.command == "decode":
+            return _decode(args.addresses)
+        if args.command == "encode":
+            return _encode(args)
+        if args.config is None:
+            parser.print_usage(sys.stderr)
+            print("kracauer: error: --config FILE is required to run the daemon "
+                  "(or give a command: check-config, decode, encode)", file=sys.stderr)
+            return EXIT_USAGE
+        return _run(args.config, args.log_level)
+    except (ConfigError, _Failure) as e:
+        print(f"kracauer: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _run(path: str, log_level: str) -> int:
+    logging.basicConfig(stream=sys.stderr, format=LOG_FORMAT, level=LOG_LEVELS[log_level])
+    config = load_config(path)
+    from kracauer.daemon import run  # imported late: pulls in the TUN/netlink code
+
+    try:
+        status = run(config)
+    except KeyboardInterrupt:
+        return 130
+    return EXIT_OK if status is None else int(status)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _check_config(path: str) -> int:
+    config = load_config(path)
+    print(f"{path}: OK ({_plural(len(config.listeners), 'listener')}, "
+          f"{_plural(len(config.routes), 'route')}, "
+          f"fallback: {'yes' if config.fallback is not None else 'no'})")
+    return EXIT_OK
+
+
+def _decode(texts: list[str]) -> int:
+    # Check everything first: the output is one line per argument or nothing.
+    out = []
+    for text in texts:
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            raise _Failure(f"decode: not an IPv6 address: {text!r}") from None
+        if address.version != 6:
+            raise _Failure(f"decode: expected an IPv6 address, got IPv4 address {text!r}")
+        out.append(str(extract_address(address)))
+    print("\n".join(out))
+    return EXIT_OK
+
+
+def _encode(args: argparse.Namespace) -> int:
+    config_path = args.encode_config or args.config
+    if args.prefix is not None and config_path is not None:
+        raise _Failure("encode: give --prefix or --config, not both")
+    if args.prefix is not None:
+        try:
+            prefix = parse_prefix(args.prefix)
+        except ValueError as e:
+            raise _Failure(f"encode: --prefix: {e}") from None
+    elif config_path is not None:
+        config: Config = load_config(config_path)
+        prefix = config.prefix
+    else:
+        raise _Failure("encode: needs --prefix P or --config FILE")
+    out = []
+    for text in args.addresses:
+        try:
+            address = ipaddress.IPv4Address(text)
+        except ValueError:
+            raise _Failure(f"encode: not an IPv4 address: {text!r}") from None
+        out.append(str(embed_address(prefix, address)))
+    print("\n".join(out))
+    return EXIT_OK

@@ -1,0 +1,627 @@
+"""kracauer's configuration file: TOML in, frozen dataclasses out.
+
+``load_config(path)`` reads and validates a file, ``parse_config(text)`` a
+string. Every problem raises ``ConfigError`` with one line of text that names
+the file, the line when it is known, the key and what was expected::
+
+    kracauer.toml:14: listen[1].protocol: expected one of "tls", "http", "tcp", got "udp"
+
+Array entries are counted from 0 (``listen[0]`` is the first ``[[listen]]``).
+Line numbers come from the TOML parser for syntax errors; for the other errors
+they are found by a light scan of the text for the key (or its table header),
+and left out when the key cannot be located.
+
+docs/configuration.md is the reference for every key; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11
+    import tomli as tomllib  # type: ignore[no-redef]
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "Fallback",
+    "Limits",
+    "Listener",
+    "PROTOCOLS",
+    "Route",
+    "TunConfig",
+    "load_config",
+    "parse_config",
+]
+
+PROTOCOLS = ("tls", "http", "tcp")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration. ``str()`` is the whole single-line message.
+
+    ``source``, ``line`` and ``key`` repeat the parts of the message for
+    callers that want them separately (each may be None).
+    """
+
+    def __init__(self, message: str, *, source: str | None = None, line: int | None = None,
+                 key: str | None = None) -> None:
+        super().__init__(message)
+        self.source = source
+        self.line = line
+        self.key = key
+
+
+@dataclass(frozen=True)
+class TunConfig:
+    name: str = "kracauer0"      # 1..15 bytes, no '/', ':' or whitespace (IFNAMSIZ)
+    mtu: int = 1500              # MTU of the IPv6 path to the hosts; 1280..65535 (RFC 8200 section 5)
+
+
+@dataclass(frozen=True)
+class Listener:
+    address: ipaddress.IPv4Address
+    port: int                    # 1..65535
+    protocol: str                # "tls" | "http" | "tcp"
+    host: ipaddress.IPv6Address | None = None   # required for "tcp", forbidden for tls/http
+
+
+@dataclass(frozen=True)
+class Route:
+    name: str                    # as written in the file
+    host: ipaddress.IPv6Address
+    port: int | None = None      # None: the listener's port
+
+
+@dataclass(frozen=True)
+class Fallback:
+    host: ipaddress.IPv6Address
+    port: int | None = None
+
+
+@dataclass(frozen=True)
+class Limits:
+    hello_timeout: float = 10.0      # seconds to wait for the first bytes / a decision; > 0
+    hello_max_bytes: int = 16384     # 512..65536
+    connect_timeout: float = 10.0    # seconds to wait for the host's SYN-ACK; > 0
+    idle_timeout: float = 7440.0     # established idle timeout, RFC 5382 REQ-5 (2 h 4 min); > 0
+
+
+@dataclass(frozen=True)
+class Config:
+    tun: TunConfig
+    prefix: ipaddress.IPv6Network    # exactly a /96 (RFC 6052 section 2.2), host bits zero
+    listeners: tuple[Listener, ...]  # at least one; (address, port) unique
+    routes: tuple[Route, ...]
+    fallback: Fallback | None
+    limits: Limits
+    source: str = "<string>"         # file path for messages
+
+
+# ---------------------------------------------------------------------------
+# Entry points
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Read, parse and validate the configuration file at ``path``."""
+    source = os.fspath(path)
+    if isinstance(source, bytes):
+        source = os.fsdecode(source)
+    try:
+        with open(source, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise ConfigError(f"{source}: cannot read the file: {reason}", source=source) from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{source}:{line}: the file is not valid UTF-8 (TOML files must be)",
+                          source=source, line=line) from None
+    return parse_config(text, source=source)
+
+
+def parse_config(text: str, source: str = "<string>") -> Config:
+    """Parse and validate TOML ``text``; ``source`` names it in error messages."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise _syntax_error(e, source, text) from None
+    return _Validator(text, source).config(doc)
+
+
+_TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)$|\s*\(at end of document\)$")
+
+
+def _syntax_error(e: Exception, source: str, text: str) -> ConfigError:
+    message = str(e)
+    line = getattr(e, "lineno", None)
+    column = getattr(e, "colno", None)
+    match = _TOML_POSITION.search(message)
+    if match:
+        # Python 3.11..3.13 only put the position in the message.
+        if match.group(1) and line is None:
+            line, column = int(match.group(1)), int(match.group(2))
+        elif line is None:  # "at end of document"
+            line = max(1, len(text.splitlines()))
+        message = message[:match.start()]
+    where = source if line is None else f"{source}:{line}" if column is None else f"{source}:{line}:{column}"
+    return ConfigError(f"{where}: invalid TOML: {message}", source=source, line=line)
+
+
+# ---------------------------------------------------------------------------
+# Locating keys in the text (best effort, for line numbers in messages)
+
+Path = tuple  # of str (table keys) and int (array indices)
+
+_KEY_PART = r'(?:[A-Za-z0-9_-]+|"[^"\\\n]*"|\'[^\'\n]*\')'
+_DOTTED = rf"{_KEY_PART}(?:[ \t]*\.[ \t]*{_KEY_PART})*"
+_ARRAY_HEADER = re.compile(rf"[ \t]*\[\[[ \t]*({_DOTTED})[ \t]*\]\][ \t]*(?:#.*)?$")
+_TABLE_HEADER = re.compile(rf"[ \t]*\[[ \t]*({_DOTTED})[ \t]*\][ \t]*(?:#.*)?$")
+_KEY_VALUE = re.compile(rf"[ \t]*({_DOTTED})[ \t]*=(.*)$")
+_PART = re.compile(_KEY_PART)
+
+
+def _key_parts(dotted: str) -> tuple[str, ...]:
+    return tuple(p[1:-1] if p[0] in "\"'" else p for p in _PART.findall(dotted))
+
+
+class _Locator:
+    """Maps key paths to the line that defines them, by scanning the TOML text.
+
+    Handles tables, arrays of tables, dotted keys and skips multi-line
+    strings; keys inside inline tables are not located (the line of the
+    enclosing key is used instead).
+    """
+
+    def __init__(self, text: str) -> None:
+        self.lines: dict[Path, int] = {}
+        arrays: dict[Path, int] = {}
+        current: Path = ()
+        in_string: str | None = None
+        for number, line in enumerate(text.splitlines(), start=1):
+            if in_string is not None:
+                if line.count(in_string) % 2 == 1:
+                    in_string = None
+                continue
+            match = _ARRAY_HEADER.match(line)
+            if match:
+                parts = _key_parts(match.group(1))
+                array = self._resolve(parts, arrays)
+                index = arrays.get(array, -1) + 1
+                arrays[array] = index
+                self.lines.setdefault(array, number)
+                current = array + (index,)
+                self.lines.setdefault(current, number)
+                continue
+            match = _TABLE_HEADER.match(line)
+            if match:
+                current = self._resolve(_key_parts(match.group(1)), arrays)
+                self.lines.setdefault(current, number)
+                continue
+            match = _KEY_VALUE.match(line)
+            if match:
+                self.lines.setdefault(current + _key_parts(match.group(1)), number)
+                value = match.group(2)
+                for quote in ('"""', "'''"):
+                    if value.count(quote) % 2 == 1:
+                        in_string = quote
+                        break
+
+    @staticmethod
+    def _resolve(parts: tuple[str, ...], arrays: dict[Path, int]) -> Path:
+        path: Path = ()
+        for i, part in enumerate(parts):
+            path += (part,)
+            if path in arrays and i < len(parts) - 1:
+                path += (arrays[path],)
+        return path
+
+    def line(self, path: Path) -> int | None:
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            path = path[:-1]
+        return None
+
+
+def _format_path(path: Path) -> str:
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + part
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Describing values in messages
+
+def _quote(s: str, limit: int = 60) -> str:
+    if len(s) > limit:
+        s = s[:limit] + "..."
+    return json.dumps(s, ensure_ascii=False)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"boolean {'true' if value else 'false'}"
+    if isinstance(value, int):
+        return f"integer {value}"
+    if isinstance(value, float):
+        return f"float {value!r}"
+    if isinstance(value, str):
+        return f"string {_quote(value)}"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return f"a date/time ({value})"
+
+
+def _show(value: Any) -> str:
+    """The value as it would be written in TOML, for "got X" in range errors."""
+    if isinstance(value, str):
+        return _quote(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+# ---------------------------------------------------------------------------
+# Names of routes
+
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
+
+
+def _dns_name_problem(name: str) -> str | None:
+    """Why ``name`` (already lowercased, without trailing dot) is not a DNS name, or None."""
+    if not name:
+        return "the name is empty"
+    if not name.isascii():
+        return "only ASCII letters, digits, hyphens and dots are allowed (write internationalized names in their xn-- form)"
+    if len(name) > 253:
+        return f"a DNS name has at most 253 characters, this one has {len(name)}"
+    for label in name.split("."):
+        if not label:
+            return "empty label (two dots in a row, or a leading dot)"
+        if len(label) > 63:
+            return f"label {_quote(label)} is longer than 63 characters"
+        if not _LABEL.match(label):
+            if label.startswith("-") or label.endswith("-"):
+                return f"label {_quote(label)} starts or ends with a hyphen"
+            return f"label {_quote(label)} may only contain letters, digits and hyphens"
+    return None
+
+
+def _route_name_key(name: str) -> tuple[str, str] | str:
+    """Classify a route name: ("exact"|"wildcard"|"regex", key) or a problem string.
+
+    The key is what duplicates are detected on: the normalized name, the
+    normalized wildcard suffix, or the regular expression as written.
+    """
+    if name.startswith("~"):
+        pattern = name[1:]
+        if not pattern:
+            return "a regular expression route needs a pattern after '~'"
+        try:
+            re.compile(pattern, re.IGNORECASE | re.ASCII)
+        except re.error as e:
+            return f"invalid regular expression {_quote(pattern)}: {e}"
+        return ("regex", pattern)
+    lowered = name.lower() if name.isascii() else name
+    if lowered.endswith("."):
+        lowered = lowered[:-1]
+    if lowered.startswith("*."):
+        suffix = lowered[2:]
+        problem = _dns_name_problem(suffix)
+        if problem:
+            return f"invalid wildcard name: {problem}"
+        return ("wildcard", suffix)
+    if "*" in lowered:
+        return "a wildcard is only allowed as the whole first label, like \"*.example.com\""
+    problem = _dns_name_problem(lowered)
+    if problem:
+        return f"invalid name: {problem}"
+    return ("exact", lowered)
+
+
+# ---------------------------------------------------------------------------
+# Validation
+
+_TOP_KEYS = ("tun", "translate", "listen", "route", "fallback", "limits")
+_TUN_KEYS = ("name", "mtu")
+_TRANSLATE_KEYS = ("prefix",)
+_LISTEN_KEYS = ("address", "port", "protocol", "host")
+_ROUTE_KEYS = ("name", "host", "port")
+_FALLBACK_KEYS = ("host", "port")
+_LIMITS_KEYS = ("hello_timeout", "hello_max_bytes", "connect_timeout", "idle_timeout")
+
+_MISSING = object()
+
+# Prefixes that cannot carry client addresses: the source addresses would be
+# unspecified/loopback (::/96), IPv4-mapped, link-local or multicast.
+_BAD_PREFIX_RANGES = (
+    (ipaddress.IPv6Network("::/96"), "the IPv4-compatible range ::/96 (contains :: and ::1)"),
+    (ipaddress.IPv6Network("::ffff:0:0/96"), "the IPv4-mapped range ::ffff:0:0/96"),
+    (ipaddress.IPv6Network("fe80::/10"), "the link-local range fe80::/10"),
+    (ipaddress.IPv6Network("ff00::/8"), "the multicast range ff00::/8"),
+)
+
+
+def parse_prefix(text: str) -> ipaddress.IPv6Network:
+    """Parse a translation prefix; ValueError with a readable reason if it is unusable.
+
+    Shared with the CLI (``kracauer encode --prefix``).
+    """
+    if "/" not in text:
+        raise ValueError(f"expected an IPv6 /96 prefix like \"64:ff9b:1::/96\", got {_quote(text)} (no /96)")
+    try:
+        network = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(f"expected an IPv6 /96 prefix like \"64:ff9b:1::/96\", got {_quote(text)}") from None
+    if network.version != 6:
+        raise ValueError(f"expected an IPv6 prefix, got IPv4 network {_quote(text)}")
+    if "%" in text:
+        raise ValueError(f"expected an IPv6 /96 prefix without a zone index, got {_quote(text)}")
+    if network.prefixlen != 96:
+        raise ValueError(f"the prefix must be exactly a /96 (RFC 6052 section 2.2), got /{network.prefixlen}")
+    if ipaddress.ip_interface(text).ip != network.network_address:
+        raise ValueError(f"{_quote(text)} has host bits set; the /96 network is \"{network}\"")
+    for bad, why in _BAD_PREFIX_RANGES:
+        if network.subnet_of(bad):
+            raise ValueError(f"the prefix {network} lies in {why}; use a global or ULA prefix such as 64:ff9b:1::/96")
+    return network
+
+
+class _Validator:
+    def __init__(self, text: str, source: str) -> None:
+        self.source = source
+        self.text = text
+        self._locator: _Locator | None = None
+        self.prefix: ipaddress.IPv6Network | None = None
+
+    # -- errors ----------------------------------------------------------
+
+    def error(self, path: Path, message: str) -> ConfigError:
+        if self._locator is None:
+            self._locator = _Locator(self.text)
+        line = self._locator.line(path)
+        where = f"{self.source}:{line}" if line is not None else self.source
+        key = _format_path(path)
+        text = f"{where}: {key}: {message}" if key else f"{where}: {message}"
+        return ConfigError(text, source=self.source, line=line, key=key or None)
+
+    # -- generic checks ---------------------------------------------------
+
+    def table(self, parent: dict, path: Path, allowed: Iterable[str], *, required: bool = False) -> dict | None:
+        value = parent.get(path[-1], _MISSING)
+        if value is _MISSING:
+            if required:
+                raise self.error(path, f"the [{_format_path(path)}] table is missing (required)")
+            return None
+        if not isinstance(value, dict):
+            raise self.error(path, f"expected a table ([{_format_path(path)}]), got {_describe(value)}")
+        self.known_keys(value, path, allowed)
+        return value
+
+    def known_keys(self, table: dict, path: Path, allowed: Iterable[str]) -> None:
+        allowed = tuple(allowed)
+        for key in table:
+            if key not in allowed:
+                hint = difflib.get_close_matches(key, allowed, n=1)
+                did_you_mean = f" (did you mean {_quote(hint[0])}?)" if hint else ""
+                names = ", ".join(_quote(k) for k in allowed)
+                raise self.error(path + (key,), f"unknown key{did_you_mean}; allowed keys: {names}")
+
+    def array_of_tables(self, parent: dict, key: str, allowed: Iterable[str]) -> list[dict]:
+        value = parent.get(key, _MISSING)
+        if value is _MISSING:
+            return []
+        if not isinstance(value, list):
+            raise self.error((key,), f"expected an array of tables ([[{key}]]), got {_describe(value)}")
+        for i, item in enumerate(value):
+            if not isinstance(item, dict):
+                raise self.error((key, i), f"expected a table ([[{key}]]), got {_describe(item)}")
+            self.known_keys(item, (key, i), allowed)
+        return value
+
+    def require(self, table: dict, path: Path) -> Any:
+        value = table.get(path[-1], _MISSING)
+        if value is _MISSING:
+            raise self.error(path, "required key is missing")
+        return value
+
+    def string(self, value: Any, path: Path) -> str:
+        if not isinstance(value, str):
+            raise self.error(path, f"expected a string, got {_describe(value)}")
+        return value
+
+    def integer(self, value: Any, path: Path, low: int, high: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(path, f"expected an integer from {low} to {high}, got {_describe(value)}")
+        if not low <= value <= high:
+            raise self.error(path, f"expected an integer from {low} to {high}, got {value}")
+        return value
+
+    def port(self, value: Any, path: Path) -> int:
+        return self.integer(value, path, 1, 65535)
+
+    def seconds(self, value: Any, path: Path) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.error(path, f"expected a number of seconds greater than 0, got {_describe(value)}")
+        if not math.isfinite(value) or value <= 0:
+            raise self.error(path, f"expected a number of seconds greater than 0, got {_show(value)}")
+        return float(value)
+
+    def ipv4_address(self, value: Any, path: Path) -> ipaddress.IPv4Address:
+        text = self.string(value, path)
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            raise self.error(path, f"expected an IPv4 address, got {_quote(text)}") from None
+        if address.version != 4:
+            raise self.error(path, f"expected an IPv4 address, got IPv6 address {_quote(text)}")
+        for bad, what in ((address.is_unspecified, "unspecified"), (address.is_loopback, "loopback"),
+                          (address.is_multicast, "multicast"),
+                          (address == ipaddress.IPv4Address("255.255.255.255"), "broadcast")):
+            if bad:
+                raise self.error(path, f"{_quote(text)} is a {what} address; expected a unicast address that can be routed into the TUN")
+        return address
+
+    def ipv6_host(self, value: Any, path: Path) -> ipaddress.IPv6Address:
+        text = self.string(value, path)
+        try:
+            address = ipaddress.ip_address(text)
+        except ValueError:
+            raise self.error(path, f"expected an IPv6 address, got {_quote(text)}") from None
+        if address.version != 6:
+            raise self.error(path, f"expected an IPv6 address, got IPv4 address {_quote(text)} (hosts are reached over IPv6)")
+        if address.scope_id is not None:
+            raise self.error(path, f"expected an IPv6 address without a zone index, got {_quote(text)}")
+        problems = (
+            (address.ipv4_mapped is not None, "an IPv4-mapped address"),
+            (address.is_unspecified, "the unspecified address"),
+            (address.is_loopback, "the loopback address"),
+            (address.is_multicast, "a multicast address"),
+            (address.is_link_local, "a link-local address"),
+        )
+        for bad, what in problems:
+            if bad:
+                raise self.error(path, f"{_quote(text)} is {what}; expected a unicast IPv6 address of a host")
+        if self.prefix is not None and address in self.prefix:
+            raise self.error(path, f"{_quote(text)} lies inside the translate prefix {self.prefix}, which is kept for embedded client addresses")
+        return address
+
+    # -- sections -----------------------------------------------------------
+
+    def config(self, doc: dict) -> Config:
+        self.known_keys(doc, (), _TOP_KEYS)
+        tun = self.tun(doc)
+        self.prefix = self.translate(doc)
+        listeners = self.listeners(doc)
+        routes = self.routes(doc)
+        fallback = self.fallback(doc)
+        limits = self.limits(doc)
+        if not routes and fallback is None:
+            named = [i for i, l in enumerate(listeners) if l.protocol != "tcp"]
+            if named:
+                i = named[0]
+                raise self.error(("listen", i), f"nothing to route to: this {listeners[i].protocol} listener needs at least one [[route]] or a [fallback]")
+        return Config(tun=tun, prefix=self.prefix, listeners=tuple(listeners), routes=tuple(routes),
+                      fallback=fallback, limits=limits, source=self.source)
+
+    def tun(self, doc: dict) -> TunConfig:
+        table = self.table(doc, ("tun",), _TUN_KEYS)
+        if table is None:
+            return TunConfig()
+        defaults = TunConfig()
+        name = defaults.name
+        if "name" in table:
+            name = self.string(table["name"], ("tun", "name"))
+            problem = None
+            if not name:
+                problem = "the name is empty"
+            elif len(name.encode("utf-8")) > 15:
+                problem = f"an interface name has at most 15 bytes (IFNAMSIZ), this one has {len(name.encode('utf-8'))}"
+            elif name in (".", ".."):
+                problem = "\".\" and \"..\" are not interface names"
+            elif any(c.isspace() or c in "/:" or not c.isprintable() for c in name):
+                problem = "an interface name may not contain '/', ':', whitespace or control characters"
+            if problem:
+                raise self.error(("tun", "name"), f"{problem}, got {_quote(name)}")
+        mtu = defaults.mtu
+        if "mtu" in table:
+            mtu = self.integer(table["mtu"], ("tun", "mtu"), 1280, 65535)
+        return TunConfig(name=name, mtu=mtu)
+
+    def translate(self, doc: dict) -> ipaddress.IPv6Network:
+        table = self.table(doc, ("translate",), _TRANSLATE_KEYS, required=True)
+        assert table is not None
+        path = ("translate", "prefix")
+        text = self.string(self.require(table, path), path)
+        try:
+            return parse_prefix(text)
+        except ValueError as e:
+            raise self.error(path, str(e)) from None
+
+    def listeners(self, doc: dict) -> list[Listener]:
+        items = self.array_of_tables(doc, "listen", _LISTEN_KEYS)
+        if not items:
+            raise self.error(("listen",), "at least one [[listen]] entry is required")
+        listeners: list[Listener] = []
+        seen: dict[tuple[ipaddress.IPv4Address, int], int] = {}
+        for i, item in enumerate(items):
+            path = ("listen", i)
+            address = self.ipv4_address(self.require(item, path + ("address",)), path + ("address",))
+            port = self.port(self.require(item, path + ("port",)), path + ("port",))
+            protocol = self.string(self.require(item, path + ("protocol",)), path + ("protocol",))
+            if protocol not in PROTOCOLS:
+                choices = ", ".join(_quote(p) for p in PROTOCOLS)
+                raise self.error(path + ("protocol",), f"expected one of {choices}, got {_quote(protocol)}")
+            host = None
+            if protocol == "tcp":
+                host = self.ipv6_host(self.require(item, path + ("host",)), path + ("host",))
+            elif "host" in item:
+                raise self.error(path + ("host",), f"only allowed with protocol \"tcp\" (this listener is {_quote(protocol)}; "
+                                                   "its hosts come from [[route]] and [fallback])")
+            if (address, port) in seen:
+                raise self.error(path, f"{address}:{port} is already used by listen[{seen[address, port]}]")
+            seen[address, port] = i
+            listeners.append(Listener(address=address, port=port, protocol=protocol, host=host))
+        return listeners
+
+    def routes(self, doc: dict) -> list[Route]:
+        items = self.array_of_tables(doc, "route", _ROUTE_KEYS)
+        routes: list[Route] = []
+        seen: dict[tuple[str, str], int] = {}
+        for i, item in enumerate(items):
+            path = ("route", i)
+            name = self.string(self.require(item, path + ("name",)), path + ("name",))
+            kind = _route_name_key(name)
+            if isinstance(kind, str):
+                got = "" if name.startswith("~") else f"; got {_quote(name)}"
+                raise self.error(path + ("name",), kind + got)
+            if kind in seen:
+                raise self.error(path + ("name",), f"{_quote(name)} duplicates route[{seen[kind]}].name "
+                                                   f"{_quote(items[seen[kind]]['name'])}")
+            seen[kind] = i
+            host = self.ipv6_host(self.require(item, path + ("host",)), path + ("host",))
+            port = self.port(item["port"], path + ("port",)) if "port" in item else None
+            routes.append(Route(name=name, host=host, port=port))
+        return routes
+
+    def fallback(self, doc: dict) -> Fallback | None:
+        table = self.table(doc, ("fallback",), _FALLBACK_KEYS)
+        if table is None:
+            return None
+        path = ("fallback",)
+        host = self.ipv6_host(self.require(table, path + ("host",)), path + ("host",))
+        port = self.port(table["port"], path + ("port",)) if "port" in table else None
+        return Fallback(host=host, port=port)
+
+    def limits(self, doc: dict) -> Limits:
+        table = self.table(doc, ("limits",), _LIMITS_KEYS)
+        if table is None:
+            return Limits()
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(Limits):
+            if field.name not in table:
+                continue
+            path = ("limits", field.name)
+            if field.name == "hello_max_bytes":
+                values[field.name] = self.integer(table[field.name], path, 512, 65536)
+            else:
+                values[field.name] = self.seconds(table[field.name], path)
+        return Limits(**values)

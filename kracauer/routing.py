@@ -1,0 +1,117 @@
+"""The routing table: from a server name to the host that gets the connection.
+
+The name is the TLS ClientHello's server_name or the HTTP Host header (without
+port), or None when the client sent none. Names are compared after
+``normalize_name``: ASCII letters lowercased, one trailing dot removed
+(``WWW.Example.COM.`` is ``www.example.com``).
+
+Matching order, first hit wins:
+
+1. **Exact names** (``www.example.com``): one dict look-up.
+2. **Wildcards** (``*.example.com``), the longest suffix first. A wildcard
+   matches subdomains at any depth (``a.example.com``, ``a.b.example.com``) but
+   not the bare domain (``example.com``): add an exact route for that. The
+   look-up walks the name's proper suffixes, longest first, each one dict
+   look-up (``a.b.example.com`` tries ``b.example.com``, ``example.com``,
+   ``com``), so ``*.b.example.com`` beats ``*.example.com``.
+3. **Regular expressions** (``~^api-[0-9]+\\.example\\.net$``), in file order:
+   ``re.fullmatch`` against the normalized name, compiled once with
+   ``re.IGNORECASE | re.ASCII``. Names longer than 253 characters (no DNS name
+   is) never reach a regular expression, which bounds their cost.
+4. **The fallback**, if configured.
+
+A missing name (None, or empty after normalization: TLS without SNI, HTTP/1.0
+without Host) goes straight to the fallback. No match and no fallback: None,
+and the daemon refuses the connection (TLS alert / HTTP 421).
+
+A route without a port uses the listener's port. ``Target.route`` says which
+rule matched: the route's name as written, ``"fallback"``, or ``"listener"``
+(set by the daemon for tcp listeners, which do not go through the router).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+from kracauer.config import Fallback, Route
+
+__all__ = ["Router", "Target", "normalize_name"]
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+#: Longest DNS name (RFC 1035 section 2.3.4, written form without trailing dot).
+MAX_NAME_LENGTH = 253
+
+
+def normalize_name(name: str) -> str:
+    """Lowercase ASCII letters and remove one trailing dot.
+
+    Only A-Z are folded: ``str.lower`` would also turn e.g. the Kelvin sign
+    (U+212A) into an ASCII "k", and DNS names compare ASCII-case-insensitively
+    only (RFC 4343).
+    """
+    name = name.lower() if name.isascii() else name.translate(_ASCII_LOWER)
+    if name.endswith("."):
+        name = name[:-1]
+    return name
+
+
+@dataclass(frozen=True)
+class Target:
+    host: ipaddress.IPv6Address
+    port: int
+    route: str          # the route's name as written, "fallback" or "listener"
+
+
+class Router:
+    """Name → Target look-ups over the routes of a configuration."""
+
+    def __init__(self, routes: Sequence[Route], fallback: Fallback | None) -> None:
+        self._exact: dict[str, Route] = {}
+        self._wildcards: dict[str, Route] = {}      # key: the suffix after "*."
+        self._regexes: list[tuple[re.Pattern[str], Route]] = []
+        for route in routes:
+            if route.name.startswith("~"):
+                self._regexes.append((re.compile(route.name[1:], re.IGNORECASE | re.ASCII), route))
+                continue
+            name = normalize_name(route.name)
+            if name.startswith("*."):
+                # The first of duplicate routes wins (the config rejects duplicates).
+                self._wildcards.setdefault(name[2:], route)
+            else:
+                self._exact.setdefault(name, route)
+        self._fallback = fallback
+
+    def lookup(self, name: str | None, port: int) -> Target | None:
+        """The target for ``name`` on a listener with ``port``, or None to refuse."""
+        if name is not None:
+            name = normalize_name(name)
+        if name:
+            route = self._match(name)
+            if route is not None:
+                return Target(route.host, route.port if route.port is not None else port, route.name)
+        fallback = self._fallback
+        if fallback is None:
+            return None
+        return Target(fallback.host, fallback.port if fallback.port is not None else port, "fallback")
+
+    def _match(self, name: str) -> Route | None:
+        route = self._exact.get(name)
+        if route is not None:
+            return route
+        wildcards = self._wildcards
+        if wildcards:
+            dot = name.find(".")
+            while dot != -1:
+                route = wildcards.get(name[dot + 1:])
+                if route is not None:
+                    return route
+                dot = name.find(".", dot + 1)
+        if len(name) <= MAX_NAME_LENGTH:
+            for pattern, route in self._regexes:
+                if pattern.fullmatch(name):
+                    return route
+        return None
