@@ -66,6 +66,7 @@ class ConfigError(ValueError):
 class TunConfig:
     name: str = "kracauer0"      # 1..15 bytes, no '/', ':' or whitespace (IFNAMSIZ)
     mtu: int = 1500              # MTU of the IPv6 path to the hosts; 1280..65535 (RFC 8200 section 5)
+    offload: bool = True         # IFF_VNET_HDR with TSO/checksum offloads: 64 KiB super-packets
 
 
 @dataclass(frozen=True)
@@ -341,7 +342,7 @@ def _route_name_key(name: str) -> tuple[str, str] | str:
 # Validation
 
 _TOP_KEYS = ("tun", "translate", "listen", "route", "fallback", "limits")
-_TUN_KEYS = ("name", "mtu")
+_TUN_KEYS = ("name", "mtu", "offload")
 _TRANSLATE_KEYS = ("prefix",)
 _LISTEN_KEYS = ("address", "port", "protocol", "host")
 _ROUTE_KEYS = ("name", "host", "port")
@@ -455,6 +456,11 @@ class _Validator:
             raise self.error(path, f"expected an integer from {low} to {high}, got {value}")
         return value
 
+    def boolean(self, value: Any, path: Path) -> bool:
+        if not isinstance(value, bool):
+            raise self.error(path, f"expected true or false, got {_describe(value)}")
+        return value
+
     def port(self, value: Any, path: Path) -> int:
         return self.integer(value, path, 1, 65535)
 
@@ -544,7 +550,10 @@ class _Validator:
         mtu = defaults.mtu
         if "mtu" in table:
             mtu = self.integer(table["mtu"], ("tun", "mtu"), 1280, 65535)
-        return TunConfig(name=name, mtu=mtu)
+        offload = defaults.offload
+        if "offload" in table:
+            offload = self.boolean(table["offload"], ("tun", "offload"))
+        return TunConfig(name=name, mtu=mtu, offload=offload)
 
     def translate(self, doc: dict) -> ipaddress.IPv6Network:
         table = self.table(doc, ("translate",), _TRANSLATE_KEYS, required=True)

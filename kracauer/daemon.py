@@ -21,13 +21,15 @@ from kracauer.config import Config
 from kracauer.routing import Router
 from kracauer.tun import Tun, TunError, check_forwarding, open_tun
 from netstack.peek import Decision
-from netstack.tracker import ConnectionRecord, Listener, Target, Tracker, TrackerConfig
+from netstack.tracker import HEADROOM, ConnectionRecord, Listener, Target, Tracker, TrackerConfig
 
 log = logging.getLogger("kracauer")
 conn_log = logging.getLogger("kracauer.conn")
 
 # Packets read per wake-up before timers and signals get a look in.
 READ_BATCH = 256
+# The largest frame a TUN read returns: a 64 KiB super-packet and its vnet header.
+FRAME_MAX = 65536 + 64
 # Longest sleep when no timer is due, so signals and stats are never late for long.
 MAX_SLEEP = 1.0
 # One log line at most this often for packets that made the tracker raise.
@@ -59,6 +61,7 @@ def build_tracker(config: Config, random32: Callable[[], int] | None = None) -> 
         hello_max_bytes=limits.hello_max_bytes,
         connect_timeout=limits.connect_timeout,
         idle_timeout=limits.idle_timeout,
+        vnet=config.tun.offload,
     )
     return Tracker(tracker_config, listeners, resolve, random32 or (lambda: secrets.randbits(32)))
 
@@ -85,6 +88,8 @@ class Daemon:
         self.stopping = False
         self._errors = 0
         self._last_error_log = 0.0
+        self._buf = bytearray(HEADROOM + FRAME_MAX)
+        self._rx_view = memoryview(self._buf)[HEADROOM:]
 
     def run(self) -> int:
         # pyroute2 and asyncio chatter at debug level about every netlink message.
@@ -97,6 +102,7 @@ class Daemon:
             self.config.tun.mtu,
             [ipaddress.IPv4Network(a) for a in addresses],
             [self.config.prefix],
+            offload=self.config.tun.offload,
         )
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -149,28 +155,39 @@ class Daemon:
             poller.close()
 
     def _read_packets(self, fd: int) -> None:
-        tracker = self.tracker
-        receive = tracker.receive
+        # One preallocated buffer: read after HEADROOM so the translated header
+        # can grow in place, write memoryviews of it (DESIGN.md, Packet I/O).
+        buf = self._buf
+        rx = [self._rx_view]
+        receive = self.tracker.receive_frame
+        readv = os.readv
+        write = os.write
+        monotonic = time.monotonic
         for _ in range(READ_BATCH):
             try:
-                packet = os.read(fd, 65536)
+                n = readv(fd, rx)
             except BlockingIOError:
                 return
-            now = time.monotonic()
             try:
-                out = receive(packet, now)
+                out = receive(buf, HEADROOM, HEADROOM + n, monotonic())
             except Exception:  # one bad packet must never stop the loop
-                self._packet_error(packet)
+                self._packet_error(bytes(buf[HEADROOM:HEADROOM + n]))
                 continue
-            if out:
-                self._write(fd, out)
+            for packet in out:
+                try:
+                    write(fd, packet)
+                except OSError as exc:
+                    self._write_error(exc)
 
     def _write(self, fd: int, packets: list) -> None:
         for packet in packets:
             try:
                 os.write(fd, packet)
             except OSError as exc:
-                self.tracker.drops["write_" + errno.errorcode.get(exc.errno, str(exc.errno)).lower()] += 1
+                self._write_error(exc)
+
+    def _write_error(self, exc: OSError) -> None:
+        self.tracker.drops["write_" + errno.errorcode.get(exc.errno, str(exc.errno)).lower()] += 1
 
     def _packet_error(self, packet: bytes) -> None:
         self._errors += 1

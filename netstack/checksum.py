@@ -44,3 +44,13 @@ def update(old_checksum: int, old_sum: int, new_sum: int) -> int:
     adding the ones' complement.
     """
     return ~(((~old_checksum & 0xFFFF) - old_sum + new_sum) % 0xFFFF) & 0xFFFF
+
+
+def update_partial(old_field: int, old_sum: int, new_sum: int) -> int:
+    """A partial checksum field (the uncomplemented pseudo-header sum of a
+    CHECKSUM_PARTIAL packet) after words summing to `old_sum` were replaced.
+
+    The field is a plain ones' complement sum, not its complement, so the
+    change is added directly (RFC 1624 §3 without the outer complements).
+    """
+    return (old_field - old_sum + new_sum) % 0xFFFF

@@ -17,6 +17,7 @@ PROTO_ICMPV6 = 58
 
 IPV4_HEADER = struct.Struct("!BBHHHBBH4s4s")
 IPV6_HEADER = struct.Struct("!IHBB16s16s")
+IPV4_CHECKSUM = struct.Struct("!H")
 IPV4_HEADER_LEN = 20
 IPV6_HEADER_LEN = 40
 
@@ -82,6 +83,16 @@ def build_ipv4_header(
     header = bytearray(IPV4_HEADER.pack(0x45, tos, total, ident, flags, ttl, proto, 0, src, dst))
     header[10:12] = checksum(header).to_bytes(2, "big")
     return header
+
+
+def write_ipv4_header(
+    buf: bytearray, at: int, src: bytes, dst: bytes, proto: int, payload_len: int, ttl: int, tos: int, ident: int
+) -> None:
+    """Write a 20-byte IPv4 header with its checksum into `buf` at `at` (in-place translation)."""
+    total = IPV4_HEADER_LEN + payload_len
+    flags = IPV4_DF if total > DF_THRESHOLD else 0
+    IPV4_HEADER.pack_into(buf, at, 0x45, tos, total, ident, flags, ttl, proto, 0, src, dst)
+    IPV4_CHECKSUM.pack_into(buf, at + 10, checksum(memoryview(buf)[at:at + IPV4_HEADER_LEN]))
 
 
 def build_ipv6_header(

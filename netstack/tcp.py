@@ -127,11 +127,14 @@ def add_u32(header: bytearray, at: int, delta: int) -> None:
     U32.pack_into(header, at, (U32.unpack_from(header, at)[0] + delta) & MOD32)
 
 
-def shift_sack_blocks(header: bytearray, tcp: TcpHeader, delta: int) -> None:
-    """Move every SACK block edge by `delta` (RFC 2018 §3: edges are sequence numbers)."""
-    at = tcp.sack_at
+def shift_sack_blocks(buf: bytearray, start: int, tcp: TcpHeader, delta: int) -> None:
+    """Move every SACK block edge by `delta` (RFC 2018 §3: edges are sequence numbers).
+
+    `start` is where the TCP header begins in `buf`.
+    """
+    at = start + tcp.sack_at
     for _ in range(tcp.sack_blocks * 2):
-        add_u32(header, at, delta)
+        add_u32(buf, at, delta)
         at += 4
 
 

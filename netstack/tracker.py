@@ -29,14 +29,19 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from netstack import http, tls
-from netstack.checksum import is_valid, ones_sum, update
+from netstack.checksum import is_valid, ones_sum, update, update_partial
 from netstack.ip import (
-    IPV6_HEADER_LEN, PROTO_TCP, IPv4Header, IPv6Header, PacketError, build_ipv4_header, build_ipv6_header,
+    IPV4_HEADER_LEN, IPV6_HEADER, IPV6_HEADER_LEN, PROTO_TCP, IPv4Header, IPv6Header, PacketError,
+    build_ipv4_header, build_ipv6_header, write_ipv4_header,
 )
 from netstack.peek import NEED_DATA, Decision, NotProtocol
 from netstack.reassembly import StreamBuffer
+from netstack.vnet import (
+    F_DATA_VALID, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6, PLAIN, TCP_CSUM_OFFSET, VNET_HEADER,
+    VNET_HEADER_LEN, gso_type_for,
+)
 from netstack.tcp import (
-    ACK, DEFAULT_MSS, FIN, MOD32, PSH, RST, SYN, U16, U32, TcpHeader, add_u32, build_segment, seq_le, seq_lt,
+    ACK, DEFAULT_MSS, FIN, MOD32, PSH, RST, SYN, TCP_HEADER_LEN, U16, U32, TcpHeader, add_u32, build_segment, seq_le, seq_lt,
     set_checksum, shift_sack_blocks, syn_options, timestamp_option,
 )
 
@@ -60,6 +65,10 @@ CLOSE_LINGER = 10.0
 RST_LINGER = 5.0
 
 LISTENER_PROTOCOLS = ("tls", "http", "tcp")
+
+# Bytes a frame buffer must leave free before a packet: an IPv4 header of 20
+# bytes becomes an IPv6 header of 40, and a vnet header goes before it.
+HEADROOM = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +104,7 @@ class TrackerConfig:
     hello_max_bytes: int = 16384
     connect_timeout: float = 10.0
     idle_timeout: float = 7440.0
+    vnet: bool = False  # frames carry a virtio_net_hdr (TUN opened with IFF_VNET_HDR)
 
     @property
     def mss(self) -> int:
@@ -203,17 +213,51 @@ class Tracker:
         self._timers: list[tuple[float, int, Connection]] = []
         self._timer_seq = 0
         self._ident = 0
+        # The frame being handled (set by receive_frame, read by the handlers).
+        self._rx_buf = bytearray()
+        self._rx_start = 0
+        self._rx_flags = 0
+        self._rx_gso_type = 0
+        self._rx_gso_size = 0
 
     def __len__(self) -> int:
         return len(self.clients)
 
     # ------------------------------------------------------------------ input
 
-    def receive(self, packet: bytes, now: float) -> list[bytearray]:
-        """Handle one packet read from the TUN; return the packets to write back."""
-        if not packet:
+    def receive(self, packet: bytes | bytearray | memoryview, now: float) -> list[bytes]:
+        """Handle one packet (with its vnet header if the tracker uses them); the packets to send.
+
+        A convenience over ``receive_frame`` for callers that do not manage
+        buffers (tests, tools): it copies the packet and the results.
+        """
+        buf = bytearray(HEADROOM + len(packet))
+        buf[HEADROOM:] = packet
+        return [bytes(out) for out in self.receive_frame(buf, HEADROOM, len(buf), now)]
+
+    def receive_frame(self, buf: bytearray, start: int, end: int, now: float) -> list:
+        """Handle the frame in ``buf[start:end]``; return the frames to write, in order.
+
+        A translated packet is rewritten in place and returned as a memoryview
+        of ``buf`` (valid until ``buf`` is reused); its IP header may grow into
+        the HEADROOM bytes before ``start``, which the caller must leave free.
+        Packets kracauer makes itself are new bytearrays.
+        """
+        if self.config.vnet:
+            if end - start < VNET_HEADER_LEN:
+                return self._drop("short_vnet_header")
+            self._rx_flags, self._rx_gso_type, _, self._rx_gso_size, _, _ = VNET_HEADER.unpack_from(buf, start)
+            start += VNET_HEADER_LEN
+            if self._rx_gso_type & ~GSO_ECN not in (GSO_NONE, GSO_TCPV4, GSO_TCPV6):
+                return self._drop("gso_not_tcp")
+        else:
+            self._rx_flags = self._rx_gso_type = self._rx_gso_size = 0
+        if start >= end:
             return self._drop("empty")
-        version = packet[0] >> 4
+        self._rx_buf = buf
+        self._rx_start = start
+        packet = memoryview(buf)[start:end]
+        version = buf[start] >> 4
         try:
             if version == 4:
                 return self._from_client(packet, now)
@@ -223,21 +267,25 @@ class Tracker:
             return self._drop("malformed_ipv4" if version == 4 else "malformed_ipv6")
         return self._drop("not_ip")
 
+    def _checksum_trusted(self) -> bool:
+        """The kernel vouches for the TCP checksum (verified, or to be completed by it)."""
+        return bool(self._rx_flags & (F_NEEDS_CSUM | F_DATA_VALID))
+
     def _drop(self, reason: str) -> list[bytearray]:
         self.drops[reason] += 1
         return []
 
-    def _from_client(self, packet: bytes, now: float) -> list[bytearray]:
+    def _from_client(self, packet: memoryview, now: float) -> list[bytearray]:
         ip = IPv4Header(packet)
         if ip.proto != PROTO_TCP:
             return self._drop("not_tcp")
         # DESIGN.md: never forward half a segment; TCP sets DF, so fragments are rare.
         if ip.is_fragment:
             return self._drop("fragment")
-        segment = memoryview(packet)[ip.header_len:ip.total_len]
-        tcp = TcpHeader(segment)
         hl = ip.header_len
-        conn = self.clients.get(packet[12:20] + packet[hl:hl + 4])
+        segment = packet[hl:ip.total_len]
+        tcp = TcpHeader(segment)
+        conn = self.clients.get(ip.src + ip.dst + segment[:4].tobytes())
         if conn is None:
             return self._client_new(packet, ip, segment, tcp, now)
         conn.last_seen = now
@@ -251,16 +299,16 @@ class Tracker:
             return self._client_refusing(conn, ip, segment, tcp, now)
         return self._drop("no_connection")
 
-    def _from_host(self, packet: bytes, now: float) -> list[bytearray]:
+    def _from_host(self, packet: memoryview, now: float) -> list[bytearray]:
         ip = IPv6Header(packet)
         # Hosts send TCP without extension headers; anything else is not ours to carry.
         if ip.next_header != PROTO_TCP:
             return self._drop("not_tcp")
         if ip.dst[:12] != self.config.prefix:
             return self._drop("not_prefix")
-        segment = memoryview(packet)[IPV6_HEADER_LEN:IPV6_HEADER_LEN + ip.payload_len]
+        segment = packet[IPV6_HEADER_LEN:IPV6_HEADER_LEN + ip.payload_len]
         tcp = TcpHeader(segment)
-        conn = self.hosts.get(packet[8:40] + packet[40:44])
+        conn = self.hosts.get(ip.src + ip.dst + segment[:4].tobytes())
         if conn is None:
             return self._drop("no_connection")
         conn.last_seen = now
@@ -274,17 +322,16 @@ class Tracker:
 
     # ---------------------------------------------------------- client: SYN
 
-    def _client_new(self, packet: bytes, ip: IPv4Header, segment: memoryview, tcp: TcpHeader,
+    def _client_new(self, packet: memoryview, ip: IPv4Header, segment: memoryview, tcp: TcpHeader,
                     now: float) -> list[bytearray]:
         if tcp.flags & (SYN | ACK | RST | FIN) != SYN:
             return self._drop("no_connection")
-        hl = ip.header_len
-        listener = self.listeners.get(packet[16:20] + packet[hl + 2:hl + 4])
+        listener = self.listeners.get(ip.dst + segment[2:4].tobytes())
         if listener is None:
             return self._drop("no_listener")
-        if not is_valid(segment, ones_sum(ip.src + ip.dst) + PROTO_TCP + len(segment)):
+        if not self._checksum_trusted() and not is_valid(segment, ones_sum(ip.src + ip.dst) + PROTO_TCP + len(segment)):
             return self._drop("bad_checksum")
-        conn = Connection(listener, ip.src, tcp.sport, packet[12:20] + packet[hl:hl + 4])
+        conn = Connection(listener, ip.src, tcp.sport, ip.src + ip.dst + segment[:4].tobytes())
         conn.start = conn.last_seen = now
         self._accept_syn(conn, segment, tcp)
         self.clients[conn.client_key] = conn
@@ -314,7 +361,7 @@ class Tracker:
         elif protocol == "http":
             conn.peeker = http.HttpPeeker(self.config.hello_max_bytes)
 
-    def _client_syn_again(self, conn: Connection, packet: bytes, ip: IPv4Header, segment: memoryview,
+    def _client_syn_again(self, conn: Connection, packet: memoryview, ip: IPv4Header, segment: memoryview,
                           tcp: TcpHeader, now: float) -> list[bytearray]:
         if tcp.flags & ACK:
             return self._drop("syn_ack_from_client")
@@ -355,7 +402,7 @@ class Tracker:
             return out
         if not tcp.flags & ACK or tcp.ack != (conn.our_isn + 1) & MOD32:
             return self._drop("bad_ack_before_splice")
-        if not is_valid(segment, ones_sum(ip.src + ip.dst) + PROTO_TCP + len(segment)):
+        if not self._checksum_trusted() and not is_valid(segment, ones_sum(ip.src + ip.dst) + PROTO_TCP + len(segment)):
             # These bytes are replayed in segments kracauer checksums itself:
             # a corrupted one must not be laundered into a valid one.
             return self._drop("bad_checksum")
@@ -463,7 +510,8 @@ class Tracker:
             return [self._rst_to_client(conn, conn.hello.contiguous)]
         if tcp.flags & SYN == 0:
             return self._drop("host_packet_in_state")
-        if not is_valid(segment, ones_sum(bytes(conn.target.host) + conn.src6) + PROTO_TCP + len(segment)):
+        if not self._checksum_trusted() and not is_valid(
+                segment, ones_sum(conn.target.host + conn.src6) + PROTO_TCP + len(segment)):
             return self._drop("bad_checksum")
         self._splice(conn, segment, tcp, now)
         return self._replay(conn, now)
@@ -526,74 +574,111 @@ class Tracker:
     # ---------------------------------------------------------- the splice
 
     def _client_established(self, conn: Connection, ip: IPv4Header, segment: memoryview, tcp: TcpHeader,
-                            now: float) -> list[bytearray]:
-        """Client → host: ports, ack + delta, SACK + delta, TSecr + offset, IPv4 → IPv6 header."""
+                            now: float) -> list:
+        """Client → host, in place: ports, ack + delta, SACK + delta, TSecr + offset, IPv4 → IPv6 header."""
         flags = tcp.flags
         if flags & RST:
             return self._rst_from_client(conn, ip, segment, tcp, now)
         if ip.ttl <= 1:
             return self._drop("ttl_exceeded")
+        buf = self._rx_buf
+        t = self._rx_start + ip.header_len  # where the TCP header sits in buf
         hl = tcp.header_len
-        header = bytearray(segment[:hl])
-        old = ones_sum(ip.src + ip.dst + header)
-        U16.pack_into(header, 0, conn.host_sport)
-        U16.pack_into(header, 2, conn.target.port)
+        partial = self._rx_flags & F_NEEDS_CSUM
+        src6 = conn.src6
+        host = conn.target.host
+        if not partial:
+            old = ones_sum(ip.src + ip.dst + buf[t:t + hl])
+        U16.pack_into(buf, t, conn.host_sport)
+        U16.pack_into(buf, t + 2, conn.target.port)
         if flags & ACK:
-            add_u32(header, 8, conn.delta)
+            add_u32(buf, t + 8, conn.delta)
             if seq_lt(conn.client_ack, tcp.ack):
                 conn.client_ack = tcp.ack
             conn.client_win = tcp.window
         if conn.c2h_shift:
-            U16.pack_into(header, 14, min(tcp.window << conn.c2h_shift, 0xFFFF))
+            U16.pack_into(buf, t + 14, min(tcp.window << conn.c2h_shift, 0xFFFF))
         if tcp.ts_at >= 0:
-            add_u32(header, tcp.ts_at + 4, conn.ts_off)
+            add_u32(buf, t + tcp.ts_at + 4, conn.ts_off)
         if tcp.sack_at >= 0:
-            shift_sack_blocks(header, tcp, conn.delta)
-        new = ones_sum(conn.src6 + conn.target.host + header)
-        U16.pack_into(header, 16, update(tcp.checksum, old, new))
-        payload_len = len(segment) - hl
+            shift_sack_blocks(buf, t, tcp, conn.delta)
+        if partial:
+            # Virtio §5.1.6.2: the field holds the pseudo-header sum only; the
+            # TCP bytes after csum_start are summed when the segments are sent.
+            U16.pack_into(buf, t + 16, update_partial(tcp.checksum, ones_sum(ip.src + ip.dst), ones_sum(src6 + host)))
+        else:
+            U16.pack_into(buf, t + 16, update(tcp.checksum, old, ones_sum(src6 + host + buf[t:t + hl])))
+        tcp_len = len(segment)
         if flags & FIN and conn.client_fin < 0:
-            conn.client_fin = (tcp.seq + payload_len) & MOD32
+            conn.client_fin = (tcp.seq + tcp_len - hl) & MOD32
         conn.packets_to_host += 1
-        out = bytearray(build_ipv6_header(conn.src6, conn.target.host, PROTO_TCP, len(segment), ip.ttl - 1, ip.tos))
-        out += header
-        out += segment[hl:]
+        start = t - IPV6_HEADER_LEN
+        # RFC 7915 §4.1: traffic class from TOS, flow label 0, hop limit from TTL
+        # (decremented: kracauer routes), next header from protocol.
+        IPV6_HEADER.pack_into(buf, start, 0x60000000 | (ip.tos << 20), tcp_len, PROTO_TCP, ip.ttl - 1, src6, host)
+        if self.config.vnet:
+            start -= VNET_HEADER_LEN
+            gso_size = self._rx_gso_size
+            if gso_size:
+                gso_size = min(gso_size, self.config.mtu - IPV6_HEADER_LEN - hl)
+            VNET_HEADER.pack_into(buf, start, partial, gso_type_for(6, self._rx_gso_type), IPV6_HEADER_LEN + hl,
+                                  gso_size, IPV6_HEADER_LEN if partial else 0, TCP_CSUM_OFFSET if partial else 0)
         self._check_closed(conn, now)
-        return [out]
+        return [memoryview(buf)[start:t + tcp_len]]
 
     def _host_established(self, conn: Connection, ip: IPv6Header, segment: memoryview, tcp: TcpHeader,
-                          now: float) -> list[bytearray]:
-        """Host → client: ports, seq - delta, window rescaled, TSval - offset, IPv6 → IPv4 header."""
+                          now: float) -> list:
+        """Host → client, in place: ports, seq - delta, window rescaled, TSval - offset, IPv6 → IPv4 header."""
         flags = tcp.flags
         if flags & RST:
             return self._rst_from_host(conn, ip, segment, tcp, now)
         if ip.hop_limit <= 1:
             return self._drop("ttl_exceeded")
+        tcp_len = len(segment)
+        if tcp_len + IPV4_HEADER_LEN > 0xFFFF:
+            # Only an IPv6 super-packet larger than IPv4's 64 KiB limit (BIG TCP).
+            return self._drop("too_big_for_ipv4")
+        buf = self._rx_buf
+        t = self._rx_start + IPV6_HEADER_LEN
         hl = tcp.header_len
-        header = bytearray(segment[:hl])
-        old = ones_sum(ip.src + ip.dst + header)
-        U16.pack_into(header, 0, conn.listener.port)
-        U16.pack_into(header, 2, conn.client_port)
-        add_u32(header, 4, -conn.delta)
+        partial = self._rx_flags & F_NEEDS_CSUM
+        service = conn.listener.address
+        client = conn.client_addr
+        if not partial:
+            old = ones_sum(ip.src + ip.dst + buf[t:t + hl])
+        U16.pack_into(buf, t, conn.listener.port)
+        U16.pack_into(buf, t + 2, conn.client_port)
+        add_u32(buf, t + 4, -conn.delta)
         if flags & ACK:
             if seq_lt(conn.host_ack, tcp.ack):
                 conn.host_ack = tcp.ack
             conn.host_win = tcp.window
         if conn.h2c_shift:
-            U16.pack_into(header, 14, self._rescale(tcp.window, conn.h2c_shift))
+            U16.pack_into(buf, t + 14, self._rescale(tcp.window, conn.h2c_shift))
         if tcp.ts_at >= 0:
-            add_u32(header, tcp.ts_at, -conn.ts_off)
-        new = ones_sum(conn.listener.address + conn.client_addr + header)
-        U16.pack_into(header, 16, update(tcp.checksum, old, new))
-        payload_len = len(segment) - hl
+            add_u32(buf, t + tcp.ts_at, -conn.ts_off)
+        if partial:
+            U16.pack_into(buf, t + 16, update_partial(tcp.checksum, ones_sum(ip.src + ip.dst), ones_sum(service + client)))
+        else:
+            U16.pack_into(buf, t + 16, update(tcp.checksum, old, ones_sum(service + client + buf[t:t + hl])))
         if flags & FIN and conn.host_fin < 0:
-            conn.host_fin = (tcp.seq - conn.delta + payload_len) & MOD32
+            conn.host_fin = (tcp.seq - conn.delta + tcp_len - hl) & MOD32
         conn.packets_to_client += 1
-        out = self._ipv4_header(conn, len(segment), ip.hop_limit - 1, ip.traffic_class)
-        out += header
-        out += segment[hl:]
+        start = t - IPV4_HEADER_LEN
+        # RFC 7915 §5.1: TOS from traffic class, TTL from hop limit (decremented).
+        self._ident = (self._ident + 1) & 0xFFFF
+        write_ipv4_header(buf, start, service, client, PROTO_TCP, tcp_len, ip.hop_limit - 1, ip.traffic_class,
+                          self._ident)
+        if self.config.vnet:
+            start -= VNET_HEADER_LEN
+            gso_size = self._rx_gso_size
+            if gso_size:
+                # Segments must fit the client's MSS (which counts no options).
+                gso_size = min(gso_size, conn.client_mss + TCP_HEADER_LEN - hl)
+            VNET_HEADER.pack_into(buf, start, partial, gso_type_for(4, self._rx_gso_type), IPV4_HEADER_LEN + hl,
+                                  gso_size, IPV4_HEADER_LEN if partial else 0, TCP_CSUM_OFFSET if partial else 0)
         self._check_closed(conn, now)
-        return [out]
+        return [memoryview(buf)[start:t + tcp_len]]
 
     @staticmethod
     def _rescale(window: int, shift: int) -> int:
@@ -836,12 +921,14 @@ class Tracker:
 
     def _ipv4_to_client(self, conn: Connection, segment: bytearray) -> bytearray:
         set_checksum(segment, conn.listener.address, conn.client_addr)
-        packet = self._ipv4_header(conn, len(segment))
+        packet = bytearray(PLAIN) if self.config.vnet else bytearray()
+        packet += self._ipv4_header(conn, len(segment))
         packet += segment
         return packet
 
     def _ipv6_to_host(self, conn: Connection, segment: bytearray) -> bytearray:
         set_checksum(segment, conn.src6, conn.target.host)
-        packet = bytearray(build_ipv6_header(conn.src6, conn.target.host, PROTO_TCP, len(segment)))
+        packet = bytearray(PLAIN) if self.config.vnet else bytearray()
+        packet += build_ipv6_header(conn.src6, conn.target.host, PROTO_TCP, len(segment))
         packet += segment
         return packet

@@ -1,0 +1,58 @@
+"""What a peeker answers after each ``feed``: wait, route, or refuse.
+
+Both peekers (``netstack.tls.TlsPeeker`` and ``netstack.http.HttpPeeker``) look
+at the first bytes a client sends and return one of these. Like h11's events
+they are small immutable values; ``NEED_DATA`` is a singleton so callers can
+test it with ``is``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class NeedData:
+    """No decision yet: feed the next bytes of the stream."""
+
+    __slots__ = ()
+    _instance: NeedData | None = None
+
+    def __new__(cls) -> NeedData:
+        # One instance only, so that ``result is NEED_DATA`` always works.
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = NeedData()
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Enough bytes were seen to route the connection.
+
+    ``name``: the TLS SNI host_name or the HTTP host, lowercased, without port
+    or trailing dot; None when the hello or request carries no name.
+    ``alpn``: the TLS ALPN protocols offered, in order; () for HTTP.
+    ``hello_size``: TLS: bytes of the ClientHello handshake message including
+    its 4-byte header; HTTP: bytes of the request head including the blank line.
+    ``records``: TLS: how many TLS records the ClientHello spanned; HTTP: 0.
+    """
+
+    name: str | None
+    alpn: tuple[str, ...] = ()
+    hello_size: int = 0
+    records: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class NotProtocol:
+    """The bytes are not this protocol, or exceed the cap: reset the connection."""
+
+    reason: str
+
+
+PeekResult = NeedData | Decision | NotProtocol
