@@ -566,6 +566,8 @@ class Tracker:
 
     def _host_synack_again(self, conn: Connection, tcp: TcpHeader, now: float) -> list[bytearray]:
         # The host did not get the replay (or its ACK) and repeats its SYN-ACK.
+        if conn.hello is None:
+            return self._drop("syn_in_connection")
         if tcp.seq != conn.host_isn or seq_lt((conn.client_isn + 1 + conn.hello.contiguous) & MOD32, conn.host_ack) \
                 or conn.host_ack != (conn.client_isn + 1) & MOD32:
             return self._drop("syn_in_connection")
@@ -652,6 +654,9 @@ class Tracker:
         if flags & ACK:
             if seq_lt(conn.host_ack, tcp.ack):
                 conn.host_ack = tcp.ack
+                if conn.hello is not None and seq_le((conn.client_isn + 1 + conn.hello.contiguous) & MOD32, tcp.ack):
+                    # The host has every replayed byte: the copy is no longer needed.
+                    conn.hello = None
             conn.host_win = tcp.window
         if conn.h2c_shift:
             U16.pack_into(buf, t + 14, self._rescale(tcp.window, conn.h2c_shift))
