@@ -30,12 +30,17 @@ from typing import Callable, Iterable
 
 from netstack import http, tls
 from netstack.checksum import is_valid, ones_sum, update, update_partial
+from netstack.icmp import (
+    ICMP4_ECHO_REPLY, ICMP4_ECHO_REQUEST, ICMP4_ERROR_MAX, ICMP4_ERRORS, ICMP6_ERROR_MAX, ICMP6_ERRORS,
+    ICMP6_UNREACHABLE, ICMP_HEADER_LEN, IcmpHeader, build_icmp4, build_icmp6, icmp4_to_icmp6, icmp6_to_icmp4,
+)
 from netstack.ip import (
-    IPV4_HEADER_LEN, IPV6_HEADER, IPV6_HEADER_LEN, PROTO_TCP, IPv4Header, IPv6Header, PacketError,
+    IPV4_HEADER_LEN, IPV6_HEADER, IPV6_HEADER_LEN, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, IPv4Header, IPv6Header, PacketError,
     build_ipv4_header, build_ipv6_header, write_ipv4_header,
 )
 from netstack.peek import NEED_DATA, Decision, NotProtocol
 from netstack.reassembly import StreamBuffer
+from netstack.syncookie import SynCookies, decode_options, encode_options
 from netstack.vnet import (
     F_DATA_VALID, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6, PLAIN, TCP_CSUM_OFFSET, VNET_HEADER,
     VNET_HEADER_LEN, gso_type_for,
@@ -105,6 +110,9 @@ class TrackerConfig:
     connect_timeout: float = 10.0
     idle_timeout: float = 7440.0
     vnet: bool = False  # frames carry a virtio_net_hdr (TUN opened with IFF_VNET_HDR)
+    max_connections: int = 100_000  # all connections; past it new ones are refused with an RST
+    max_peeking: int = 10_000  # connections still sending their hello; past it the oldest is reset
+    syn_backlog: int = 1024  # half-open handshakes kept with state; past it SYN cookies
 
     @property
     def mss(self) -> int:
@@ -152,6 +160,7 @@ class Connection:
         # progress, for FIN/RST checks and byte counts
         "client_ack", "client_win", "host_ack", "host_win", "client_fin", "host_fin", "closing",
         "packets_to_host", "packets_to_client", "outcome", "connect_start", "rst_at", "recorded",
+        "acked", "cookie",
     )
 
     def __init__(self, listener: Listener, client_addr: bytes, client_port: int, client_key: bytes) -> None:
@@ -184,6 +193,8 @@ class Connection:
         self.connect_start = 0.0
         self.rst_at = 0.0
         self.recorded = False
+        self.acked = False  # the client acknowledged kracauer's SYN-ACK
+        self.cookie = False  # the handshake was answered with a SYN cookie
 
 
 class Tracker:
@@ -200,6 +211,7 @@ class Tracker:
             raise ValueError("the translation prefix must be 12 bytes (a /96)")
         self.config = config
         self.listeners = {lst.address + U16.pack(lst.port): lst for lst in listeners}
+        self.listen_addresses = {lst.address for lst in self.listeners.values()}
         self.resolve = resolve
         self.random32 = random32
         # client key: client address + service address + client port + service port,
@@ -213,6 +225,11 @@ class Tracker:
         self._timers: list[tuple[float, int, Connection]] = []
         self._timer_seq = 0
         self._ident = 0
+        # Connections still peeking, oldest first (dicts keep insertion order),
+        # and how many of them have not completed the handshake.
+        self.peeking: dict[bytes, Connection] = {}
+        self.half_open = 0
+        self.cookies = SynCookies(b"".join((random32() & MOD32).to_bytes(4, "big") for _ in range(8)))
         # The frame being handled (set by receive_frame, read by the handlers).
         self._rx_buf = bytearray()
         self._rx_start = 0
@@ -278,6 +295,8 @@ class Tracker:
     def _from_client(self, packet: memoryview, now: float) -> list[bytearray]:
         ip = IPv4Header(packet)
         if ip.proto != PROTO_TCP:
+            if ip.proto == PROTO_ICMP:
+                return self._icmp_from_client_side(packet, ip, now)
             return self._drop("not_tcp")
         # DESIGN.md: never forward half a segment; TCP sets DF, so fragments are rare.
         if ip.is_fragment:
@@ -287,6 +306,8 @@ class Tracker:
         tcp = TcpHeader(segment)
         conn = self.clients.get(ip.src + ip.dst + segment[:4].tobytes())
         if conn is None:
+            if tcp.flags & (SYN | ACK | RST) == ACK:
+                return self._client_cookie_ack(ip, segment, tcp, now)
             return self._client_new(packet, ip, segment, tcp, now)
         conn.last_seen = now
         if tcp.flags & SYN:
@@ -301,11 +322,13 @@ class Tracker:
 
     def _from_host(self, packet: memoryview, now: float) -> list[bytearray]:
         ip = IPv6Header(packet)
-        # Hosts send TCP without extension headers; anything else is not ours to carry.
-        if ip.next_header != PROTO_TCP:
-            return self._drop("not_tcp")
         if ip.dst[:12] != self.config.prefix:
             return self._drop("not_prefix")
+        # Hosts send TCP without extension headers; anything else is not ours to carry.
+        if ip.next_header != PROTO_TCP:
+            if ip.next_header == PROTO_ICMPV6:
+                return self._icmp_from_host_side(packet, ip, now)
+            return self._drop("not_tcp")
         segment = packet[IPV6_HEADER_LEN:IPV6_HEADER_LEN + ip.payload_len]
         tcp = TcpHeader(segment)
         conn = self.hosts.get(ip.src + ip.dst + segment[:4].tobytes())
@@ -333,10 +356,91 @@ class Tracker:
             return self._drop("bad_checksum")
         conn = Connection(listener, ip.src, tcp.sport, ip.src + ip.dst + segment[:4].tobytes())
         conn.start = conn.last_seen = now
+        if len(self.clients) >= self.config.max_connections:
+            # The table is full: refuse the newcomer, disturb nobody.
+            self.drops["table_full"] += 1
+            conn.client_isn = tcp.seq
+            conn.our_isn = MOD32  # RFC 9293 §3.10.7.2: <SEQ=0><ACK=SEG.SEQ+1><CTL=RST,ACK>
+            return [self._rst_to_client(conn, 0)]
+        if self.half_open >= self.config.syn_backlog:
+            return [self._cookie_syn_ack(conn, segment, tcp, now)]
         self._accept_syn(conn, segment, tcp)
         self.clients[conn.client_key] = conn
+        out = [self._syn_ack_to_client(conn, now)]
+        self._enter_peeking(conn, now, out)
+        return out
+
+    def _enter_peeking(self, conn: Connection, now: float, out: list) -> None:
+        """Track a connection that waits for its hello; past the cap the oldest such is reset."""
+        self.peeking[conn.client_key] = conn
+        if not conn.acked:
+            self.half_open += 1
         self._set_timer(conn, now + self.config.hello_timeout)
-        return [self._syn_ack_to_client(conn, now)]
+        while len(self.peeking) > self.config.max_peeking:
+            oldest = next(iter(self.peeking.values()))
+            self.drops["peeking_evicted"] += 1
+            out.append(self._rst_to_client(oldest, oldest.hello.contiguous))
+            self._finish(oldest, "evicted_while_peeking", now)
+
+    def _leave_peeking(self, conn: Connection) -> None:
+        if self.peeking.pop(conn.client_key, None) is not None and not conn.acked:
+            self.half_open -= 1
+
+    # RFC 4987 §3.6: past syn_backlog half-open handshakes, answer with a SYN
+    # cookie and keep nothing; the client's ACK brings the state back.
+    def _cookie_syn_ack(self, conn: Connection, segment: memoryview, tcp: TcpHeader, now: float) -> bytearray:
+        self.drops["syn_cookie_sent"] += 1
+        self._accept_syn(conn, segment, tcp)
+        conn.cookie = True
+        conn.our_isn = self.cookies.make(now, conn.client_addr, conn.listener.address, conn.client_port,
+                                         conn.listener.port, conn.client_isn, conn.client_mss)
+        conn.ts_base = self.cookies.ts_base(conn.client_addr, conn.listener.address, conn.client_port,
+                                            conn.listener.port)
+        if not conn.client_ts:
+            # Without timestamps there is nowhere to keep window scale and SACK.
+            conn.client_wscale = None
+            conn.client_sack = False
+            conn.our_wscale = 0
+        return self._syn_ack_to_client(conn, now)
+
+    def _client_cookie_ack(self, ip: IPv4Header, segment: memoryview, tcp: TcpHeader,
+                           now: float) -> list[bytearray]:
+        """An ACK for no known connection: the end of a handshake answered with a cookie?"""
+        listener = self.listeners.get(ip.dst + segment[2:4].tobytes())
+        if listener is None:
+            return self._drop("no_listener")
+        client_isn = (tcp.seq - 1) & MOD32
+        our_isn = (tcp.ack - 1) & MOD32
+        mss = self.cookies.check(now, our_isn, ip.src, ip.dst, tcp.sport, listener.port, client_isn)
+        if mss is None:
+            return self._drop("no_connection")
+        if len(self.clients) >= self.config.max_connections:
+            self.drops["table_full"] += 1
+            return []
+        conn = Connection(listener, ip.src, tcp.sport, ip.src + ip.dst + segment[:4].tobytes())
+        conn.start = conn.last_seen = now
+        conn.cookie = True
+        conn.acked = True
+        conn.client_isn = client_isn
+        conn.our_isn = our_isn
+        conn.client_mss = mss
+        conn.ts_base = self.cookies.ts_base(ip.src, ip.dst, tcp.sport, listener.port)
+        stamps = tcp.timestamps(segment)
+        conn.client_ts = stamps is not None
+        conn.client_tsval = stamps[0] if stamps else 0
+        conn.client_wscale, conn.client_sack = decode_options(stamps[1]) if stamps else (None, False)
+        conn.our_wscale = OUR_WSCALE if conn.client_wscale is not None else 0
+        # The SYN's unscaled window is gone; this ACK's, scaled, stands in for it.
+        conn.client_window = min(tcp.window << (conn.client_wscale or 0), 0xFFFF)
+        conn.client_ack = (our_isn + 1) & MOD32
+        conn.client_win = tcp.window
+        self._new_buffers(conn)
+        self.clients[conn.client_key] = conn
+        out: list = []
+        self._enter_peeking(conn, now, out)
+        if conn.state == GONE:
+            return out
+        return out + self._client_early(conn, ip, segment, tcp, now)
 
     def _accept_syn(self, conn: Connection, segment: memoryview, tcp: TcpHeader) -> None:
         """Record the client's SYN and choose kracauer's side of the handshake (DESIGN.md step 1)."""
@@ -354,6 +458,9 @@ class Tracker:
         conn.our_wscale = OUR_WSCALE if tcp.wscale is not None else 0
         conn.client_ack = (conn.our_isn + 1) & MOD32
         conn.client_win = tcp.window
+        self._new_buffers(conn)
+
+    def _new_buffers(self, conn: Connection) -> None:
         conn.hello = StreamBuffer(self.config.hello_max_bytes)
         protocol = conn.listener.protocol
         if protocol == "tls":
@@ -376,7 +483,12 @@ class Tracker:
         return self._drop("syn_in_connection")
 
     def _syn_ack_to_client(self, conn: Connection, now: float) -> bytearray:
-        stamps = (self._our_tsval(conn, now), conn.client_tsval) if conn.client_ts else None
+        stamps = None
+        if conn.client_ts:
+            tsval = self._our_tsval(conn, now)
+            if conn.cookie:
+                tsval = encode_options(tsval, conn.client_wscale, conn.client_sack)
+            stamps = (tsval, conn.client_tsval)
         wscale = conn.our_wscale if conn.client_wscale is not None else None
         # DESIGN.md step 1: MSS clamped so a full client segment still fits the IPv6 path.
         options = syn_options(min(self.config.mss, 65535), wscale, conn.client_sack, stamps)
@@ -402,6 +514,10 @@ class Tracker:
             return out
         if not tcp.flags & ACK or tcp.ack != (conn.our_isn + 1) & MOD32:
             return self._drop("bad_ack_before_splice")
+        if not conn.acked:
+            conn.acked = True
+            if conn.client_key in self.peeking:
+                self.half_open -= 1
         if not self._checksum_trusted() and not is_valid(segment, ones_sum(ip.src + ip.dst) + PROTO_TCP + len(segment)):
             # These bytes are replayed in segments kracauer checksums itself:
             # a corrupted one must not be laundered into a valid one.
@@ -474,6 +590,7 @@ class Tracker:
         conn.host_sport = sport
         conn.host_key = key
         self.hosts[key] = conn
+        self._leave_peeking(conn)
         conn.state = CONNECTING
         conn.tries = 1
         conn.connect_start = now
@@ -757,6 +874,7 @@ class Tracker:
 
     def _refuse(self, conn: Connection, now: float) -> list[bytearray]:
         """No route for the name: a fatal alert (TLS) or a 421 (HTTP), then FIN (DESIGN.md)."""
+        self._leave_peeking(conn)
         conn.state = REFUSING
         conn.outcome = "refused_unknown_name"
         conn.tries = 1
@@ -788,6 +906,113 @@ class Tracker:
             self._finish(conn, conn.outcome, now)
             return [self._rst_to_client(conn, conn.hello.contiguous)]
         return []
+
+
+    # ------------------------------------------------------------------ ICMP
+
+    def _icmp_from_client_side(self, packet: memoryview, ip: IPv4Header, now: float) -> list:
+        """ICMPv4 to a service address: echo requests, and errors about packets sent to clients."""
+        if ip.is_fragment:
+            return self._drop("fragment")
+        message = packet[ip.header_len:ip.total_len]
+        icmp = IcmpHeader(message)
+        if icmp.type == ICMP4_ECHO_REQUEST:
+            return self._echo_reply(ip, message)
+        if icmp.type not in ICMP4_ERRORS:
+            return self._drop("icmp_type")
+        quoted = message[ICMP_HEADER_LEN:]
+        # The quoted packet went from a service address to a client (RFC 792: its
+        # header and at least 8 bytes of TCP: the ports and the sequence number).
+        if len(quoted) < IPV4_HEADER_LEN or quoted[0] >> 4 != 4 or quoted[9] != PROTO_TCP:
+            return self._drop("icmp_quote")
+        ihl = (quoted[0] & 0x0F) * 4
+        if ihl < IPV4_HEADER_LEN or len(quoted) < ihl + 8:
+            return self._drop("icmp_quote")
+        service, client = quoted[12:16].tobytes(), quoted[16:20].tobytes()
+        conn = self.clients.get(client + service + quoted[ihl + 2:ihl + 4].tobytes() + quoted[ihl:ihl + 2].tobytes())
+        if conn is None or conn.state != ESTABLISHED:
+            return self._drop("icmp_no_connection")
+        total_len = int.from_bytes(quoted[2:4], "big")
+        mapped = icmp4_to_icmp6(icmp.type, icmp.code, icmp.rest, total_len)
+        if mapped is None:
+            return self._drop("icmp_untranslatable")
+        # RFC 7915 §4.5: the quoted packet becomes the IPv6 packet the host sent.
+        tcp = bytearray(quoted[ihl:])
+        old = ones_sum(service + client + tcp[:8])
+        U16.pack_into(tcp, 0, conn.target.port)
+        U16.pack_into(tcp, 2, conn.host_sport)
+        add_u32(tcp, 4, conn.delta)
+        if len(tcp) >= 18:
+            U16.pack_into(tcp, 16, update(U16.unpack_from(tcp, 16)[0], old,
+                                          ones_sum(conn.target.host + conn.src6 + tcp[:8])))
+        inner = bytearray(build_ipv6_header(conn.target.host, conn.src6, PROTO_TCP, max(total_len - ihl, len(tcp)),
+                                            quoted[8], quoted[1]))
+        inner += tcp
+        room = ICMP6_ERROR_MAX - IPV6_HEADER_LEN - ICMP_HEADER_LEN
+        # §4.2: the error comes from the IPv4 router's address, embedded in the prefix.
+        source = self.config.prefix + ip.src
+        message6 = build_icmp6(source, conn.target.host, *mapped, inner[:room])
+        out = bytearray(PLAIN) if self.config.vnet else bytearray()
+        out += build_ipv6_header(source, conn.target.host, PROTO_ICMPV6, len(message6))
+        out += message6
+        self.drops["icmp_translated"] += 1
+        return [out]
+
+    def _icmp_from_host_side(self, packet: memoryview, ip: IPv6Header, now: float) -> list:
+        """ICMPv6 to prefix::client: errors about packets kracauer sent to a host."""
+        message = packet[IPV6_HEADER_LEN:IPV6_HEADER_LEN + ip.payload_len]
+        icmp = IcmpHeader(message)
+        if icmp.type not in ICMP6_ERRORS:
+            return self._drop("icmp_type")
+        quoted = message[ICMP_HEADER_LEN:]
+        if len(quoted) < IPV6_HEADER_LEN + 8 or quoted[0] >> 4 != 6 or quoted[6] != PROTO_TCP:
+            return self._drop("icmp_quote")
+        src6, host = quoted[8:24].tobytes(), quoted[24:40].tobytes()
+        tcp_at = IPV6_HEADER_LEN
+        conn = self.hosts.get(host + src6 + quoted[tcp_at + 2:tcp_at + 4].tobytes() + quoted[tcp_at:tcp_at + 2].tobytes())
+        if conn is None:
+            return self._drop("icmp_no_connection")
+        if conn.state == CONNECTING and icmp.type == ICMP6_UNREACHABLE:
+            # The host cannot be reached: tell the client now rather than at connect_timeout.
+            self._finish(conn, "host_unreachable", now)
+            return [self._rst_to_client(conn, conn.hello.contiguous)]
+        if conn.state != ESTABLISHED:
+            return self._drop("icmp_no_connection")
+        mapped = icmp6_to_icmp4(icmp.type, icmp.code, icmp.rest)
+        if mapped is None:
+            return self._drop("icmp_untranslatable")
+        # RFC 7915 §5.5: the quoted packet becomes the IPv4 packet the client sent.
+        tcp = bytearray(quoted[tcp_at:])
+        client, service = conn.client_addr, conn.listener.address
+        old = ones_sum(src6 + host + tcp[:12])
+        U16.pack_into(tcp, 0, conn.client_port)
+        U16.pack_into(tcp, 2, conn.listener.port)
+        if len(tcp) >= 12:
+            add_u32(tcp, 8, -conn.delta)
+        if len(tcp) >= 18:
+            U16.pack_into(tcp, 16, update(U16.unpack_from(tcp, 16)[0], old, ones_sum(client + service + tcp[:12])))
+        payload_len = int.from_bytes(quoted[4:6], "big")
+        room = ICMP4_ERROR_MAX - 2 * IPV4_HEADER_LEN - ICMP_HEADER_LEN
+        inner = build_ipv4_header(client, service, PROTO_TCP, max(payload_len, len(tcp)), quoted[7],
+                                  ((quoted[0] & 0x0F) << 4) | (quoted[1] >> 4))
+        inner += tcp
+        message4 = build_icmp4(*mapped, inner[:room + IPV4_HEADER_LEN])
+        out = bytearray(PLAIN) if self.config.vnet else bytearray()
+        out += build_ipv4_header(service, client, PROTO_ICMP, len(message4))
+        out += message4
+        self.drops["icmp_translated"] += 1
+        return [out]
+
+    def _echo_reply(self, ip: IPv4Header, message: memoryview) -> list:
+        """RFC 792: a listen address answers ping, as any router's address would."""
+        if ip.dst not in self.listen_addresses:
+            return self._drop("icmp_not_ours")
+        icmp = IcmpHeader(message)
+        reply = build_icmp4(ICMP4_ECHO_REPLY, 0, icmp.rest, message[ICMP_HEADER_LEN:])
+        out = bytearray(PLAIN) if self.config.vnet else bytearray()
+        out += build_ipv4_header(ip.dst, ip.src, PROTO_ICMP, len(reply))
+        out += reply
+        return [out]
 
     # --------------------------------------------------------------- timers
 
@@ -854,6 +1079,8 @@ class Tracker:
         """Remove a connection from both tables and leave its record."""
         if conn.state == GONE:
             return
+        if conn.state == PEEKING:
+            self._leave_peeking(conn)
         conn.state = GONE
         self.clients.pop(conn.client_key, None)
         if conn.host_key:
