@@ -96,6 +96,9 @@ class Limits:
     hello_max_bytes: int = 16384     # 512..65536
     connect_timeout: float = 10.0    # seconds to wait for the host's SYN-ACK; > 0
     idle_timeout: float = 7440.0     # established idle timeout, RFC 5382 REQ-5 (2 h 4 min); > 0
+    max_connections: int = 100_000   # all tracked connections; new ones past it get an RST
+    max_peeking: int = 10_000        # connections still sending their hello; the oldest is reset past it
+    syn_backlog: int = 1024          # half-open handshakes kept with state; SYN cookies past it
 
 
 @dataclass(frozen=True)
@@ -347,7 +350,9 @@ _TRANSLATE_KEYS = ("prefix",)
 _LISTEN_KEYS = ("address", "port", "protocol", "host")
 _ROUTE_KEYS = ("name", "host", "port")
 _FALLBACK_KEYS = ("host", "port")
-_LIMITS_KEYS = ("hello_timeout", "hello_max_bytes", "connect_timeout", "idle_timeout")
+_LIMITS_KEYS = ("hello_timeout", "hello_max_bytes", "connect_timeout", "idle_timeout", "max_connections",
+                "max_peeking", "syn_backlog")
+_LIMITS_COUNTS = {"max_connections": (1, 10_000_000), "max_peeking": (1, 10_000_000), "syn_backlog": (0, 10_000_000)}
 
 _MISSING = object()
 
@@ -631,6 +636,8 @@ class _Validator:
             path = ("limits", field.name)
             if field.name == "hello_max_bytes":
                 values[field.name] = self.integer(table[field.name], path, 512, 65536)
+            elif field.name in _LIMITS_COUNTS:
+                values[field.name] = self.integer(table[field.name], path, *_LIMITS_COUNTS[field.name])
             else:
                 values[field.name] = self.seconds(table[field.name], path)
         return Limits(**values)

@@ -62,6 +62,9 @@ def build_tracker(config: Config, random32: Callable[[], int] | None = None) -> 
         connect_timeout=limits.connect_timeout,
         idle_timeout=limits.idle_timeout,
         vnet=config.tun.offload,
+        max_connections=limits.max_connections,
+        max_peeking=limits.max_peeking,
+        syn_backlog=limits.syn_backlog,
     )
     return Tracker(tracker_config, listeners, resolve, random32 or (lambda: secrets.randbits(32)))
 

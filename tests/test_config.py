@@ -559,3 +559,24 @@ def test_error_line_for_keys_in_inline_tables_is_the_enclosing_key():
             '          {address = "192.0.2.10", port = 80, protocol = "udp"}]\n'
             '[translate]\nprefix = "64:ff9b:1::/96"\n' + FALLBACK)
     assert error(text).startswith("k.toml:1: listen[1].protocol: ")
+
+
+def test_offload_defaults_on_and_can_be_turned_off():
+    assert parse(MINIMAL).tun.offload is True
+    assert parse("[tun]\noffload = false\n" + MINIMAL).tun.offload is False
+
+
+def test_offload_must_be_a_boolean():
+    message = error('[tun]\noffload = "yes"\n' + MINIMAL)
+    assert "tun.offload" in message and "true or false" in message
+
+
+def test_connection_caps_are_read_and_validated():
+    limits = parse(MINIMAL + "\n[limits]\nmax_connections = 500\nmax_peeking = 50\nsyn_backlog = 0\n").limits
+    assert (limits.max_connections, limits.max_peeking, limits.syn_backlog) == (500, 50, 0)
+    defaults = parse(MINIMAL).limits
+    assert (defaults.max_connections, defaults.max_peeking, defaults.syn_backlog) == (100_000, 10_000, 1024)
+    message = error(MINIMAL + "\n[limits]\nmax_peeking = 0\n")
+    assert "limits.max_peeking" in message and "from 1 to" in message
+    message = error(MINIMAL + "\n[limits]\nmax_connections = 1.5\n")
+    assert "limits.max_connections" in message
