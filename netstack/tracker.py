@@ -222,6 +222,9 @@ class Tracker:
         self.hosts: dict[bytes, Connection] = {}
         self.records: list[ConnectionRecord] = []
         self.drops: Counter[str] = Counter()
+        self.absorbed: Counter[str] = Counter()
+        # Notable things that are neither drops nor absorbed packets (cookies sent, evictions...).
+        self.events: Counter[str] = Counter()
         self._timers: list[tuple[float, int, Connection]] = []
         self._timer_seq = 0
         self._ident = 0
@@ -289,7 +292,13 @@ class Tracker:
         return bool(self._rx_flags & (F_NEEDS_CSUM | F_DATA_VALID))
 
     def _drop(self, reason: str) -> list[bytearray]:
+        """A packet kracauer will not act on: counted under `reason`, never forwarded."""
         self.drops[reason] += 1
+        return []
+
+    def _absorb(self, reason: str) -> list[bytearray]:
+        """A packet kracauer acted on with nothing to send (yet): counted under `reason`."""
+        self.absorbed[reason] += 1
         return []
 
     def _from_client(self, packet: memoryview, now: float) -> list[bytearray]:
@@ -358,7 +367,7 @@ class Tracker:
         conn.start = conn.last_seen = now
         if len(self.clients) >= self.config.max_connections:
             # The table is full: refuse the newcomer, disturb nobody.
-            self.drops["table_full"] += 1
+            self.events["refused_table_full"] += 1
             conn.client_isn = tcp.seq
             conn.our_isn = MOD32  # RFC 9293 §3.10.7.2: <SEQ=0><ACK=SEG.SEQ+1><CTL=RST,ACK>
             return [self._rst_to_client(conn, 0)]
@@ -378,7 +387,7 @@ class Tracker:
         self._set_timer(conn, now + self.config.hello_timeout)
         while len(self.peeking) > self.config.max_peeking:
             oldest = next(iter(self.peeking.values()))
-            self.drops["peeking_evicted"] += 1
+            self.events["peeking_evicted"] += 1
             out.append(self._rst_to_client(oldest, oldest.hello.contiguous))
             self._finish(oldest, "evicted_while_peeking", now)
 
@@ -389,7 +398,7 @@ class Tracker:
     # RFC 4987 §3.6: past syn_backlog half-open handshakes, answer with a SYN
     # cookie and keep nothing; the client's ACK brings the state back.
     def _cookie_syn_ack(self, conn: Connection, segment: memoryview, tcp: TcpHeader, now: float) -> bytearray:
-        self.drops["syn_cookie_sent"] += 1
+        self.events["syn_cookie_sent"] += 1
         self._accept_syn(conn, segment, tcp)
         conn.cookie = True
         conn.our_isn = self.cookies.make(now, conn.client_addr, conn.listener.address, conn.client_port,
@@ -415,8 +424,7 @@ class Tracker:
         if mss is None:
             return self._drop("no_connection")
         if len(self.clients) >= self.config.max_connections:
-            self.drops["table_full"] += 1
-            return []
+            return self._drop("table_full")
         conn = Connection(listener, ip.src, tcp.sport, ip.src + ip.dst + segment[:4].tobytes())
         conn.start = conn.last_seen = now
         conn.cookie = True
@@ -507,11 +515,10 @@ class Tracker:
             offset = (tcp.seq - conn.client_isn - 1) & MOD32
             if offset > SYN_WINDOW + self.config.hello_max_bytes:
                 return self._drop("rst_out_of_window")
-            out = []
-            if conn.state == CONNECTING:
-                out.append(self._rst_to_host(conn))
             self._finish(conn, "reset_by_client", now)
-            return out
+            if conn.target is not None:
+                return [self._rst_to_host(conn)]
+            return self._absorb("reset_before_splice")
         if not tcp.flags & ACK or tcp.ack != (conn.our_isn + 1) & MOD32:
             return self._drop("bad_ack_before_splice")
         if not conn.acked:
@@ -532,7 +539,7 @@ class Tracker:
         if tcp.flags & FIN and conn.client_fin_offset < 0:
             conn.client_fin_offset = offset + len(payload)
         if conn.state == CONNECTING:
-            return []
+            return self._absorb("hello_buffered")
         return self._peek(conn, now)
 
     def _note_client_options(self, conn: Connection, segment: memoryview, tcp: TcpHeader) -> None:
@@ -556,7 +563,7 @@ class Tracker:
                 # The client closed before its hello was complete: nothing to route.
                 self._finish(conn, "incomplete_hello", now)
                 return [self._rst_to_client(conn, end)]
-            return []
+            return self._absorb("hello_buffered")
         if isinstance(result, NotProtocol):
             self._finish(conn, "not_" + conn.listener.protocol, now)
             return [self._rst_to_client(conn, end)]
@@ -891,7 +898,7 @@ class Tracker:
                          now: float) -> list[bytearray]:
         if tcp.flags & RST:
             self._finish(conn, conn.outcome, now)
-            return []
+            return self._absorb("reset_after_refusal")
         payload = tls.UNRECOGNIZED_NAME_ALERT if conn.listener.protocol == "tls" else http.MISDIRECTED_REQUEST
         our_fin = (conn.our_isn + 1 + len(payload)) & MOD32
         if tcp.flags & FIN:
@@ -905,7 +912,7 @@ class Tracker:
             # New data after the refusal: nobody will read it.
             self._finish(conn, conn.outcome, now)
             return [self._rst_to_client(conn, conn.hello.contiguous)]
-        return []
+        return self._absorb("refusal_acknowledged")
 
 
     # ------------------------------------------------------------------ ICMP
@@ -955,7 +962,7 @@ class Tracker:
         out = bytearray(PLAIN) if self.config.vnet else bytearray()
         out += build_ipv6_header(source, conn.target.host, PROTO_ICMPV6, len(message6))
         out += message6
-        self.drops["icmp_translated"] += 1
+        self.events["icmp_translated"] += 1
         return [out]
 
     def _icmp_from_host_side(self, packet: memoryview, ip: IPv6Header, now: float) -> list:
@@ -1000,7 +1007,7 @@ class Tracker:
         out = bytearray(PLAIN) if self.config.vnet else bytearray()
         out += build_ipv4_header(service, client, PROTO_ICMP, len(message4))
         out += message4
-        self.drops["icmp_translated"] += 1
+        self.events["icmp_translated"] += 1
         return [out]
 
     def _echo_reply(self, ip: IPv4Header, message: memoryview) -> list:
