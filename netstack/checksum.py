@@ -23,8 +23,14 @@ def ones_sum(data: bytes | bytearray | memoryview) -> int:
 
 
 def finish(total: int) -> int:
-    """Fold a running ones' complement sum into the 16-bit checksum field value."""
-    return ~(total % 0xFFFF) & 0xFFFF
+    """Fold a running ones' complement sum into the 16-bit checksum field value.
+
+    A sum that reduces to 0 is the ones' complement "negative zero" 0xFFFF
+    (the words of a real header are never all zero), whose complement is 0x0000:
+    the value RFC 1071's end-around-carry loop would produce.
+    """
+    folded = total % 0xFFFF
+    return ~folded & 0xFFFF if folded else 0
 
 
 def checksum(data: bytes | bytearray | memoryview) -> int:
@@ -43,7 +49,7 @@ def update(old_checksum: int, old_sum: int, new_sum: int) -> int:
     RFC 1624 §3, eqn. 3: HC' = ~(~HC + ~m + m'). Subtracting modulo 0xFFFF is
     adding the ones' complement.
     """
-    return ~(((~old_checksum & 0xFFFF) - old_sum + new_sum) % 0xFFFF) & 0xFFFF
+    return finish((~old_checksum & 0xFFFF) - old_sum + new_sum)
 
 
 def update_partial(old_field: int, old_sum: int, new_sum: int) -> int:

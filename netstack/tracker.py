@@ -155,12 +155,14 @@ class Connection:
         # the first bytes
         "hello", "peeker", "fed", "client_fin_offset", "decision",
         # the host side
-        "target", "src6", "host_sport", "host_key", "host_isn", "host_mss", "host_tsval",
+        "target", "src6", "host_sport", "host_key", "host_isn", "host_mss", "host_tsval", "host_ts",
         "delta", "ts_off", "c2h_shift", "h2c_shift", "host_wscale",
         # progress, for FIN/RST checks and byte counts
         "client_ack", "client_win", "host_ack", "host_win", "client_fin", "host_fin", "closing",
         "packets_to_host", "packets_to_client", "outcome", "connect_start", "rst_at", "recorded",
         "acked", "cookie",
+        # RFC 5961 §5.2 ACK checks: SND.NXT and MAX.SND.WND of each side
+        "client_nxt", "host_nxt", "client_max_win", "host_max_win",
     )
 
     def __init__(self, listener: Listener, client_addr: bytes, client_port: int, client_key: bytes) -> None:
@@ -543,7 +545,9 @@ class Tracker:
         return self._peek(conn, now)
 
     def _note_client_options(self, conn: Connection, segment: memoryview, tcp: TcpHeader) -> None:
-        conn.client_window = tcp.window
+        # client_window stays the SYN's (unscaled) window for the host's SYN;
+        # client_win is the latest, in the client's scale.
+        conn.client_win = tcp.window
         if tcp.ts_at >= 0:
             conn.client_tsval = U32.unpack_from(segment, tcp.ts_at)[0]
 
@@ -653,12 +657,19 @@ class Tracker:
         conn.c2h_shift = (conn.client_wscale or 0) - client_ws_seen_by_host
         conn.h2c_shift = conn.host_wscale - conn.our_wscale
         stamps = tcp.timestamps(segment)
+        conn.host_ts = stamps is not None
         conn.host_tsval = stamps[0] if stamps else 0
         # RFC 7323 §5.3 (PAWS): the client must see one clock that never goes
         # back, so the host's is moved onto the one kracauer started.
         conn.ts_off = (conn.host_tsval - self._our_tsval(conn, now)) & MOD32 if stamps else 0
         conn.host_ack = (conn.client_isn + 1) & MOD32
-        conn.host_win = tcp.window
+        # RFC 7323 §2.2: the SYN-ACK's window is unscaled; host_win is kept in the host's scale.
+        conn.host_win = max(tcp.window >> conn.host_wscale, 1)
+        conn.host_nxt = (conn.our_isn + 1) & MOD32
+        # Generous floors: a window may have been larger before kracauer saw it.
+        conn.host_max_win = max(tcp.window, 0xFFFF)
+        conn.client_max_win = max(conn.client_win << (conn.client_wscale or 0), 0xFFFF)
+        conn.client_nxt = (conn.client_isn + 1) & MOD32
         conn.state = ESTABLISHED
         conn.peeker = None
         self._set_timer(conn, now + self.config.idle_timeout)
@@ -668,8 +679,8 @@ class Tracker:
         data = memoryview(conn.hello.data)[:conn.hello.contiguous]
         fin_here = conn.client_fin_offset == len(data)
         ack = (conn.host_isn + 1) & MOD32
-        options = timestamp_option(conn.client_tsval, conn.host_tsval) if conn.client_ts and conn.host_tsval else b""
-        window = self._client_window_for_host(conn, conn.client_window)
+        options = timestamp_option(conn.client_tsval, conn.host_tsval) if conn.client_ts and conn.host_ts else b""
+        window = self._client_window_for_host(conn, conn.client_win)
         out = []
         step = max(conn.host_mss - len(options), 1)
         offset = 0
@@ -686,6 +697,9 @@ class Tracker:
                 break
         if fin_here:
             conn.client_fin = (conn.client_isn + 1 + len(data)) & MOD32
+        end = (conn.client_isn + 1 + len(data) + fin_here) & MOD32
+        if seq_lt(conn.client_nxt, end):
+            conn.client_nxt = end
         return out
 
     def _host_synack_again(self, conn: Connection, tcp: TcpHeader, now: float) -> list[bytearray]:
@@ -707,9 +721,24 @@ class Tracker:
             return self._rst_from_client(conn, ip, segment, tcp, now)
         if ip.ttl <= 1:
             return self._drop("ttl_exceeded")
+        hl = tcp.header_len
+        tcp_len = len(segment)
+        if flags & ACK:
+            ack = tcp.ack
+            # RFC 5961 §5.2: an ACK is acceptable only within
+            # SND.UNA - MAX.SND.WND <= SEG.ACK <= SND.NXT of the host it goes to.
+            if seq_lt(conn.host_nxt, ack) or seq_lt(ack, (conn.client_ack - conn.client_max_win) & MOD32):
+                return self._drop("ack_out_of_window")
+            if seq_lt(conn.client_ack, ack):
+                conn.client_ack = ack
+            conn.client_win = window = tcp.window
+            if window << (conn.client_wscale or 0) > conn.client_max_win:
+                conn.client_max_win = window << (conn.client_wscale or 0)
+        end = (tcp.seq + tcp_len - hl + (flags & FIN)) & MOD32
+        if seq_lt(conn.client_nxt, end):
+            conn.client_nxt = end
         buf = self._rx_buf
         t = self._rx_start + ip.header_len  # where the TCP header sits in buf
-        hl = tcp.header_len
         partial = self._rx_flags & F_NEEDS_CSUM
         src6 = conn.src6
         host = conn.target.host
@@ -719,9 +748,6 @@ class Tracker:
         U16.pack_into(buf, t + 2, conn.target.port)
         if flags & ACK:
             add_u32(buf, t + 8, conn.delta)
-            if seq_lt(conn.client_ack, tcp.ack):
-                conn.client_ack = tcp.ack
-            conn.client_win = tcp.window
         if conn.c2h_shift:
             U16.pack_into(buf, t + 14, min(tcp.window << conn.c2h_shift, 0xFFFF))
         if tcp.ts_at >= 0:
@@ -734,7 +760,6 @@ class Tracker:
             U16.pack_into(buf, t + 16, update_partial(tcp.checksum, ones_sum(ip.src + ip.dst), ones_sum(src6 + host)))
         else:
             U16.pack_into(buf, t + 16, update(tcp.checksum, old, ones_sum(src6 + host + buf[t:t + hl])))
-        tcp_len = len(segment)
         if flags & FIN and conn.client_fin < 0:
             conn.client_fin = (tcp.seq + tcp_len - hl) & MOD32
         conn.packets_to_host += 1
@@ -764,9 +789,25 @@ class Tracker:
         if tcp_len + IPV4_HEADER_LEN > 0xFFFF:
             # Only an IPv6 super-packet larger than IPv4's 64 KiB limit (BIG TCP).
             return self._drop("too_big_for_ipv4")
+        hl = tcp.header_len
+        if flags & ACK:
+            ack = tcp.ack
+            # RFC 5961 §5.2, from the client's side.
+            if seq_lt(conn.client_nxt, ack) or seq_lt(ack, (conn.host_ack - conn.host_max_win) & MOD32):
+                return self._drop("ack_out_of_window")
+            if seq_lt(conn.host_ack, ack):
+                conn.host_ack = ack
+                if conn.hello is not None and seq_le((conn.client_isn + 1 + conn.hello.contiguous) & MOD32, ack):
+                    # The host has every replayed byte: the copy is no longer needed.
+                    conn.hello = None
+            conn.host_win = window = tcp.window
+            if window << conn.host_wscale > conn.host_max_win:
+                conn.host_max_win = window << conn.host_wscale
+        end = (tcp.seq - conn.delta + tcp_len - hl + (flags & FIN)) & MOD32
+        if seq_lt(conn.host_nxt, end):
+            conn.host_nxt = end
         buf = self._rx_buf
         t = self._rx_start + IPV6_HEADER_LEN
-        hl = tcp.header_len
         partial = self._rx_flags & F_NEEDS_CSUM
         service = conn.listener.address
         client = conn.client_addr
@@ -775,13 +816,6 @@ class Tracker:
         U16.pack_into(buf, t, conn.listener.port)
         U16.pack_into(buf, t + 2, conn.client_port)
         add_u32(buf, t + 4, -conn.delta)
-        if flags & ACK:
-            if seq_lt(conn.host_ack, tcp.ack):
-                conn.host_ack = tcp.ack
-                if conn.hello is not None and seq_le((conn.client_isn + 1 + conn.hello.contiguous) & MOD32, tcp.ack):
-                    # The host has every replayed byte: the copy is no longer needed.
-                    conn.hello = None
-            conn.host_win = tcp.window
         if conn.h2c_shift:
             U16.pack_into(buf, t + 14, self._rescale(tcp.window, conn.h2c_shift))
         if tcp.ts_at >= 0:
@@ -912,8 +946,11 @@ class Tracker:
             # New data after the refusal: nobody will read it.
             self._finish(conn, conn.outcome, now)
             return [self._rst_to_client(conn, conn.hello.contiguous)]
+        if tcp.flags & ACK and tcp.ack == (our_fin + 1) & MOD32 and conn.tries < REFUSAL_TRIES:
+            # The refusal arrived: stop resending it, wait a little for the client's FIN.
+            conn.tries = REFUSAL_TRIES
+            self._set_timer(conn, now + CLOSE_LINGER)
         return self._absorb("refusal_acknowledged")
-
 
     # ------------------------------------------------------------------ ICMP
 
