@@ -67,6 +67,7 @@ class TunConfig:
     name: str = "kracauer0"      # 1..15 bytes, no '/', ':' or whitespace (IFNAMSIZ)
     mtu: int = 1500              # MTU of the IPv6 path to the hosts; 1280..65535 (RFC 8200 section 5)
     offload: bool = True         # IFF_VNET_HDR with TSO/checksum offloads: 64 KiB super-packets
+    user: str | None = None      # drop to this user (and its group), with no capabilities, once set up
 
 
 @dataclass(frozen=True)
@@ -345,7 +346,7 @@ def _route_name_key(name: str) -> tuple[str, str] | str:
 # Validation
 
 _TOP_KEYS = ("tun", "translate", "listen", "route", "fallback", "limits")
-_TUN_KEYS = ("name", "mtu", "offload")
+_TUN_KEYS = ("name", "mtu", "offload", "user")
 _TRANSLATE_KEYS = ("prefix",)
 _LISTEN_KEYS = ("address", "port", "protocol", "host")
 _ROUTE_KEYS = ("name", "host", "port")
@@ -558,7 +559,12 @@ class _Validator:
         offload = defaults.offload
         if "offload" in table:
             offload = self.boolean(table["offload"], ("tun", "offload"))
-        return TunConfig(name=name, mtu=mtu, offload=offload)
+        user = defaults.user
+        if "user" in table:
+            user = self.string(table["user"], ("tun", "user"))
+            if not user or any(c.isspace() or c == ":" for c in user):
+                raise self.error(("tun", "user"), f"expected a user name, got {_quote(user)}")
+        return TunConfig(name=name, mtu=mtu, offload=offload, user=user)
 
     def translate(self, doc: dict) -> ipaddress.IPv6Network:
         table = self.table(doc, ("translate",), _TRANSLATE_KEYS, required=True)

@@ -19,6 +19,7 @@ from typing import Callable
 
 from kracauer.config import Config
 from kracauer.routing import Router
+from kracauer.privileges import PrivilegeError, drop_privileges
 from kracauer.tun import Tun, TunError, check_forwarding, open_tun
 from netstack.peek import Decision
 from netstack.tracker import HEADROOM, ConnectionRecord, Listener, Target, Tracker, TrackerConfig
@@ -107,6 +108,13 @@ class Daemon:
             [self.config.prefix],
             offload=self.config.tun.offload,
         )
+        if self.config.tun.user:
+            try:
+                drop_privileges(self.config.tun.user)
+            except PrivilegeError:
+                self.tun.close()
+                raise
+            self.tun.privileged = False
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         old_wakeup = signal.set_wakeup_fd(wake_w)
@@ -220,6 +228,6 @@ def run(config: Config) -> int:
     """Run kracauer with `config` in the foreground until SIGTERM or SIGINT; the exit status."""
     try:
         return Daemon(config).run()
-    except TunError as exc:
+    except (TunError, PrivilegeError) as exc:
         log.error("%s", exc)
         return 2

@@ -50,10 +50,14 @@ class Tun:
     fd: int
     index: int
     offload: bool = False
+    # False once kracauer dropped root: the kernel removes the routes with the device.
+    privileged: bool = True
     routes: list[tuple[int, str]] = field(default_factory=list)
 
     def close(self) -> None:
         """Remove the routes, then the device (closing a non-persistent TUN deletes it)."""
+        if not self.privileged:
+            self.routes.clear()
         with IPRoute() as ipr:
             for family, dst in reversed(self.routes):
                 try:

@@ -580,3 +580,10 @@ def test_connection_caps_are_read_and_validated():
     assert "limits.max_peeking" in message and "from 1 to" in message
     message = error(MINIMAL + "\n[limits]\nmax_connections = 1.5\n")
     assert "limits.max_connections" in message
+
+
+def test_tun_user_is_optional_and_must_be_a_name():
+    assert parse(MINIMAL).tun.user is None
+    assert parse('[tun]\nuser = "nobody"\n' + MINIMAL).tun.user == "nobody"
+    assert "tun.user" in error('[tun]\nuser = ""\n' + MINIMAL)
+    assert "tun.user" in error('[tun]\nuser = 65534\n' + MINIMAL)
