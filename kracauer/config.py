@@ -70,25 +70,51 @@ class TunConfig:
     user: str | None = None      # drop to this user (and its group), with no capabilities, once set up
 
 
+def _all_hosts(obj) -> None:
+    """Fill `hosts` from `host` when only one host was given (frozen dataclasses)."""
+    if not obj.hosts and obj.host is not None:
+        object.__setattr__(obj, "hosts", (obj.host,))
+
+
 @dataclass(frozen=True)
 class Listener:
     address: ipaddress.IPv4Address
     port: int                    # 1..65535
     protocol: str                # "tls" | "http" | "tcp"
-    host: ipaddress.IPv6Address | None = None   # required for "tcp", forbidden for tls/http
+    host: ipaddress.IPv6Address | None = None   # required for "tcp", forbidden for tls/http (the first host)
+    hosts: tuple[ipaddress.IPv6Address, ...] = ()   # every host, in the order written
+    prefix: ipaddress.IPv6Network | None = None     # overrides [translate] prefix for this listener
+
+    def __post_init__(self) -> None:
+        _all_hosts(self)
 
 
 @dataclass(frozen=True)
 class Route:
     name: str                    # as written in the file
-    host: ipaddress.IPv6Address
+    host: ipaddress.IPv6Address  # the first host
     port: int | None = None      # None: the listener's port
+    hosts: tuple[ipaddress.IPv6Address, ...] = ()   # every host (a client's address picks one)
+    alpn: str | None = None      # only for TLS clients that offer this ALPN protocol
+
+    def __post_init__(self) -> None:
+        _all_hosts(self)
 
 
 @dataclass(frozen=True)
 class Fallback:
     host: ipaddress.IPv6Address
     port: int | None = None
+    hosts: tuple[ipaddress.IPv6Address, ...] = ()
+
+    def __post_init__(self) -> None:
+        _all_hosts(self)
+
+
+@dataclass(frozen=True)
+class Health:
+    max_fails: int = 3           # consecutive failed connects before a host is skipped
+    fail_timeout: float = 30.0   # seconds a failing host is skipped
 
 
 @dataclass(frozen=True)
@@ -111,6 +137,7 @@ class Config:
     fallback: Fallback | None
     limits: Limits
     source: str = "<string>"         # file path for messages
+    health: Health = Health()
 
 
 # ---------------------------------------------------------------------------
@@ -345,11 +372,12 @@ def _route_name_key(name: str) -> tuple[str, str] | str:
 # ---------------------------------------------------------------------------
 # Validation
 
-_TOP_KEYS = ("tun", "translate", "listen", "route", "fallback", "limits")
+_TOP_KEYS = ("tun", "translate", "listen", "route", "fallback", "limits", "health")
+_HEALTH_KEYS = ("max_fails", "fail_timeout")
 _TUN_KEYS = ("name", "mtu", "offload", "user")
 _TRANSLATE_KEYS = ("prefix",)
-_LISTEN_KEYS = ("address", "port", "protocol", "host")
-_ROUTE_KEYS = ("name", "host", "port")
+_LISTEN_KEYS = ("address", "port", "protocol", "host", "prefix")
+_ROUTE_KEYS = ("name", "host", "port", "alpn")
 _FALLBACK_KEYS = ("host", "port")
 _LIMITS_KEYS = ("hello_timeout", "hello_max_bytes", "connect_timeout", "idle_timeout", "max_connections",
                 "max_peeking", "syn_backlog")
@@ -492,6 +520,17 @@ class _Validator:
                 raise self.error(path, f"{_quote(text)} is a {what} address; expected a unicast address that can be routed into the TUN")
         return address
 
+    def ipv6_hosts(self, value: Any, path: Path) -> tuple[ipaddress.IPv6Address, ...]:
+        """One host ("2001:db8::10") or several (["2001:db8::10", "2001:db8::11"])."""
+        if isinstance(value, list):
+            if not value:
+                raise self.error(path, "expected at least one IPv6 address in the list")
+            hosts = tuple(self.ipv6_host(item, path) for item in value)
+            if len(set(hosts)) != len(hosts):
+                raise self.error(path, "the same host is listed twice")
+            return hosts
+        return (self.ipv6_host(value, path),)
+
     def ipv6_host(self, value: Any, path: Path) -> ipaddress.IPv6Address:
         text = self.string(value, path)
         try:
@@ -526,13 +565,14 @@ class _Validator:
         routes = self.routes(doc)
         fallback = self.fallback(doc)
         limits = self.limits(doc)
+        health = self.health(doc)
         if not routes and fallback is None:
             named = [i for i, l in enumerate(listeners) if l.protocol != "tcp"]
             if named:
                 i = named[0]
                 raise self.error(("listen", i), f"nothing to route to: this {listeners[i].protocol} listener needs at least one [[route]] or a [fallback]")
         return Config(tun=tun, prefix=self.prefix, listeners=tuple(listeners), routes=tuple(routes),
-                      fallback=fallback, limits=limits, source=self.source)
+                      fallback=fallback, limits=limits, source=self.source, health=health)
 
     def tun(self, doc: dict) -> TunConfig:
         table = self.table(doc, ("tun",), _TUN_KEYS)
@@ -590,16 +630,24 @@ class _Validator:
             if protocol not in PROTOCOLS:
                 choices = ", ".join(_quote(p) for p in PROTOCOLS)
                 raise self.error(path + ("protocol",), f"expected one of {choices}, got {_quote(protocol)}")
-            host = None
+            hosts: tuple[ipaddress.IPv6Address, ...] = ()
             if protocol == "tcp":
-                host = self.ipv6_host(self.require(item, path + ("host",)), path + ("host",))
+                hosts = self.ipv6_hosts(self.require(item, path + ("host",)), path + ("host",))
             elif "host" in item:
                 raise self.error(path + ("host",), f"only allowed with protocol \"tcp\" (this listener is {_quote(protocol)}; "
                                                    "its hosts come from [[route]] and [fallback])")
             if (address, port) in seen:
                 raise self.error(path, f"{address}:{port} is already used by listen[{seen[address, port]}]")
             seen[address, port] = i
-            listeners.append(Listener(address=address, port=port, protocol=protocol, host=host))
+            prefix = None
+            if "prefix" in item:
+                text = self.string(item["prefix"], path + ("prefix",))
+                try:
+                    prefix = parse_prefix(text)
+                except ValueError as e:
+                    raise self.error(path + ("prefix",), str(e)) from None
+            listeners.append(Listener(address=address, port=port, protocol=protocol,
+                                      host=hosts[0] if hosts else None, hosts=hosts, prefix=prefix))
         return listeners
 
     def routes(self, doc: dict) -> list[Route]:
@@ -613,13 +661,19 @@ class _Validator:
             if isinstance(kind, str):
                 got = "" if name.startswith("~") else f"; got {_quote(name)}"
                 raise self.error(path + ("name",), kind + got)
-            if kind in seen:
-                raise self.error(path + ("name",), f"{_quote(name)} duplicates route[{seen[kind]}].name "
-                                                   f"{_quote(items[seen[kind]]['name'])}")
-            seen[kind] = i
-            host = self.ipv6_host(self.require(item, path + ("host",)), path + ("host",))
+            alpn = None
+            if "alpn" in item:
+                alpn = self.string(item["alpn"], path + ("alpn",))
+                # RFC 7301 §3.1: a protocol name is 1 to 255 bytes.
+                if not 1 <= len(alpn.encode()) <= 255:
+                    raise self.error(path + ("alpn",), f"expected an ALPN protocol name of 1 to 255 bytes, got {_quote(alpn)}")
+            if (kind, alpn) in seen:
+                raise self.error(path + ("name",), f"{_quote(name)} duplicates route[{seen[kind, alpn]}].name "
+                                                   f"{_quote(items[seen[kind, alpn]]['name'])}")
+            seen[kind, alpn] = i
+            hosts = self.ipv6_hosts(self.require(item, path + ("host",)), path + ("host",))
             port = self.port(item["port"], path + ("port",)) if "port" in item else None
-            routes.append(Route(name=name, host=host, port=port))
+            routes.append(Route(name=name, host=hosts[0], port=port, hosts=hosts, alpn=alpn))
         return routes
 
     def fallback(self, doc: dict) -> Fallback | None:
@@ -627,9 +681,20 @@ class _Validator:
         if table is None:
             return None
         path = ("fallback",)
-        host = self.ipv6_host(self.require(table, path + ("host",)), path + ("host",))
+        hosts = self.ipv6_hosts(self.require(table, path + ("host",)), path + ("host",))
         port = self.port(table["port"], path + ("port",)) if "port" in table else None
-        return Fallback(host=host, port=port)
+        return Fallback(host=hosts[0], port=port, hosts=hosts)
+
+    def health(self, doc: dict) -> Health:
+        table = self.table(doc, ("health",), _HEALTH_KEYS)
+        if table is None:
+            return Health()
+        values: dict[str, Any] = {}
+        if "max_fails" in table:
+            values["max_fails"] = self.integer(table["max_fails"], ("health", "max_fails"), 1, 1000)
+        if "fail_timeout" in table:
+            values["fail_timeout"] = self.seconds(table["fail_timeout"], ("health", "fail_timeout"))
+        return Health(**values)
 
     def limits(self, doc: dict) -> Limits:
         table = self.table(doc, ("limits",), _LIMITS_KEYS)

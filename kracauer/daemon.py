@@ -22,7 +22,7 @@ from kracauer.routing import Router
 from kracauer.privileges import PrivilegeError, drop_privileges
 from kracauer.tun import Tun, TunError, check_forwarding, open_tun
 from netstack.peek import Decision
-from netstack.tracker import HEADROOM, ConnectionRecord, Listener, Target, Tracker, TrackerConfig
+from netstack.tracker import HEADROOM, ConnectionRecord, Listener, Resolver, Target, Tracker, TrackerConfig
 
 log = logging.getLogger("kracauer")
 conn_log = logging.getLogger("kracauer.conn")
@@ -37,11 +37,18 @@ MAX_SLEEP = 1.0
 ERROR_LOG_INTERVAL = 10.0
 
 
-def build_tracker(config: Config, random32: Callable[[], int] | None = None) -> Tracker:
-    """A tracker for `config`: its listeners, and a resolver over its routes."""
-    listeners = [Listener(lst.address.packed, lst.port, lst.protocol) for lst in config.listeners]
+def tracker_listeners(config: Config) -> list[Listener]:
+    return [
+        Listener(lst.address.packed, lst.port, lst.protocol, lst.prefix.network_address.packed[:12] if lst.prefix else None)
+        for lst in config.listeners
+    ]
+
+
+def build_resolver(config: Config) -> Resolver:
+    """(listener, decision) → target over the config's routes; tcp listeners have fixed hosts."""
     tcp_targets = {
-        (lst.address.packed, lst.port): Target(lst.host.packed, lst.port, "listener")
+        (lst.address.packed, lst.port): Target(lst.hosts[0].packed, lst.port, "listener",
+                                               tuple(h.packed for h in lst.hosts))
         for lst in config.listeners if lst.protocol == "tcp"
     }
     router = Router(config.routes, config.fallback)
@@ -49,13 +56,17 @@ def build_tracker(config: Config, random32: Callable[[], int] | None = None) -> 
     def resolve(listener: Listener, decision: Decision) -> Target | None:
         if listener.protocol == "tcp":
             return tcp_targets[(listener.address, listener.port)]
-        target = router.lookup(decision.name, listener.port)
+        target = router.lookup(decision.name, listener.port, decision.alpn)
         if target is None:
             return None
-        return Target(target.host.packed, target.port, target.route)
+        return Target(target.host.packed, target.port, target.route, tuple(h.packed for h in target.hosts))
 
+    return resolve
+
+
+def tracker_config(config: Config) -> TrackerConfig:
     limits = config.limits
-    tracker_config = TrackerConfig(
+    return TrackerConfig(
         prefix=config.prefix.network_address.packed[:12],
         mtu=config.tun.mtu,
         hello_timeout=limits.hello_timeout,
@@ -66,8 +77,15 @@ def build_tracker(config: Config, random32: Callable[[], int] | None = None) -> 
         max_connections=limits.max_connections,
         max_peeking=limits.max_peeking,
         syn_backlog=limits.syn_backlog,
+        max_fails=config.health.max_fails,
+        fail_timeout=config.health.fail_timeout,
     )
-    return Tracker(tracker_config, listeners, resolve, random32 or (lambda: secrets.randbits(32)))
+
+
+def build_tracker(config: Config, random32: Callable[[], int] | None = None) -> Tracker:
+    """A tracker for `config`: its listeners, and a resolver over its routes."""
+    return Tracker(tracker_config(config), tracker_listeners(config), build_resolver(config),
+                   random32 or (lambda: secrets.randbits(32)))
 
 
 def format_record(record: ConnectionRecord) -> str:
@@ -105,7 +123,7 @@ class Daemon:
             self.config.tun.name,
             self.config.tun.mtu,
             [ipaddress.IPv4Network(a) for a in addresses],
-            [self.config.prefix],
+            sorted({self.config.prefix} | {lst.prefix for lst in self.config.listeners if lst.prefix}),
             offload=self.config.tun.offload,
         )
         if self.config.tun.user:

@@ -24,6 +24,16 @@ A missing name (None, or empty after normalization: TLS without SNI, HTTP/1.0
 without Host) goes straight to the fallback. No match and no fallback: None,
 and the daemon refuses the connection (TLS alert / HTTP 421).
 
+**ALPN.** A route with ``alpn = "acme-tls/1"`` only takes TLS clients whose
+ClientHello offers that protocol (RFC 7301), so that TLS-ALPN-01 certificate
+challenges (RFC 8737) can go to one host. Such routes are tried before all
+others, in the client's order of offered protocols, with the same name
+matching (exact, wildcard, regex); then the routes without ``alpn``.
+
+**Several hosts.** A route may list several hosts; ``Target.hosts`` keeps them
+in file order and the tracker picks one per client address (rendezvous
+hashing) and fails over to the others.
+
 A route without a port uses the listener's port. ``Target.route`` says which
 rule matched: the route's name as written, ``"fallback"``, or ``"listener"``
 (set by the daemon for tcp listeners, which do not go through the router).
@@ -31,6 +41,7 @@ rule matched: the route's name as written, ``"fallback"``, or ``"listener"``
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -61,15 +72,28 @@ def normalize_name(name: str) -> str:
 
 @dataclass(frozen=True)
 class Target:
-    host: ipaddress.IPv6Address
+    host: ipaddress.IPv6Address   # the first host
     port: int
     route: str          # the route's name as written, "fallback" or "listener"
+    hosts: tuple[ipaddress.IPv6Address, ...] = ()   # every host of the route
+
+    def __post_init__(self) -> None:
+        if not self.hosts:
+            object.__setattr__(self, "hosts", (self.host,))
 
 
 class Router:
     """Name → Target look-ups over the routes of a configuration."""
 
     def __init__(self, routes: Sequence[Route], fallback: Fallback | None) -> None:
+        by_alpn: dict[str, list[Route]] = {}
+        for route in routes:
+            if route.alpn is not None:
+                by_alpn.setdefault(route.alpn, []).append(route)
+        # Each ALPN's routes form a router of their own (their alpn cleared so they are plain there).
+        self._alpn = {alpn: Router([dataclasses.replace(r, alpn=None) for r in group], None)
+                      for alpn, group in by_alpn.items()}
+        routes = [route for route in routes if route.alpn is None]
         self._exact: dict[str, Route] = {}
         self._wildcards: dict[str, Route] = {}      # key: the suffix after "*."
         self._regexes: list[tuple[re.Pattern[str], Route]] = []
@@ -85,18 +109,27 @@ class Router:
                 self._exact.setdefault(name, route)
         self._fallback = fallback
 
-    def lookup(self, name: str | None, port: int) -> Target | None:
-        """The target for ``name`` on a listener with ``port``, or None to refuse."""
+    def lookup(self, name: str | None, port: int, alpn: Sequence[str] = ()) -> Target | None:
+        """The target for ``name`` (and the ALPN protocols offered) on a listener with ``port``, or None to refuse."""
         if name is not None:
             name = normalize_name(name)
         if name:
-            route = self._match(name)
+            route = None
+            for protocol in alpn:
+                router = self._alpn.get(protocol)
+                if router is not None:
+                    route = router._match(name)
+                    if route is not None:
+                        break
+            if route is None:
+                route = self._match(name)
             if route is not None:
-                return Target(route.host, route.port if route.port is not None else port, route.name)
+                return Target(route.host, route.port if route.port is not None else port, route.name, route.hosts)
         fallback = self._fallback
         if fallback is None:
             return None
-        return Target(fallback.host, fallback.port if fallback.port is not None else port, "fallback")
+        return Target(fallback.host, fallback.port if fallback.port is not None else port, "fallback",
+                      fallback.hosts)
 
     def _match(self, name: str) -> Route | None:
         route = self._exact.get(name)

@@ -22,6 +22,7 @@ in ``drops`` under a reason, never forwarded.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import ipaddress
 from collections import Counter
@@ -65,6 +66,8 @@ REFUSAL_TRIES = 3
 # How long a connection whose FINs are both acknowledged keeps translating
 # retransmitted FINs and ACKs before its state goes (a short TIME-WAIT).
 CLOSE_LINGER = 10.0
+# With several hosts, how long one host may take to answer before the next is tried.
+HOST_TRY_TIMEOUT = 3.0
 # How long state waits after an in-window but inexact RST (RFC 5961 §3.2):
 # the endpoint answers a blind RST with a challenge ACK, which revives it.
 RST_LINGER = 5.0
@@ -83,18 +86,24 @@ class Listener:
     address: bytes  # 4 bytes
     port: int
     protocol: str  # "tls" | "http" | "tcp"
+    prefix: bytes | None = None  # 12 bytes: this listener's own translation prefix
 
     def __str__(self) -> str:
         return f"{ipaddress.IPv4Address(self.address)}:{self.port}"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class Target:
-    """Where a connection goes: an IPv6 host and port, and the route that chose it."""
+    """Where a connection goes: IPv6 hosts (one is chosen per client) and port, and the route that chose it."""
 
-    host: bytes  # 16 bytes
+    host: bytes  # 16 bytes: the first host
     port: int
     route: str
+    hosts: tuple[bytes, ...] = ()  # every host; () means (host,)
+
+    def __post_init__(self) -> None:
+        if not self.hosts:
+            object.__setattr__(self, "hosts", (self.host,))
 
 
 # (listener, decision) -> target, or None to refuse the name.
@@ -113,6 +122,8 @@ class TrackerConfig:
     max_connections: int = 100_000  # all connections; past it new ones are refused with an RST
     max_peeking: int = 10_000  # connections still sending their hello; past it the oldest is reset
     syn_backlog: int = 1024  # half-open handshakes kept with state; past it SYN cookies
+    max_fails: int = 3  # consecutive failed connects before a host is skipped
+    fail_timeout: float = 30.0  # seconds a failing host is skipped
 
     @property
     def mss(self) -> int:
@@ -155,7 +166,7 @@ class Connection:
         # the first bytes
         "hello", "peeker", "fed", "client_fin_offset", "decision",
         # the host side
-        "target", "src6", "host_sport", "host_key", "host_isn", "host_mss", "host_tsval", "host_ts",
+        "target", "host", "candidates", "host_start", "src6", "host_sport", "host_key", "host_isn", "host_mss", "host_tsval", "host_ts",
         "delta", "ts_off", "c2h_shift", "h2c_shift", "host_wscale",
         # progress, for FIN/RST checks and byte counts
         "client_ack", "client_win", "host_ack", "host_win", "client_fin", "host_fin", "closing",
@@ -179,6 +190,8 @@ class Connection:
         self.client_fin_offset = -1
         self.decision: Decision | None = None
         self.target: Target | None = None
+        self.host = b""
+        self.candidates: list[bytes] = []
         self.host_key = b""
         self.host_isn = 0
         self.delta = 0
@@ -214,6 +227,7 @@ class Tracker:
         self.config = config
         self.listeners = {lst.address + U16.pack(lst.port): lst for lst in listeners}
         self.listen_addresses = {lst.address for lst in self.listeners.values()}
+        self.prefixes = {config.prefix} | {lst.prefix for lst in self.listeners.values() if lst.prefix}
         self.resolve = resolve
         self.random32 = random32
         # client key: client address + service address + client port + service port,
@@ -227,6 +241,8 @@ class Tracker:
         self.absorbed: Counter[str] = Counter()
         # Notable things that are neither drops nor absorbed packets (cookies sent, evictions...).
         self.events: Counter[str] = Counter()
+        # Passive health per (host, port): consecutive failures and until when to skip it.
+        self.health: dict[tuple[bytes, int], tuple[int, float]] = {}
         self._timers: list[tuple[float, int, Connection]] = []
         self._timer_seq = 0
         self._ident = 0
@@ -333,7 +349,7 @@ class Tracker:
 
     def _from_host(self, packet: memoryview, now: float) -> list[bytearray]:
         ip = IPv6Header(packet)
-        if ip.dst[:12] != self.config.prefix:
+        if ip.dst[:12] not in self.prefixes:
             return self._drop("not_prefix")
         # Hosts send TCP without extension headers; anything else is not ours to carry.
         if ip.next_header != PROTO_TCP:
@@ -585,38 +601,85 @@ class Tracker:
     def _bind(self, conn: Connection, target: Target, now: float) -> list[bytearray]:
         """DESIGN.md step 3: SYN to the host from prefix::client with the client's ISN and options."""
         conn.target = target
-        conn.src6 = self.config.prefix + conn.client_addr
+        conn.src6 = (conn.listener.prefix or self.config.prefix) + conn.client_addr
+        conn.candidates = self._host_order(conn.client_addr, target, now)
+        self._leave_peeking(conn)
+        conn.state = CONNECTING
+        conn.connect_start = now
+        return self._try_next_host(conn, now)
+
+    def _host_order(self, client: bytes, target: Target, now: float) -> list[bytes]:
+        """The target's hosts in the order this client tries them.
+
+        Rendezvous hashing (highest random weight): each host gets a score from
+        a hash of (client, host); the client goes to the best. The same client
+        always lands on the same host, and when a host is removed only its own
+        clients move. Hosts that keep failing go last for fail_timeout.
+        """
+        hosts = target.hosts
+        if len(hosts) == 1:
+            return [hosts[0]]
+        scored = sorted(hosts, key=lambda h: hashlib.blake2s(client + h, digest_size=8).digest(), reverse=True)
+        health = self.health
+        healthy = [h for h in scored if health.get((h, target.port), (0, 0.0))[1] <= now]
+        return healthy + [h for h in scored if h not in healthy]
+
+    def _try_next_host(self, conn: Connection, now: float) -> list[bytearray]:
+        """Bind the connection to its next candidate host and send it a SYN."""
+        if conn.host_key:
+            del self.hosts[conn.host_key]
+            conn.host_key = b""
+        conn.host = conn.candidates.pop(0)
+        port = conn.target.port
         sport = conn.client_port
-        key = target.host + conn.src6 + U16.pack(target.port) + U16.pack(sport)
+        key = conn.host + conn.src6 + U16.pack(port) + U16.pack(sport)
         # DESIGN.md, Collisions: one client port towards two listeners that lead to
         # the same host and port; another source port keeps the two apart.
         for _ in range(64):
             if key not in self.hosts:
                 break
             sport = 1024 + self.random32() % (65536 - 1024)
-            key = target.host + conn.src6 + U16.pack(target.port) + U16.pack(sport)
+            key = conn.host + conn.src6 + U16.pack(port) + U16.pack(sport)
         else:
             self._finish(conn, "no_source_port", now)
             return [self._rst_to_client(conn, conn.hello.contiguous)]
         conn.host_sport = sport
         conn.host_key = key
         self.hosts[key] = conn
-        self._leave_peeking(conn)
-        conn.state = CONNECTING
         conn.tries = 1
-        conn.connect_start = now
+        conn.host_start = now
         return self._connect_attempt(conn, now)
+
+    def _host_failed(self, conn: Connection, outcome: str, now: float) -> list[bytearray]:
+        """The current host refused or did not answer: try the next one, or reset the client."""
+        key = (conn.host, conn.target.port)
+        fails = self.health.get(key, (0, 0.0))[0] + 1
+        skip_until = now + self.config.fail_timeout if fails >= self.config.max_fails else 0.0
+        self.health[key] = (fails, skip_until)
+        if skip_until:
+            self.events["host_marked_down"] += 1
+        if conn.candidates and now < conn.connect_start + self.config.connect_timeout:
+            self.events["host_failover"] += 1
+            return self._try_next_host(conn, now)
+        self._finish(conn, outcome, now)
+        return [self._rst_to_client(conn, conn.hello.contiguous)]
 
     def _connect_attempt(self, conn: Connection, now: float) -> list[bytearray]:
         retry = now + SYN_RETRY_FIRST * (1 << (conn.tries - 1))
-        self._set_timer(conn, min(retry, conn.connect_start + self.config.connect_timeout))
+        self._set_timer(conn, min(retry, self._host_deadline(conn)))
         return [self._syn_to_host(conn)]
 
+    def _host_deadline(self, conn: Connection) -> float:
+        """When the current host has had its chance: HOST_TRY_TIMEOUT if others wait, never past connect_timeout."""
+        overall = conn.connect_start + self.config.connect_timeout
+        if conn.candidates:
+            return min(conn.host_start + HOST_TRY_TIMEOUT, overall)
+        return overall
+
     def _connect_timer(self, conn: Connection, now: float) -> list[bytearray]:
-        """The host has not answered: send the SYN again, or give up and reset the client."""
-        if now >= conn.connect_start + self.config.connect_timeout:
-            self._finish(conn, "host_unreachable", now)
-            return [self._rst_to_client(conn, conn.hello.contiguous)]
+        """The host has not answered: send the SYN again, or move on."""
+        if now >= self._host_deadline(conn):
+            return self._host_failed(conn, "host_unreachable", now)
         conn.tries += 1
         return self._connect_attempt(conn, now)
 
@@ -633,15 +696,15 @@ class Tracker:
         if tcp.flags & ACK == 0 or tcp.ack != (conn.client_isn + 1) & MOD32:
             return self._drop("bad_ack_from_host")
         if tcp.flags & RST:
-            # The host refused (RFC 9293 §3.5): the client learns it the same way.
-            self._finish(conn, "host_refused", now)
-            return [self._rst_to_client(conn, conn.hello.contiguous)]
+            # The host refused (RFC 9293 §3.5): another host, or the client learns it the same way.
+            return self._host_failed(conn, "host_refused", now)
         if tcp.flags & SYN == 0:
             return self._drop("host_packet_in_state")
         if not self._checksum_trusted() and not is_valid(
-                segment, ones_sum(conn.target.host + conn.src6) + PROTO_TCP + len(segment)):
+                segment, ones_sum(conn.host + conn.src6) + PROTO_TCP + len(segment)):
             return self._drop("bad_checksum")
         self._splice(conn, segment, tcp, now)
+        self.health.pop((conn.host, conn.target.port), None)
         return self._replay(conn, now)
 
     def _splice(self, conn: Connection, segment: memoryview, tcp: TcpHeader, now: float) -> None:
@@ -741,7 +804,7 @@ class Tracker:
         t = self._rx_start + ip.header_len  # where the TCP header sits in buf
         partial = self._rx_flags & F_NEEDS_CSUM
         src6 = conn.src6
-        host = conn.target.host
+        host = conn.host
         if not partial:
             old = ones_sum(ip.src + ip.dst + buf[t:t + hl])
         U16.pack_into(buf, t, conn.host_sport)
@@ -988,16 +1051,16 @@ class Tracker:
         add_u32(tcp, 4, conn.delta)
         if len(tcp) >= 18:
             U16.pack_into(tcp, 16, update(U16.unpack_from(tcp, 16)[0], old,
-                                          ones_sum(conn.target.host + conn.src6 + tcp[:8])))
-        inner = bytearray(build_ipv6_header(conn.target.host, conn.src6, PROTO_TCP, max(total_len - ihl, len(tcp)),
+                                          ones_sum(conn.host + conn.src6 + tcp[:8])))
+        inner = bytearray(build_ipv6_header(conn.host, conn.src6, PROTO_TCP, max(total_len - ihl, len(tcp)),
                                             quoted[8], quoted[1]))
         inner += tcp
         room = ICMP6_ERROR_MAX - IPV6_HEADER_LEN - ICMP_HEADER_LEN
         # §4.2: the error comes from the IPv4 router's address, embedded in the prefix.
-        source = self.config.prefix + ip.src
-        message6 = build_icmp6(source, conn.target.host, *mapped, inner[:room])
+        source = conn.src6[:12] + ip.src
+        message6 = build_icmp6(source, conn.host, *mapped, inner[:room])
         out = bytearray(PLAIN) if self.config.vnet else bytearray()
-        out += build_ipv6_header(source, conn.target.host, PROTO_ICMPV6, len(message6))
+        out += build_ipv6_header(source, conn.host, PROTO_ICMPV6, len(message6))
         out += message6
         self.events["icmp_translated"] += 1
         return [out]
@@ -1017,9 +1080,8 @@ class Tracker:
         if conn is None:
             return self._drop("icmp_no_connection")
         if conn.state == CONNECTING and icmp.type == ICMP6_UNREACHABLE:
-            # The host cannot be reached: tell the client now rather than at connect_timeout.
-            self._finish(conn, "host_unreachable", now)
-            return [self._rst_to_client(conn, conn.hello.contiguous)]
+            # The host cannot be reached: move on now rather than at the timeout.
+            return self._host_failed(conn, "host_unreachable", now)
         if conn.state != ESTABLISHED:
             return self._drop("icmp_no_connection")
         mapped = icmp6_to_icmp4(icmp.type, icmp.code, icmp.rest)
@@ -1154,7 +1216,7 @@ class Tracker:
             name=decision.name if decision else None,
             alpn=decision.alpn if decision else (),
             route=target.route if target else None,
-            host=str(ipaddress.IPv6Address(target.host)) if target else None,
+            host=str(ipaddress.IPv6Address(conn.host)) if conn.host else None,
             host_port=target.port if target else None,
             bytes_to_host=max(to_host, 0),
             bytes_to_client=max(to_client, 0),
@@ -1203,8 +1265,8 @@ class Tracker:
         return packet
 
     def _ipv6_to_host(self, conn: Connection, segment: bytearray) -> bytearray:
-        set_checksum(segment, conn.src6, conn.target.host)
+        set_checksum(segment, conn.src6, conn.host)
         packet = bytearray(PLAIN) if self.config.vnet else bytearray()
-        packet += build_ipv6_header(conn.src6, conn.target.host, PROTO_TCP, len(segment))
+        packet += build_ipv6_header(conn.src6, conn.host, PROTO_TCP, len(segment))
         packet += segment
         return packet

@@ -371,9 +371,66 @@ def test_bad_tcp_listener_hosts_are_rejected(host, expected):
     assert ": listen[0].host: " in message and expected in message
 
 
-def test_host_must_be_a_string():
-    assert "route[0].host: expected a string, got an array" in error(
-        MINIMAL + '\n[[route]]\nname = "a.example"\nhost = ["2001:db8::1"]\n')
+def test_host_must_be_a_string_or_a_list_of_strings():
+    assert "route[0].host: expected a string, got integer 5" in error(
+        MINIMAL + '\n[[route]]\nname = "a.example"\nhost = 5\n')
+    assert "route[0].host: expected a string" in error(
+        MINIMAL + '\n[[route]]\nname = "a.example"\nhost = [5]\n')
+    assert "route[0].host: expected at least one" in error(
+        MINIMAL + '\n[[route]]\nname = "a.example"\nhost = []\n')
+    assert "listed twice" in error(
+        MINIMAL + '\n[[route]]\nname = "a.example"\nhost = ["2001:db8::1", "2001:db8::1"]\n')
+
+
+SEVERAL = """
+[[listen]]
+address = "192.0.2.10"
+port = 22
+protocol = "tcp"
+host = ["2001:db8::22", "2001:db8::23"]
+
+[[route]]
+name = "a.example"
+host = ["2001:db8::10", "2001:db8::11"]
+
+[fallback]
+host = ["2001:db8::98", "2001:db8::99"]
+"""
+
+
+def test_several_hosts_per_route_fallback_and_tcp_listener():
+    config = parse(BASE + SEVERAL)
+    assert config.routes[0].hosts == (V6("2001:db8::10"), V6("2001:db8::11"))
+    assert config.routes[0].host == V6("2001:db8::10")
+    assert config.fallback.hosts == (V6("2001:db8::98"), V6("2001:db8::99"))
+    assert config.listeners[1].hosts == (V6("2001:db8::22"), V6("2001:db8::23"))
+    # One host is a list of one.
+    assert parse(MINIMAL + route("b.example")).routes[0].hosts == (V6("2001:db8::10"),)
+
+
+EXTRA_LISTENER = """
+[[listen]]
+address = "192.0.2.11"
+port = 443
+protocol = "tls"
+prefix = "64:ff9b:2::/96"
+
+[health]
+max_fails = 5
+fail_timeout = 60
+"""
+
+
+def test_route_alpn_and_listener_prefix_and_health():
+    config = parse(MINIMAL + route("a.example", extra='alpn = "acme-tls/1"') + route("a.example") + EXTRA_LISTENER)
+    assert config.routes[0].alpn == "acme-tls/1" and config.routes[1].alpn is None
+    assert config.listeners[1].prefix == ipaddress.IPv6Network("64:ff9b:2::/96")
+    assert config.listeners[0].prefix is None
+    assert (config.health.max_fails, config.health.fail_timeout) == (5, 60.0)
+    assert "duplicates" in error(MINIMAL + route("a.example", extra='alpn = "h2"') * 2)
+    bad_prefix = '[[listen]]\naddress = "192.0.2.11"\nport = 1\nprotocol = "tls"\nprefix = "64:ff9b::/64"\n'
+    assert "listen[1].prefix" in error(MINIMAL + bad_prefix)
+    assert "route[0].alpn" in error(MINIMAL + route("a.example", extra='alpn = ""'))
 
 
 def test_fallback_requires_a_host():

@@ -219,3 +219,23 @@ def test_wildcard_matches_exactly_the_proper_subdomains(suffix, name):
 def test_exact_lookup_is_independent_of_case_and_trailing_dot(name, case, dot):
     r = router((name, EXACT), fallback=None)
     assert host_for(r, case(name) + ("." if dot else "")) == EXACT
+
+
+def test_alpn_routes_win_for_clients_offering_the_protocol():
+    from kracauer.config import Route as R
+    acme = ipaddress.IPv6Address("2001:db8::ac")
+    web = ipaddress.IPv6Address("2001:db8::10")
+    router = Router([R("www.example.com", web), R("*.example.com", acme, alpn="acme-tls/1")], None)
+    assert router.lookup("www.example.com", 443, ("acme-tls/1",)).host == acme
+    assert router.lookup("www.example.com", 443, ("h2", "http/1.1")).host == web
+    assert router.lookup("www.example.com", 443).host == web
+    # An ALPN route still needs its name to match.
+    assert router.lookup("www.example.org", 443, ("acme-tls/1",)) is None
+
+
+def test_several_hosts_are_kept_in_the_target():
+    from kracauer.config import Fallback as F, Route as R
+    hosts = (ipaddress.IPv6Address("2001:db8::10"), ipaddress.IPv6Address("2001:db8::11"))
+    router = Router([R("a.example", hosts[0], hosts=hosts)], F(hosts[1], hosts=hosts[::-1]))
+    assert router.lookup("a.example", 443).hosts == hosts
+    assert router.lookup("b.example", 443).hosts == hosts[::-1]
