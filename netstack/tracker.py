@@ -152,6 +152,9 @@ class ConnectionRecord:
     packets_to_client: int
     hello_size: int
     outcome: str
+    hello_segments: int = 0  # TCP segments that carried hello bytes
+    hello_records: int = 0  # TLS records the ClientHello spanned
+    connect_time: float | None = None  # from the routing decision to the host's SYN-ACK
 
 
 class Connection:
@@ -174,6 +177,7 @@ class Connection:
         "acked", "cookie",
         # RFC 5961 §5.2 ACK checks: SND.NXT and MAX.SND.WND of each side
         "client_nxt", "host_nxt", "client_max_win", "host_max_win",
+        "hello_segments", "connect_time",
     )
 
     def __init__(self, listener: Listener, client_addr: bytes, client_port: int, client_key: bytes) -> None:
@@ -208,6 +212,8 @@ class Connection:
         self.connect_start = 0.0
         self.rst_at = 0.0
         self.recorded = False
+        self.hello_segments = 0
+        self.connect_time: float | None = None
         self.acked = False  # the client acknowledged kracauer's SYN-ACK
         self.cookie = False  # the handshake was answered with a SYN cookie
 
@@ -260,6 +266,16 @@ class Tracker:
 
     def __len__(self) -> int:
         return len(self.clients)
+
+    def reconfigure(self, config: TrackerConfig, resolve: Resolver) -> None:
+        """New limits and routes for new connections (SIGHUP); connections already bound keep their host.
+
+        The prefix, MTU and vnet mode belong to the TUN and cannot change here.
+        """
+        if (config.prefix, config.mtu, config.vnet) != (self.config.prefix, self.config.mtu, self.config.vnet):
+            raise ValueError("prefix, mtu and offload need a restart")
+        self.config = config
+        self.resolve = resolve
 
     # ------------------------------------------------------------------ input
 
@@ -554,6 +570,7 @@ class Tracker:
             offset -= 0x100000000
         if payload:
             conn.hello.add(offset, payload)
+            conn.hello_segments += 1
         if tcp.flags & FIN and conn.client_fin_offset < 0:
             conn.client_fin_offset = offset + len(payload)
         if conn.state == CONNECTING:
@@ -704,6 +721,7 @@ class Tracker:
                 segment, ones_sum(conn.host + conn.src6) + PROTO_TCP + len(segment)):
             return self._drop("bad_checksum")
         self._splice(conn, segment, tcp, now)
+        conn.connect_time = now - conn.connect_start
         self.health.pop((conn.host, conn.target.port), None)
         return self._replay(conn, now)
 
@@ -1224,6 +1242,9 @@ class Tracker:
             packets_to_client=conn.packets_to_client,
             hello_size=decision.hello_size if decision else 0,
             outcome=outcome,
+            hello_segments=conn.hello_segments,
+            hello_records=decision.records if decision else 0,
+            connect_time=conn.connect_time,
         )
 
     # ------------------------------------------------------- packet building
