@@ -251,6 +251,7 @@ class Tracker:
         self.health: dict[tuple[bytes, int], tuple[int, float]] = {}
         self._timers: list[tuple[float, int, Connection]] = []
         self._timer_seq = 0
+        self._stale_timers = 0
         self._ident = 0
         # Connections still peeking, oldest first (dicts keep insertion order),
         # and how many of them have not completed the handshake.
@@ -1148,6 +1149,7 @@ class Tracker:
             if conn.state != GONE and conn.timer_at == at:
                 return at
             heapq.heappop(timers)
+            self._stale_timers = max(self._stale_timers - 1, 0)
         return None
 
     def on_timer(self, now: float) -> list[bytearray]:
@@ -1157,6 +1159,7 @@ class Tracker:
         while timers and timers[0][0] <= now:
             at, _, conn = heapq.heappop(timers)
             if conn.state == GONE or conn.timer_at != at:
+                self._stale_timers = max(self._stale_timers - 1, 0)
                 continue
             out.extend(self._expire(conn, now))
         return out
@@ -1193,9 +1196,21 @@ class Tracker:
         return []
 
     def _set_timer(self, conn: Connection, at: float) -> None:
+        if conn.timer_at:
+            # The connection's earlier entry stays in the heap until it is due:
+            # rebuild the heap when such stale entries are most of it.
+            self._stale_timers += 1
+            if self._stale_timers > 1024 and self._stale_timers * 2 > len(self._timers):
+                self._compact_timers()
         conn.timer_at = at
         self._timer_seq += 1
         heapq.heappush(self._timers, (at, self._timer_seq, conn))
+
+    def _compact_timers(self) -> None:
+        live = [entry for entry in self._timers if entry[2].state != GONE and entry[2].timer_at == entry[0]]
+        heapq.heapify(live)
+        self._timers = live
+        self._stale_timers = 0
 
     # -------------------------------------------------------------- the end
 
