@@ -1155,9 +1155,9 @@ class Tracker:
     def on_timer(self, now: float) -> list[bytearray]:
         """Run every timer that is due: timeouts, SYN and refusal retransmissions."""
         out: list[bytearray] = []
-        timers = self._timers
-        while timers and timers[0][0] <= now:
-            at, _, conn = heapq.heappop(timers)
+        # Re-read self._timers each time: _expire may compact it into a new list.
+        while self._timers and self._timers[0][0] <= now:
+            at, _, conn = heapq.heappop(self._timers)
             if conn.state == GONE or conn.timer_at != at:
                 self._stale_timers = max(self._stale_timers - 1, 0)
                 continue
