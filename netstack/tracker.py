@@ -1198,9 +1198,9 @@ class Tracker:
     def _set_timer(self, conn: Connection, at: float) -> None:
         if conn.timer_at:
             # The connection's earlier entry stays in the heap until it is due:
-            # rebuild the heap when such stale entries are most of it.
+            # rebuild the heap when they are a quarter of it (amortised O(1) per timer set).
             self._stale_timers += 1
-            if self._stale_timers > 1024 and self._stale_timers * 2 > len(self._timers):
+            if self._stale_timers > 1024 and self._stale_timers * 4 > len(self._timers):
                 self._compact_timers()
         conn.timer_at = at
         self._timer_seq += 1
