@@ -133,7 +133,7 @@ def _load_connection(tracker: Tracker, saved: dict[str, Any], now: float) -> Con
         hosts, port, route = saved["target"]
         packed = tuple(bytes.fromhex(h) for h in hosts)
         conn.target = Target(packed[0], int(port), route, packed)
-        conn.candidates = [bytes.fromhex(h) for h in saved.get("candidates", [])]
+        conn.candidates = tuple(bytes.fromhex(h) for h in saved.get("candidates", []))
     if "hello" in saved:
         data, ranges = saved["hello"]
         conn.hello = StreamBuffer(tracker.config.hello_max_bytes)

@@ -195,7 +195,7 @@ class Connection:
         self.decision: Decision | None = None
         self.target: Target | None = None
         self.host = b""
-        self.candidates: list[bytes] = []
+        self.candidates: tuple[bytes, ...] = ()  # hosts still to try, after the current one
         self.host_key = b""
         self.host_isn = 0
         self.delta = 0
@@ -626,7 +626,7 @@ class Tracker:
         conn.connect_start = now
         return self._try_next_host(conn, now)
 
-    def _host_order(self, client: bytes, target: Target, now: float) -> list[bytes]:
+    def _host_order(self, client: bytes, target: Target, now: float) -> tuple[bytes, ...]:
         """The target's hosts in the order this client tries them.
 
         Rendezvous hashing (highest random weight): each host gets a score from
@@ -636,18 +636,18 @@ class Tracker:
         """
         hosts = target.hosts
         if len(hosts) == 1:
-            return [hosts[0]]
+            return hosts
         scored = sorted(hosts, key=lambda h: hashlib.blake2s(client + h, digest_size=8).digest(), reverse=True)
         health = self.health
         healthy = [h for h in scored if health.get((h, target.port), (0, 0.0))[1] <= now]
-        return healthy + [h for h in scored if h not in healthy]
+        return tuple(healthy + [h for h in scored if h not in healthy])
 
     def _try_next_host(self, conn: Connection, now: float) -> list[bytearray]:
         """Bind the connection to its next candidate host and send it a SYN."""
         if conn.host_key:
             del self.hosts[conn.host_key]
             conn.host_key = b""
-        conn.host = conn.candidates.pop(0)
+        conn.host, conn.candidates = conn.candidates[0], conn.candidates[1:]
         port = conn.target.port
         sport = conn.client_port
         key = conn.host + conn.src6 + U16.pack(port) + U16.pack(sport)
