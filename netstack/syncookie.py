@@ -27,7 +27,7 @@ TS_OPTION_BITS = 6
 TS_OPTION_MASK = (1 << TS_OPTION_BITS) - 1
 NO_WSCALE = 0xF
 
-_TUPLE = struct.Struct("!I4s4sHHI")
+_TUPLE = struct.Struct("!I4s4sHHIB")
 
 
 class SynCookies:
@@ -39,8 +39,9 @@ class SynCookies:
         self._secret = secret
 
     def _mac(self, counter: int, client: bytes, service: bytes, client_port: int, service_port: int,
-             client_isn: int) -> int:
-        data = _TUPLE.pack(counter & 0xFFFFFFFF, client, service, client_port, service_port, client_isn)
+             client_isn: int, index: int) -> int:
+        # The MSS index is under the MAC too: a client must not pick its own MSS by editing the low bits.
+        data = _TUPLE.pack(counter & 0xFFFFFFFF, client, service, client_port, service_port, client_isn, index)
         return int.from_bytes(hashlib.blake2s(data, key=self._secret, digest_size=3).digest(), "big")
 
     def make(self, now: float, client: bytes, service: bytes, client_port: int, service_port: int,
@@ -48,7 +49,7 @@ class SynCookies:
         """The ISN for a stateless SYN-ACK."""
         counter = int(now // TICK)
         index = max((i for i, mss in enumerate(MSS_TABLE) if mss <= client_mss), default=0)
-        mac = self._mac(counter, client, service, client_port, service_port, client_isn)
+        mac = self._mac(counter, client, service, client_port, service_port, client_isn, index)
         return (mac << 8) | ((counter & ((1 << COUNTER_BITS) - 1)) << 3) | index
 
     def check(self, now: float, cookie: int, client: bytes, service: bytes, client_port: int, service_port: int,
@@ -60,13 +61,13 @@ class SynCookies:
         if age > 1:
             return None
         counter = counter_now - age
-        if self._mac(counter, client, service, client_port, service_port, client_isn) != cookie >> 8:
+        if self._mac(counter, client, service, client_port, service_port, client_isn, cookie & 7) != cookie >> 8:
             return None
         return MSS_TABLE[cookie & 7]
 
     def ts_base(self, client: bytes, service: bytes, client_port: int, service_port: int) -> int:
         """A per-connection timestamp base that needs no state (the client's echo must make sense)."""
-        data = _TUPLE.pack(0xFFFFFFFF, client, service, client_port, service_port, 0)
+        data = _TUPLE.pack(0xFFFFFFFF, client, service, client_port, service_port, 0, 0)
         return int.from_bytes(hashlib.blake2s(data, key=self._secret, digest_size=4).digest(), "big")
 
 
@@ -78,5 +79,8 @@ def encode_options(tsval: int, wscale: int | None, sack: bool) -> int:
 
 def decode_options(tsecr: int) -> tuple[int | None, bool]:
     """(window scale or None, SACK-permitted) from the timestamp the client echoed."""
-    wscale = (tsecr & TS_OPTION_MASK) >> 1
+    # The echo is the client's to choose: read only the 4 bits encode_options
+    # writes (bit 5 is unused), so no echo yields a shift above 14 (RFC 7323
+    # §2.3); 15 is "none". (Fuzzing found 5 bits read here: shifts up to 31.)
+    wscale = (tsecr >> 1) & NO_WSCALE
     return (None if wscale == NO_WSCALE else wscale), bool(tsecr & 1)

@@ -1,0 +1,204 @@
+"""Hostile input and floods, unit level (issue #4): RFC 5961 ACK and SYN checks, SYN cookies,
+caps on peeking and on the table, ICMP echo and error translation (RFC 7915)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from scapy.layers.inet import ICMP, IP, TCP, IPerror, TCPerror
+from scapy.layers.inet6 import IPv6, ICMPv6PacketTooBig, ICMPv6DestUnreach, IPerror6
+
+from tests.test_tracker import (
+    CHROME, CLIENT, CLIENT6, SERVICE, Box, Walk, client_packet, host_packet, syn_options,
+)
+
+
+# ----------------------------------------------------------------- RFC 5961 §5 and §4
+
+def test_client_ack_for_data_the_host_never_sent_is_dropped():
+    box = Box()
+    walk = Walk(box)
+    walk.establish()
+    ack_too_far = walk.k + 1 + 5000  # the host has sent nothing yet
+    assert walk.from_client("A", walk.c + 1 + len(CHROME), ack_too_far) == []
+    assert box.tracker.drops["ack_out_of_window"] == 1
+    # Once the host sends 5000 bytes, the same ACK is fine.
+    walk.from_host("PA", walk.h + 1, walk.c + 1 + len(CHROME), bytes(5000))
+    assert len(walk.from_client("A", walk.c + 1 + len(CHROME), ack_too_far)) == 1
+
+
+def test_host_ack_for_data_the_client_never_sent_is_dropped():
+    box = Box()
+    walk = Walk(box)
+    walk.establish()
+    assert walk.from_host("A", walk.h + 1, walk.c + 1 + len(CHROME) + 1) == []
+    assert box.tracker.drops["ack_out_of_window"] == 1
+
+
+def test_ack_far_behind_the_window_is_dropped():
+    box = Box()
+    walk = Walk(box)
+    walk.establish()
+    stale = walk.c + 1 + len(CHROME) - (1 << 30)
+    assert walk.from_host("A", walk.h + 1, stale) == []
+    assert box.tracker.drops["ack_out_of_window"] == 1
+
+
+def test_syn_in_an_established_connection_does_not_tear_it_down():
+    box = Box()
+    walk = Walk(box)
+    walk.establish()
+    out = box.send(client_packet("S", walk.c + 12345, options=syn_options(tsval=1)))
+    assert out == [] and box.tracker.drops["syn_in_connection"] == 1
+    assert len(walk.from_host("PA", walk.h + 1, walk.c + 1 + len(CHROME), b"still here")) == 1
+
+
+# ----------------------------------------------------------------- SYN cookies
+
+def test_past_the_backlog_syns_get_cookies_and_no_state_until_the_ack():
+    box = Box(syn_backlog=0)
+    walk = Walk(box)
+    out = walk.syn()
+    assert len(out) == 1 and out[0].flags == "SA"
+    assert box.connections == 0, "a cookie SYN-ACK keeps nothing"
+    assert box.tracker.events["syn_cookie_sent"] == 1
+    synack = out[0]
+    walk.k = synack.tcp.seq
+    walk.synack_ts = synack.ts[0]
+    walk.synack_at = box.now
+    # The handshake ACK brings the connection back, options and all.
+    assert walk.from_client("A", walk.c + 1, walk.k + 1) == []
+    assert box.connections == 1
+    conn = next(iter(box.tracker.clients.values()))
+    assert conn.client_wscale == 7 and conn.client_sack and conn.client_ts
+    assert conn.client_mss == 1460
+    syn = walk.expect_host_syn(walk.send_hello(CHROME))
+    assert syn.options["WScale"] == 7 and "SAckOK" in syn.options and syn.options["MSS"] <= 1440
+    replay = walk.host_synack()
+    assert b"".join(r.payload for r in replay) == CHROME
+
+
+def test_forged_or_stale_cookie_acks_create_nothing():
+    box = Box(syn_backlog=0)
+    walk = Walk(box)
+    synack = walk.syn()[0]
+    forged = client_packet("A", walk.c + 1, synack.tcp.seq + 2, ts=(5, synack.ts[0]))
+    assert box.send(forged) == [] and box.connections == 0
+    box.now += 200  # cookies are good for two 64-second ticks
+    late = client_packet("A", walk.c + 1, synack.tcp.seq + 1, ts=(6, synack.ts[0]))
+    assert box.send(late) == [] and box.connections == 0
+    assert box.tracker.drops["no_connection"] == 2
+
+
+def test_client_without_timestamps_gets_a_cookie_without_window_scaling():
+    box = Box(syn_backlog=0)
+    out = box.send(client_packet("S", 500, window=64240, options=syn_options(tsval=None)))
+    synack = out[0]
+    assert "WScale" not in synack.options and "SAckOK" not in synack.options
+    assert box.send(client_packet("A", 501, synack.tcp.seq + 1, window=64240)) == []
+    conn = next(iter(box.tracker.clients.values()))
+    assert conn.client_wscale is None and not conn.client_sack
+
+
+# ----------------------------------------------------------------- caps
+
+def test_oldest_connection_still_peeking_is_reset_past_max_peeking():
+    box = Box(max_peeking=3)
+    walks = [Walk(box, sport=50000 + i) for i in range(4)]
+    for walk in walks[:3]:
+        walk.handshake()
+        box.now += 1
+    out = walks[3].syn()
+    assert len(out) == 2
+    reset = [o for o in out if o.has("R")]
+    assert len(reset) == 1 and reset[0].tcp.dport == 50000, "the oldest is reset"
+    assert box.connections == 3 and box.tracker.events["peeking_evicted"] == 1
+    assert [r.outcome for r in box.tracker.records] == ["evicted_while_peeking"]
+
+
+def test_full_table_refuses_new_connections_and_keeps_the_old():
+    box = Box(max_connections=2)
+    first, second = Walk(box, sport=51000), Walk(box, sport=51001)
+    first.establish()
+    second.handshake()
+    out = Walk(box, sport=51002).syn()
+    assert len(out) == 1 and out[0].has("R") and out[0].tcp.ack == (Walk.c + 1) & 0xFFFFFFFF
+    assert box.connections == 2 and box.tracker.events["refused_table_full"] == 1
+    assert len(first.from_host("PA", first.h + 1, first.c + 1 + len(CHROME), b"x")) == 1
+
+
+def test_half_open_count_follows_handshakes():
+    box = Box()
+    walk = Walk(box)
+    walk.syn()
+    assert box.tracker.half_open == 1
+    synack_ack = walk.box.tracker.clients[next(iter(box.tracker.clients))]
+    walk.k = synack_ack.our_isn
+    walk.from_client("A", walk.c + 1, walk.k + 1)
+    assert box.tracker.half_open == 0
+    box.wait(11)
+    assert box.tracker.half_open == 0 and not box.tracker.peeking
+
+
+# ----------------------------------------------------------------- ICMP
+
+def test_ping_to_a_listen_address_is_answered_and_others_are_not():
+    box = Box()
+    request = IP(src=CLIENT, dst=SERVICE) / ICMP(type=8, id=7, seq=3) / b"ping!"
+    out = box.tracker.receive(bytes(request), box.now)
+    assert len(out) == 1
+    reply = IP(out[0])
+    assert (reply.src, reply.dst, reply[ICMP].type, reply[ICMP].id, reply[ICMP].seq) == (SERVICE, CLIENT, 0, 7, 3)
+    assert bytes(reply[ICMP].payload) == b"ping!"
+    check = IP(bytes(reply))
+    del check[ICMP].chksum
+    assert IP(bytes(check))[ICMP].chksum == reply[ICMP].chksum
+    other = IP(src=CLIENT, dst="192.0.2.99") / ICMP(type=8)
+    assert box.tracker.receive(bytes(other), box.now) == []
+
+
+def test_fragmentation_needed_towards_a_client_becomes_packet_too_big_for_its_host():
+    box = Box()
+    walk = Walk(box)
+    walk.establish()
+    sent = walk.from_host("PA", walk.h + 1, walk.c + 1 + len(CHROME), bytes(1400))[0]
+    router = "198.51.100.1"
+    error = IP(src=router, dst=SERVICE) / ICMP(type=3, code=4, nexthopmtu=1300) / bytes(sent.raw)[:548]
+    out = box.tracker.receive(bytes(error), box.now)
+    assert len(out) == 1
+    ptb = IPv6(out[0])
+    assert ptb.dst == walk.host and ptb.src == str(ipaddress.IPv6Address(
+        ipaddress.IPv6Address(CLIENT6).packed[:12] + ipaddress.IPv4Address(router).packed))
+    assert ptb[ICMPv6PacketTooBig].mtu == 1320
+    quoted = ptb[IPerror6]
+    assert (quoted.src, quoted.dst) == (walk.host, CLIENT6)
+    assert quoted[TCPerror].sport == walk.host_port and quoted[TCPerror].dport == walk.host_sport
+    assert quoted[TCPerror].seq == (walk.h + 1) & 0xFFFFFFFF, "the quoted sequence number is the host's own"
+    check = IPv6(bytes(ptb))
+    del check[ICMPv6PacketTooBig].cksum
+    assert IPv6(bytes(check))[ICMPv6PacketTooBig].cksum == ptb[ICMPv6PacketTooBig].cksum
+
+
+def test_packet_too_big_towards_a_host_becomes_fragmentation_needed_for_the_client():
+    box = Box()
+    walk = Walk(box)
+    walk.establish()
+    sent = walk.from_client("PA", walk.c + 1 + len(CHROME), walk.k + 1, bytes(1400))[0]
+    error = IPv6(src="2001:db8::1", dst=CLIENT6) / ICMPv6PacketTooBig(mtu=1280) / bytes(sent.raw)[:1000]
+    out = box.tracker.receive(bytes(error), box.now)
+    assert len(out) == 1
+    frag = IP(out[0])
+    assert (frag.src, frag.dst, frag[ICMP].type, frag[ICMP].code, frag[ICMP].nexthopmtu) == \
+        (SERVICE, CLIENT, 3, 4, 1260)
+    quoted = frag[IPerror]
+    assert (quoted.src, quoted.dst) == (CLIENT, SERVICE)
+    assert quoted[TCPerror].sport == walk.sport and quoted[TCPerror].dport == 443
+    assert len(out[0]) <= 576
+
+
+def test_icmp_for_no_connection_is_dropped():
+    box = Box()
+    stray = IPv6(src="2001:db8::1", dst=CLIENT6) / ICMPv6DestUnreach(code=4) / (
+        IPv6(src=CLIENT6, dst="2001:db8::10") / TCP(sport=1234, dport=443))
+    assert box.tracker.receive(bytes(stray), box.now) == []
+    assert box.tracker.drops["icmp_no_connection"] == 1
