@@ -1,12 +1,15 @@
 """Command line: run the daemon, check a configuration, encode/decode addresses.
 
-    kracauer --config FILE [--log-level debug|info|warning]   run in the foreground
+    kracauer --config FILE [--log-level LEVEL] [--no-keep-tun]   run in the foreground
     kracauer check-config FILE                              validate a configuration
+    kracauer status [--metrics URL | --config FILE]         what a running kracauer is doing
+    kracauer cleanup --config FILE                          remove the TUN and state a stop with [state] left
     kracauer decode ADDR [ADDR ...]                         64:ff9b:1::cb00:7107 -> 203.0.113.7
     kracauer encode (--prefix P | --config FILE) IPV4 ...   203.0.113.7 -> 64:ff9b:1::cb00:7107
     kracauer --version
 
-Exit status: 0 on success, 2 for bad arguments, configuration or input.
+Exit status: 0 on success, 2 for bad arguments, configuration or input;
+`status` exits 1 when the daemon cannot be reached.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ from netstack.addr import embed_address, extract_address
 __all__ = ["main"]
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 EXIT_OK = 0
+EXIT_UNREACHABLE = 1
 EXIT_USAGE = 2
 
 
@@ -42,8 +46,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"kracauer {__version__}")
     parser.add_argument("--config", metavar="FILE", help="configuration file (TOML)")
-    parser.add_argument("--log-level", choices=tuple(LOG_LEVELS), default="info",
-                        help="logging threshold (default: info)")
+    parser.add_argument("--log-level", choices=tuple(LOG_LEVELS), default=None,
+                        help="logging threshold (default: [log] level in the config, else info)")
+    parser.add_argument("--no-keep-tun", action="store_true",
+                        help="stop for good: with [state], do not save the state and remove the TUN at exit")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     check = commands.add_parser("check-config", help="validate a configuration file",
@@ -62,6 +68,21 @@ def _parser() -> argparse.ArgumentParser:
     encode.add_argument("--config", metavar="FILE", dest="encode_config",
                         help="take the prefix from this configuration file's [translate] prefix")
     encode.add_argument("addresses", metavar="IPV4", nargs="+")
+
+    status = commands.add_parser(
+        "status", help="show what a running kracauer is doing (from its metrics endpoint)",
+        description="Print active connections by route and host, drops by reason and uptime, "
+                    "read from the daemon's [metrics] endpoint.")
+    status.add_argument("--metrics", metavar="URL",
+                        help="the /metrics URL (default: from --config, else http://127.0.0.1:9477/metrics)")
+    status.add_argument("--config", metavar="FILE", dest="status_config",
+                        help="take the endpoint from this configuration file's [metrics] listen")
+
+    cleanup = commands.add_parser(
+        "cleanup", help="remove the persistent TUN and state file left by a stop with [state]",
+        description="Stop for good after kracauer stopped with [state]: remove the TUN it left in place "
+                    "(and its routes) and the state file. Fails if a kracauer still uses the TUN.")
+    cleanup.add_argument("--config", metavar="FILE", dest="cleanup_config", help="the configuration file")
     return parser
 
 
@@ -78,27 +99,73 @@ def main(argv: list[str] | None = None) -> int:
             return _decode(args.addresses)
         if args.command == "encode":
             return _encode(args)
+        if args.command == "status":
+            return _status(args)
+        if args.command == "cleanup":
+            return _cleanup(args)
         if args.config is None:
             parser.print_usage(sys.stderr)
             print("kracauer: error: --config FILE is required to run the daemon "
-                  "(or give a command: check-config, decode, encode)", file=sys.stderr)
+                  "(or give a command: check-config, status, cleanup, decode, encode)", file=sys.stderr)
             return EXIT_USAGE
-        return _run(args.config, args.log_level)
+        return _run(args.config, args.log_level, keep_tun=not args.no_keep_tun)
     except (ConfigError, _Failure) as e:
         print(f"kracauer: {e}", file=sys.stderr)
         return EXIT_USAGE
 
 
-def _run(path: str, log_level: str) -> int:
-    logging.basicConfig(stream=sys.stderr, format=LOG_FORMAT, level=LOG_LEVELS[log_level])
+def _run(path: str, log_level: str | None, keep_tun: bool = True) -> int:
     config = load_config(path)
+    logging.basicConfig(stream=sys.stderr, format=LOG_FORMAT, level=LOG_LEVELS[log_level or config.log.level])
     from kracauer.daemon import run  # imported late: pulls in the TUN/netlink code
 
     try:
-        status = run(config)
+        # --no-keep-tun is passed only when given, so run(config) stays the common call.
+        status = run(config) if keep_tun else run(config, keep_tun=False)
     except KeyboardInterrupt:
         return 130
     return EXIT_OK if status is None else int(status)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from kracauer import status as st  # imported late: pulls in prometheus_client
+
+    config_path = args.status_config or args.config
+    if args.metrics is not None and config_path is not None:
+        raise _Failure("status: give --metrics or --config, not both")
+    try:
+        if args.metrics is not None:
+            url = args.metrics
+        elif config_path is not None:
+            url = st.metrics_url(load_config(config_path))
+        else:
+            url = st.DEFAULT_URL
+    except st.StatusError as e:
+        raise _Failure(f"status: {e}") from None
+    try:
+        status = st.parse(st.fetch(url))
+    except st.StatusError as e:
+        print(f"kracauer: status: {e}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    print(st.format_status(status, url))
+    return EXIT_OK
+
+
+def _cleanup(args: argparse.Namespace) -> int:
+    config_path = args.cleanup_config or args.config
+    if config_path is None:
+        raise _Failure("cleanup: needs --config FILE (the TUN name and state file come from it)")
+    config = load_config(config_path)
+    from kracauer.daemon import DaemonError, cleanup
+    from kracauer.tun import TunError
+
+    try:
+        done = cleanup(config)
+    except (TunError, DaemonError) as e:
+        raise _Failure(f"cleanup: {e}") from None
+    print("\n".join(done) if done else f"nothing to clean up: no TUN {config.tun.name}"
+          + (f" and no state file {config.state.file}" if config.state is not None else ""))
+    return EXIT_OK
 
 
 def _plural(n: int, word: str) -> str:

@@ -37,6 +37,9 @@ __all__ = [
     "Fallback",
     "Limits",
     "Listener",
+    "LogConfig",
+    "MetricsConfig",
+    "StateConfig",
     "PROTOCOLS",
     "Route",
     "TunConfig",
@@ -128,6 +131,30 @@ class Limits:
     syn_backlog: int = 1024          # half-open handshakes kept with state; SYN cookies past it
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    access: str | None = None        # access log: an absolute path, "-" for stdout, None for none
+    level: str = "info"              # threshold of the daemon's own log (stderr): LOG_LEVELS
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address   # where /metrics is served
+    port: int                                                 # 1..65535
+
+    def __str__(self) -> str:
+        host = f"[{self.address}]" if self.address.version == 6 else str(self.address)
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    file: str                        # absolute path of the state file written on SIGTERM/SIGINT
+
+
 @dataclass(frozen=True)
 class Config:
     tun: TunConfig
@@ -138,6 +165,9 @@ class Config:
     limits: Limits
     source: str = "<string>"         # file path for messages
     health: Health = Health()
+    log: LogConfig = LogConfig()
+    metrics: MetricsConfig | None = None   # None: no metrics endpoint
+    state: StateConfig | None = None       # None: no state kept across restarts, TUN not persistent
 
 
 # ---------------------------------------------------------------------------
@@ -372,7 +402,10 @@ def _route_name_key(name: str) -> tuple[str, str] | str:
 # ---------------------------------------------------------------------------
 # Validation
 
-_TOP_KEYS = ("tun", "translate", "listen", "route", "fallback", "limits", "health")
+_TOP_KEYS = ("tun", "translate", "listen", "route", "fallback", "limits", "health", "log", "metrics", "state")
+_LOG_KEYS = ("access", "level")
+_METRICS_KEYS = ("listen",)
+_STATE_KEYS = ("file",)
 _HEALTH_KEYS = ("max_fails", "fail_timeout")
 _TUN_KEYS = ("name", "mtu", "offload", "user")
 _TRANSLATE_KEYS = ("prefix",)
@@ -566,13 +599,17 @@ class _Validator:
         fallback = self.fallback(doc)
         limits = self.limits(doc)
         health = self.health(doc)
+        log = self.log(doc)
+        metrics = self.metrics(doc)
+        state = self.state(doc)
         if not routes and fallback is None:
             named = [i for i, l in enumerate(listeners) if l.protocol != "tcp"]
             if named:
                 i = named[0]
                 raise self.error(("listen", i), f"nothing to route to: this {listeners[i].protocol} listener needs at least one [[route]] or a [fallback]")
         return Config(tun=tun, prefix=self.prefix, listeners=tuple(listeners), routes=tuple(routes),
-                      fallback=fallback, limits=limits, source=self.source, health=health)
+                      fallback=fallback, limits=limits, source=self.source, health=health, log=log,
+                      metrics=metrics, state=state)
 
     def tun(self, doc: dict) -> TunConfig:
         table = self.table(doc, ("tun",), _TUN_KEYS)
@@ -695,6 +732,63 @@ class _Validator:
         if "fail_timeout" in table:
             values["fail_timeout"] = self.seconds(table["fail_timeout"], ("health", "fail_timeout"))
         return Health(**values)
+
+    def absolute_path(self, value: Any, path: Path, *, dash: bool = False) -> str:
+        text = self.string(value, path)
+        if dash and text == "-":
+            return text
+        expected = 'an absolute path or "-"' if dash else "an absolute path"
+        if not text.startswith("/") or text.endswith("/") or "\0" in text:
+            raise self.error(path, f"expected {expected} (a file, not a directory), got {_quote(text)}")
+        return text
+
+    def log(self, doc: dict) -> LogConfig:
+        table = self.table(doc, ("log",), _LOG_KEYS)
+        if table is None:
+            return LogConfig()
+        access = None
+        if "access" in table:
+            access = self.absolute_path(table["access"], ("log", "access"), dash=True)
+        level = LogConfig.level
+        if "level" in table:
+            level = self.string(table["level"], ("log", "level"))
+            if level not in LOG_LEVELS:
+                choices = ", ".join(_quote(v) for v in LOG_LEVELS)
+                raise self.error(("log", "level"), f"expected one of {choices}, got {_quote(level)}")
+        return LogConfig(access=access, level=level)
+
+    def metrics(self, doc: dict) -> MetricsConfig | None:
+        table = self.table(doc, ("metrics",), _METRICS_KEYS)
+        if table is None:
+            return None
+        path = ("metrics", "listen")
+        text = self.string(self.require(table, path), path)
+        expected = 'expected "ADDRESS:PORT" with an IP address, e.g. "127.0.0.1:9477" or "[::1]:9477"'
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not port_text.isdigit() or not port_text.isascii():
+            raise self.error(path, f"{expected}, got {_quote(text)}")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+            version = 6
+        else:
+            version = 4
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise self.error(path, f"{expected}, got {_quote(text)}") from None
+        if address.version != version:
+            raise self.error(path, f"{expected} (IPv6 addresses in brackets), got {_quote(text)}")
+        port = int(port_text)
+        if not 1 <= port <= 65535:
+            raise self.error(path, f"expected a port from 1 to 65535, got {port} in {_quote(text)}")
+        return MetricsConfig(address=address, port=port)
+
+    def state(self, doc: dict) -> StateConfig | None:
+        table = self.table(doc, ("state",), _STATE_KEYS)
+        if table is None:
+            return None
+        path = ("state", "file")
+        return StateConfig(file=self.absolute_path(self.require(table, path), path))
 
     def limits(self, doc: dict) -> Limits:
         table = self.table(doc, ("limits",), _LIMITS_KEYS)

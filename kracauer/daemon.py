@@ -3,25 +3,49 @@
 Read packets from the TUN, hand them to the tracker with the time, write back
 what it returns, run its timers, log the connections that ended. Everything
 about TCP lives in netstack.tracker; this module only does I/O.
+
+Around the loop, for operations (docs/operations.md):
+
+- each finished connection goes to the stderr log, the access log
+  (kracauer.accesslog, written by a thread) and the metrics
+  (kracauer.metrics); once a second the loop copies the tracker's counters
+  for the metrics thread, and pings systemd's watchdog (kracauer.systemd);
+- SIGHUP re-reads the configuration file: new routes and limits apply to new
+  connections (Tracker.reconfigure); a configuration that is invalid, or that
+  changes what only a restart can change, is refused and the old one stays;
+- with ``[state] file``, SIGTERM/SIGINT write the tracker's state there
+  (netstack.state, atomically) and leave the TUN (persistent) with its
+  routes in place; the next start attaches to it and restores the state, so
+  established connections carry on.
 """
 
 from __future__ import annotations
 
 import errno
 import ipaddress
+import json
 import logging
+import logging.handlers
 import os
+import pwd
+import queue
 import secrets
 import select
 import signal
+import tempfile
 import time
-from typing import Callable
+from typing import Any, Callable
 
-from kracauer.config import Config
+from kracauer import __version__
+from kracauer.accesslog import AccessLog, NonBlockingQueueHandler
+from kracauer.config import Config, ConfigError, load_config
+from kracauer.metrics import Metrics
 from kracauer.routing import Router
 from kracauer.privileges import PrivilegeError, drop_privileges
-from kracauer.tun import Tun, TunError, check_forwarding, open_tun
+from kracauer.systemd import Notifier
+from kracauer.tun import Tun, TunError, check_forwarding, open_tun, remove_tun
 from netstack.peek import Decision
+from netstack.state import StateError, restore, snapshot
 from netstack.tracker import HEADROOM, ConnectionRecord, Listener, Resolver, Target, Tracker, TrackerConfig
 
 log = logging.getLogger("kracauer")
@@ -35,6 +59,17 @@ FRAME_MAX = 65536 + 64
 MAX_SLEEP = 1.0
 # One log line at most this often for packets that made the tracker raise.
 ERROR_LOG_INTERVAL = 10.0
+# How often the loop copies the tracker's counters for the metrics thread.
+SYNC_INTERVAL = 1.0
+# How often the STATUS= line systemd shows is refreshed.
+STATUS_INTERVAL = 5.0
+# Log lines waiting for the stderr writer thread; past this many they are dropped.
+LOG_QUEUE_SIZE = 65536
+LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+class DaemonError(RuntimeError):
+    """kracauer cannot start (or stop) as configured; the message says why and what to do."""
 
 
 def tracker_listeners(config: Config) -> list[Listener]:
@@ -100,49 +135,204 @@ def format_record(record: ConnectionRecord) -> str:
     )
 
 
-class Daemon:
-    """Owns the TUN and the tracker, and runs the loop until a signal stops it."""
+def restart_needed(old: Config, new: Config) -> list[str]:
+    """What differs between `old` and `new` that a reload cannot change (empty: `new` can be applied)."""
+    problems = []
+    if old.tun != new.tun:
+        problems.append("[tun]")
+    if old.prefix != new.prefix:
+        problems.append("[translate] prefix")
+    if set(tracker_listeners(old)) != set(tracker_listeners(new)):
+        problems.append("[[listen]] addresses, ports, protocols or prefixes")
+    if old.metrics != new.metrics:
+        problems.append("[metrics] listen")
+    if (old.state is None) != (new.state is None):
+        problems.append("[state] (added or removed)")
+    return problems
 
-    def __init__(self, config: Config) -> None:
+
+def _connections(n: int) -> str:
+    return f"{n} connection" if n == 1 else f"{n} connections"
+
+
+# -- the state file -----------------------------------------------------------
+
+def write_state(path: str, data: dict[str, Any]) -> None:
+    """Write `data` as JSON to `path` atomically: a temporary file in the same directory, fsync, rename."""
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".kracauer-state-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, separators=(",", ":"))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    # The rename itself must reach the disk too.
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_state(path: str) -> dict[str, Any] | None:
+    """The saved state at `path`, or None if there is none; StateError if it cannot be read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise StateError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise StateError(f"cannot read {path}: not a JSON object")
+    return data
+
+
+def _set_aside(path: str, suffix: str) -> str | None:
+    """Rename `path` to `path + suffix` (kept for a look, never restored); the new name, or None."""
+    try:
+        os.replace(path, path + suffix)
+        return path + suffix
+    except OSError as exc:
+        log.warning("could not rename %s: %s", path, exc)
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        return None
+
+
+def check_state_directory(path: str, user: str | None) -> None:
+    """DaemonError unless the state file's directory exists and is writable by whoever writes it at exit.
+
+    With `[tun] user`, that is the unprivileged user, so the check is made
+    with that user's ids (effective ids only, switched back at once).
+    """
+    directory = os.path.dirname(path) or "."
+    if not os.path.isdir(directory):
+        raise DaemonError(f"[state] file: the directory {directory} does not exist; create it "
+                          f"(with systemd, StateDirectory=kracauer creates /var/lib/kracauer)")
+    who = "kracauer"
+    switched = False
+    if user and os.geteuid() == 0:
+        try:
+            entry = pwd.getpwnam(user)
+        except KeyError:
+            raise PrivilegeError(f"[tun] user: no such user {user!r}") from None
+        who = f"user {user} (uid {entry.pw_uid})"
+        os.setgroups([])  # as after the drop; drop_privileges clears them anyway
+        os.setegid(entry.pw_gid)
+        os.seteuid(entry.pw_uid)
+        switched = True
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".kracauer-write-test-", dir=directory)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        hint = ""
+        if switched:
+            hint = (f"; kracauer writes the state when it stops, after dropping to [tun] user, so that user "
+                    f"must be able to create files there: chown {user} {directory} (with systemd, see "
+                    f"docs/operations.md)")
+        raise DaemonError(f"[state] file: {who} cannot create files in {directory}: {exc.strerror or exc}"
+                          f"{hint}") from None
+    finally:
+        if switched:
+            os.seteuid(0)
+            os.setegid(0)
+
+
+# -- the daemon -----------------------------------------------------------------
+
+class Daemon:
+    """Owns the TUN and the tracker, and runs the loop until a signal stops it.
+
+    ``keep_tun=False`` is a stop for good even with ``[state]``: no state is
+    saved and the TUN is removed at exit.
+    """
+
+    def __init__(self, config: Config, *, keep_tun: bool = True, notifier: Notifier | None = None) -> None:
         self.config = config
         self.tracker = build_tracker(config)
         self.tun: Tun | None = None
         self.stopping = False
+        self.reload_requested = False
+        self.keep_tun = keep_tun
+        # Decided at start: a reload cannot add or remove [state].
+        self.persist = config.state is not None and keep_tun
+        self.notifier = notifier if notifier is not None else Notifier()
+        self.metrics: Metrics | None = Metrics(self.tracker) if config.metrics is not None else None
+        self.access_log: AccessLog | None = None
+        self.restored = 0
+        self._restored_from: str | None = None
         self._errors = 0
         self._last_error_log = 0.0
         self._buf = bytearray(HEADROOM + FRAME_MAX)
         self._rx_view = memoryview(self._buf)[HEADROOM:]
+        self._next_sync = 0.0
+        self._next_status = 0.0
+        self._next_watchdog: float | None = None
+
+    # -- start and stop ------------------------------------------------------
 
     def run(self) -> int:
         # pyroute2 and asyncio chatter at debug level about every netlink message.
         for noisy in ("pyroute2", "asyncio"):
             logging.getLogger(noisy).setLevel(max(logging.getLogger(noisy).getEffectiveLevel(), logging.INFO))
+        config = self.config
         check_forwarding()
-        addresses = sorted({lst.address for lst in self.config.listeners})
-        self.tun = open_tun(
-            self.config.tun.name,
-            self.config.tun.mtu,
-            [ipaddress.IPv4Network(a) for a in addresses],
-            sorted({self.config.prefix} | {lst.prefix for lst in self.config.listeners if lst.prefix}),
-            offload=self.config.tun.offload,
-        )
-        if self.config.tun.user:
-            try:
-                drop_privileges(self.config.tun.user)
-            except PrivilegeError:
-                self.tun.close()
-                raise
-            self.tun.privileged = False
+        if config.state is not None:
+            check_state_directory(config.state.file, config.tun.user)
+        try:
+            self._start_outputs()
+            saved = self._read_saved_state()
+            addresses = sorted({lst.address for lst in config.listeners})
+            self.tun = open_tun(
+                config.tun.name,
+                config.tun.mtu,
+                [ipaddress.IPv4Network(a) for a in addresses],
+                sorted({config.prefix} | {lst.prefix for lst in config.listeners if lst.prefix}),
+                offload=config.tun.offload,
+                persist=self.persist,
+            )
+            self._restore(saved)
+            if config.tun.user:
+                drop_privileges(config.tun.user)
+                self.tun.privileged = False
+            if self._restored_from is not None:
+                try:
+                    os.unlink(self._restored_from)
+                except OSError as exc:
+                    log.warning("could not remove the state file %s after restoring it: %s", self._restored_from, exc)
+        except BaseException:
+            if self.tun is not None and self.tun.fd >= 0:
+                # A device this process made goes; one it found (with connections) stays.
+                self.tun.close(keep=self.tun.attached and self.persist)
+            self._stop_outputs()
+            raise
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
         old_wakeup = signal.set_wakeup_fd(wake_w)
         try:
             log.info(
-                "kracauer running on %s: %s; prefix %s",
+                "kracauer %s running on %s: %s; prefix %s",
+                __version__,
                 self.tun.name,
-                ", ".join(f"{lst.address}:{lst.port}/{lst.protocol}" for lst in self.config.listeners),
-                self.config.prefix,
+                ", ".join(f"{lst.address}:{lst.port}/{lst.protocol}" for lst in config.listeners),
+                config.prefix,
             )
+            if self.metrics is not None:
+                self.metrics.sync(self.tracker, time.monotonic())
+            self.notifier.ready(self._status_text())
+            if self.notifier.watchdog_interval is not None:
+                self._next_watchdog = 0.0
             self._loop(wake_r)
         finally:
             signal.set_wakeup_fd(old_wakeup)
@@ -150,14 +340,169 @@ class Daemon:
                 signal.signal(sig, handler)
             os.close(wake_r)
             os.close(wake_w)
-            self.tun.close()
-            self._log_records()
-            log.info("stopped; %d connections were active; TUN %s and its routes removed",
-                     len(self.tracker), self.config.tun.name)
+            self._shutdown()
         return 0
 
+    def _start_outputs(self) -> None:
+        """The metrics endpoint and the access log, opened while still privileged."""
+        config = self.config
+        if self.metrics is not None and config.metrics is not None:
+            try:
+                self.metrics.serve(str(config.metrics.address), config.metrics.port)
+            except OSError as exc:
+                raise DaemonError(f"[metrics] listen: cannot serve metrics on {config.metrics}: "
+                                  f"{exc.strerror or exc}") from None
+            log.info("metrics on http://%s/metrics", config.metrics)
+        if config.log.access is not None:
+            self.access_log = self._open_access_log(config.log.access)
+
+    @staticmethod
+    def _open_access_log(target: str) -> AccessLog:
+        try:
+            return AccessLog(target)
+        except OSError as exc:
+            raise DaemonError(f"[log] access: cannot open {target}: {exc.strerror or exc}") from None
+
+    def _stop_outputs(self) -> None:
+        if self.access_log is not None:
+            self.access_log.close()
+            self.access_log = None
+        if self.metrics is not None:
+            self.metrics.close()
+        self.notifier.close()
+
+    def _read_saved_state(self) -> dict[str, Any] | None:
+        state = self.config.state
+        if state is None:
+            return None
+        try:
+            return read_state(state.file)
+        except StateError as exc:
+            aside = _set_aside(state.file, ".bad")
+            log.warning("%s; starting with no connections%s", exc, f" (moved to {aside})" if aside else "")
+            return None
+
+    def _restore(self, saved: dict[str, Any] | None) -> None:
+        """Put the previous process's connections back, if it left them and the TUN."""
+        if saved is None or self.config.state is None:
+            return
+        path = self.config.state.file
+        if not self.tun.attached:
+            # No TUN was left in place (a reboot, or `kracauer cleanup`): those connections are gone.
+            aside = _set_aside(path, ".stale")
+            log.warning("state file %s not restored: the TUN %s was not left in place by the previous process%s",
+                        path, self.tun.name, f" (moved to {aside})" if aside else "")
+            return
+        now = time.monotonic()
+        saved_at = saved.get("saved_at")
+        gap = 0.0
+        if isinstance(saved_at, (int, float)):
+            gap = min(max(time.time() - saved_at, 0.0), 86400.0)
+        try:
+            # The time between the save and now passed for every connection: their ages grow by it.
+            self.restored = restore(self.tracker, saved, now - gap)
+        except StateError as exc:
+            aside = _set_aside(path, ".bad")
+            log.warning("state file %s not restored: %s%s", path, exc, f" (moved to {aside})" if aside else "")
+            return
+        # Removed once kracauer is up (see run()), so that a failed start leaves it for the next try.
+        self._restored_from = path
+        skipped = self.tracker.events.get("state_skipped", 0)
+        log.info("restored %s from %s (saved %.1f s ago)%s", _connections(self.restored), path, gap,
+                 f"; {skipped} skipped (their listener is gone)" if skipped else "")
+        if self.metrics is not None:
+            self.metrics.restored.set(self.restored)
+            self.metrics.skip_existing(now)
+
+    def _shutdown(self) -> None:
+        """After the loop: log what ended, save the state (or not), keep or remove the TUN."""
+        self.notifier.stopping("saving state" if self.persist else "stopping")
+        self._log_records()
+        saved = None
+        if self.persist and self.config.state is not None:
+            saved = self._save_state(self.config.state.file)
+        keep = self.persist and saved is not None
+        try:
+            self.tun.close(keep=keep)
+        finally:
+            self._stop_outputs()
+        name = self.config.tun.name
+        if keep:
+            log.info("stopped; saved %s to %s; TUN %s and its routes left in place for the next start "
+                     "(`kracauer cleanup` removes them)", _connections(saved), self.config.state.file, name)
+        else:
+            log.info("stopped; %d connections were active; TUN %s and its routes removed", len(self.tracker), name)
+
+    def _save_state(self, path: str) -> int | None:
+        """Write the tracker's state; the number of connections saved, or None if it failed."""
+        now = time.monotonic()
+        data = snapshot(self.tracker, now)
+        data["saved_at"] = time.time()
+        data["kracauer"] = __version__
+        try:
+            write_state(path, data)
+        except OSError as exc:
+            log.error("could not save the state to %s: %s; the TUN is removed and the %d connections are lost",
+                      path, exc, len(self.tracker))
+            return None
+        return len(data["connections"])
+
+    # -- signals -------------------------------------------------------------
+
     def _on_signal(self, signum: int, frame: object) -> None:
-        self.stopping = True
+        if signum == signal.SIGHUP:
+            self.reload_requested = True
+        else:
+            self.stopping = True
+
+    def reload(self) -> bool:
+        """Re-read the configuration file and apply it to new connections; False if it was refused."""
+        self.reload_requested = False
+        self.notifier.reloading()
+        source = self.config.source
+        try:
+            ok = self._apply(load_config(source))
+        except (ConfigError, DaemonError) as exc:
+            log.error("reload refused, the running configuration stays: %s", exc)
+            ok = False
+        if self.metrics is not None:
+            self.metrics.reloads.labels("ok" if ok else "failed").inc()
+            self.metrics.reload_ok.set(1 if ok else 0)
+        self.notifier.ready(self._status_text() + ("" if ok else "; last reload refused, see the log"))
+        return ok
+
+    def _apply(self, new: Config) -> bool:
+        problems = restart_needed(self.config, new)
+        if problems:
+            log.error("reload refused, the running configuration stays: %s changed in %s, which needs a restart",
+                      ", ".join(problems), new.source)
+            return False
+        if new.state is not None and new.state != self.config.state:
+            # Written at stop by this process, as whatever user it runs as now.
+            check_state_directory(new.state.file, None)
+        access_log = self.access_log
+        if new.log.access != self.config.log.access:
+            access_log = self._open_access_log(new.log.access) if new.log.access is not None else None
+        try:
+            self.tracker.reconfigure(tracker_config(new), build_resolver(new))
+        except ValueError as exc:  # the checks above should have caught it
+            log.error("reload refused, the running configuration stays: %s", exc)
+            if access_log is not self.access_log and access_log is not None:
+                access_log.close()
+            return False
+        if access_log is not self.access_log:
+            if self.access_log is not None:
+                self.access_log.close()
+            self.access_log = access_log
+        if new.log.level != self.config.log.level:
+            # Only a changed [log] level applies, so that --log-level stays in force otherwise.
+            logging.getLogger().setLevel(LOG_LEVELS[new.log.level])
+        self.config = new
+        log.info("reloaded %s: %d routes, fallback %s; connections already bound keep their host",
+                 new.source, len(new.routes), "yes" if new.fallback is not None else "no")
+        return True
+
+    # -- the loop ------------------------------------------------------------
 
     def _loop(self, wake_fd: int) -> None:
         tun_fd = self.tun.fd
@@ -165,12 +510,15 @@ class Daemon:
         poller = select.epoll()
         poller.register(tun_fd, select.EPOLLIN)
         poller.register(wake_fd, select.EPOLLIN)
+        max_sleep = MAX_SLEEP
+        if self.notifier.watchdog_interval is not None:
+            max_sleep = min(max_sleep, self.notifier.watchdog_interval)
         try:
             while not self.stopping:
                 deadline = tracker.next_timer()
-                timeout = MAX_SLEEP
+                timeout = max_sleep
                 if deadline is not None:
-                    timeout = min(max(deadline - time.monotonic(), 0.0), MAX_SLEEP)
+                    timeout = min(max(deadline - time.monotonic(), 0.0), max_sleep)
                 for fd, _ in poller.poll(timeout):
                     if fd == tun_fd:
                         self._read_packets(tun_fd)
@@ -180,8 +528,33 @@ class Daemon:
                 self._write(tun_fd, tracker.on_timer(now))
                 if tracker.records:
                     self._log_records()
+                if self.reload_requested:
+                    self.reload()
+                if now >= self._next_sync:
+                    self._tick(now)
+                if self._next_watchdog is not None and now >= self._next_watchdog:
+                    self.notifier.watchdog()
+                    self._next_watchdog = now + self.notifier.watchdog_interval
         finally:
             poller.close()
+
+    def _tick(self, now: float) -> None:
+        """Once a second: counters for the metrics thread, and the status line for systemd."""
+        self._next_sync = now + SYNC_INTERVAL
+        if self.metrics is not None:
+            dropped = {"access": self.access_log.dropped if self.access_log is not None else 0,
+                       "daemon": _LOG_QUEUE.dropped if _LOG_QUEUE is not None else 0}
+            self.metrics.sync(self.tracker, now, dropped)
+        if self.notifier.enabled and now >= self._next_status:
+            self._next_status = now + STATUS_INTERVAL
+            self.notifier.status(self._status_text())
+
+    def _status_text(self) -> str:
+        n = len(self.tracker)
+        text = f"{n} connection{'' if n == 1 else 's'}"
+        if self.restored:
+            text += f" ({self.restored} restored at start)"
+        return text
 
     def _read_packets(self, fd: int) -> None:
         # One preallocated buffer: read after HEADROOM so the translated header
@@ -238,14 +611,80 @@ class Daemon:
     def _log_records(self) -> None:
         records = self.tracker.records
         self.tracker.records = []
+        access_log = self.access_log
+        metrics = self.metrics
+        wall_offset = time.time() - time.monotonic()
+        info = conn_log.isEnabledFor(logging.INFO)
         for record in records:
-            conn_log.info("%s", format_record(record))
+            if info:
+                conn_log.info("%s", format_record(record))
+            if access_log is not None:
+                access_log.log(record, wall_offset)
+            if metrics is not None:
+                metrics.observe(record)
 
 
-def run(config: Config) -> int:
-    """Run kracauer with `config` in the foreground until SIGTERM or SIGINT; the exit status."""
+# -- the daemon's own log, written by a thread ----------------------------------
+
+_LOG_QUEUE: NonBlockingQueueHandler | None = None
+
+
+def _log_through_queue() -> logging.handlers.QueueListener | None:
+    """Move the root logger's handlers (stderr) behind a queue, so a slow stderr never stalls the loop."""
+    global _LOG_QUEUE
+    root = logging.getLogger()
+    handlers = [h for h in root.handlers if not isinstance(h, logging.handlers.QueueHandler)]
+    if not handlers:
+        return None
+    q: queue.Queue = queue.Queue(LOG_QUEUE_SIZE)
+    _LOG_QUEUE = NonBlockingQueueHandler(q)
+    listener = logging.handlers.QueueListener(q, *handlers, respect_handler_level=True)
+    for h in handlers:
+        root.removeHandler(h)
+    root.addHandler(_LOG_QUEUE)
+    listener.start()
+    return listener
+
+
+def _log_directly(listener: logging.handlers.QueueListener | None) -> None:
+    global _LOG_QUEUE
+    if listener is None:
+        return
+    listener.stop()  # writes what is queued
+    root = logging.getLogger()
+    if _LOG_QUEUE is not None:
+        root.removeHandler(_LOG_QUEUE)
+    for h in listener.handlers:
+        root.addHandler(h)
+    _LOG_QUEUE = None
+
+
+def run(config: Config, keep_tun: bool = True) -> int:
+    """Run kracauer with `config` in the foreground until SIGTERM or SIGINT; the exit status.
+
+    `keep_tun=False`: stop for good (no state saved, TUN removed) even with [state].
+    """
+    listener = _log_through_queue()
     try:
-        return Daemon(config).run()
-    except (TunError, PrivilegeError) as exc:
+        return Daemon(config, keep_tun=keep_tun).run()
+    except (TunError, PrivilegeError, DaemonError) as exc:
         log.error("%s", exc)
         return 2
+    finally:
+        _log_directly(listener)
+
+
+def cleanup(config: Config) -> list[str]:
+    """Stop for good after a stop with [state]: remove the persistent TUN and the state file; what was done."""
+    done = []
+    if remove_tun(config.tun.name):
+        done.append(f"removed the TUN {config.tun.name} and its routes")
+    if config.state is not None:
+        try:
+            os.unlink(config.state.file)
+            done.append(f"removed the state file {config.state.file} (its connections are abandoned)")
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise DaemonError(f"cannot remove the state file {config.state.file}: {exc.strerror or exc}") from None
+    return done

@@ -842,9 +842,12 @@ def _demo(args: argparse.Namespace) -> int:
         say(f"  client {CLIENT_ADDRESS} -> service {SERVICE_ADDRESS}; hosts "
             + ", ".join(f"{h} {a}" for h, a in HOSTS.items()) + f"; prefix {PREFIX}")
         say()
-        k = lab.start_kracauer(example_config())
+        access_log = lab.dir / "access.log"
+        metrics_url = "http://127.0.0.1:9477/metrics"
+        config = example_config() + f'\n[log]\naccess = "{access_log}"\n\n[metrics]\nlisten = "127.0.0.1:9477"\n'
+        k = lab.start_kracauer(config)
         say(f"kracauer running in {lab.ns('box')} (pid {k.pid}), config:")
-        say("".join(f"    {line}\n" for line in example_config().splitlines() if line and not line.startswith("#")))
+        say("".join(f"    {line}\n" for line in config.splitlines() if line and not line.startswith("#")))
 
         cases = [
             ("TLS ", "https://www.example.com/", "host1"),
@@ -913,6 +916,42 @@ def _demo(args: argparse.Namespace) -> int:
                        "kracauer's connection log lines")
         except LabError as e:
             failures.append(str(e))
+
+        # The access log: one JSON object per connection, written when it ends.
+        say()
+        say(f"kracauer's access log ({access_log}), one JSON object per connection:")
+        try:
+            wait_until(lambda: access_log.exists() and len(access_log.read_text().splitlines()) >= connections, 10,
+                       "the access log")
+        except LabError as e:
+            failures.append(str(e))
+        entries = [json.loads(line) for line in access_log.read_text().splitlines()] if access_log.exists() else []
+        for e in entries:
+            say(f"  {json.dumps(e)}")
+        if len(entries) < connections:
+            failures.append(f"the access log has {len(entries)} lines, expected {connections}")
+
+        # The metrics endpoint, and `kracauer status` reading it.
+        time.sleep(1.1)  # the loop copies its counters for the metrics once a second
+        say()
+        scraped = lab.run("box", ["curl", "-sS", "--max-time", "5", metrics_url], timeout=10)
+        shown = [line for line in scraped.stdout.splitlines()
+                 if line.startswith(("kracauer_connections_opened", "kracauer_connections_closed", "kracauer_bytes",
+                                     "kracauer_packets_dropped", "kracauer_connect_seconds_count",
+                                     "kracauer_connections_active ", "kracauer_build_info"))]
+        say(f"some of kracauer's metrics ({metrics_url}, {len(scraped.stdout.splitlines())} lines in all):")
+        for line in shown:
+            say(f"  {line}")
+        if scraped.returncode != 0 or not any(line.startswith("kracauer_connections_closed_total") for line in shown):
+            failures.append(f"no metrics from {metrics_url}: {scraped.stderr.strip()}")
+        status = lab.run("box", [*lab.kracauer_cmd, "status", "--metrics", metrics_url], timeout=20)
+        say()
+        say("kracauer status:")
+        for line in (status.stdout or status.stderr).splitlines():
+            say(f"  {line}")
+        if status.returncode != 0:
+            failures.append(f"kracauer status exited with {status.returncode}")
+
         rc, stderr = k.stop()
         say()
         say(f"kracauer's log (stopped with SIGTERM, exit code {rc}):")
@@ -929,7 +968,8 @@ def _demo(args: argparse.Namespace) -> int:
         for f in failures:
             say(f"  - {f}")
         return 1
-    say("demo OK: every name reached its host, refusals were refused, and the hosts saw the client's address.")
+    say("demo OK: every name reached its host, refusals were refused, the hosts saw the client's address, "
+        "and kracauer logged and counted every connection.")
     return 0
 
 

@@ -1,0 +1,158 @@
+"""``kracauer status``: what a running kracauer is doing, read from its metrics endpoint.
+
+The daemon serves Prometheus text at ``[metrics] listen``; this fetches it,
+parses it with prometheus_client's parser and prints active connections by
+route and host, connections by state, drops by reason and uptime::
+
+    kracauer 0.1.0 up 2h 03m 04s (http://127.0.0.1:9477/metrics)
+    connections: 4 tracked (established 2, closing 1, peeking 1; 0 half-open), 120 opened, 116 closed, 0 restored at start
+      route              host              active
+      www.example.com    2001:db8::10      2
+      (no host yet)      -                 1
+    closed by outcome: closed 110, reset_by_client 5, refused_unknown_name 2
+    packets dropped by reason: no_connection 12, rst_out_of_window 1
+"""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from kracauer.config import Config, MetricsConfig
+
+__all__ = ["StatusError", "Status", "fetch", "format_status", "metrics_url", "parse"]
+
+DEFAULT_URL = "http://127.0.0.1:9477/metrics"
+
+
+class StatusError(RuntimeError):
+    """The metrics endpoint could not be read or is not kracauer's."""
+
+
+@dataclass
+class Status:
+    version: str = "?"
+    uptime: float | None = None
+    active: int = 0
+    peeking: int = 0
+    half_open: int = 0
+    opened: int = 0
+    closed: int = 0
+    restored: int = 0
+    by_route: dict[tuple[str, str], int] = field(default_factory=dict)
+    by_state: dict[str, int] = field(default_factory=dict)
+    outcomes: dict[str, int] = field(default_factory=dict)
+    drops: dict[str, int] = field(default_factory=dict)
+    reload_ok: bool = True
+
+
+def metrics_url(config: Config) -> str:
+    """The /metrics URL of the daemon that runs `config` (its [metrics] listen, wildcards as loopback)."""
+    metrics: MetricsConfig | None = config.metrics
+    if metrics is None:
+        raise StatusError(f"{config.source}: no [metrics] table, so kracauer serves no status "
+                          f"(add [metrics] listen = \"127.0.0.1:9477\" and restart it)")
+    address = metrics.address
+    if address.is_unspecified:
+        host = "[::1]" if address.version == 6 else "127.0.0.1"
+    else:
+        host = f"[{address}]" if address.version == 6 else str(address)
+    return f"http://{host}:{metrics.port}/metrics"
+
+
+def fetch(url: str, timeout: float = 5.0) -> str:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.read().decode("utf-8", "replace")
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise StatusError(f"cannot read {url}: {reason} (is kracauer running, with [metrics] listen?)") from None
+
+
+def parse(text: str) -> Status:
+    """The figures `kracauer status` shows, from the Prometheus text of kracauer's /metrics."""
+    status = Status()
+    seen = False
+    outcomes: dict[str, float] = defaultdict(float)
+    try:
+        families = list(text_string_to_metric_families(text))
+    except ValueError as exc:
+        raise StatusError(f"not Prometheus text: {exc}") from None
+    for family in families:
+        for sample in family.samples:
+            name, labels, value = sample.name, sample.labels, sample.value
+            if name == "kracauer_build_info":
+                status.version = labels.get("version", "?")
+                seen = True
+            elif name == "kracauer_uptime_seconds":
+                status.uptime = value
+            elif name == "kracauer_connections_active":
+                status.active = int(value)
+            elif name == "kracauer_connections_peeking":
+                status.peeking = int(value)
+            elif name == "kracauer_connections_half_open":
+                status.half_open = int(value)
+            elif name == "kracauer_connections_opened_total":
+                status.opened += int(value)
+            elif name == "kracauer_connections_closed_total":
+                status.closed += int(value)
+                outcomes[labels.get("outcome", "?")] += value
+            elif name == "kracauer_restored_connections":
+                status.restored = int(value)
+            elif name == "kracauer_connections_active_by_route":
+                key = (labels.get("route", ""), labels.get("host", ""))
+                status.by_route[key] = status.by_route.get(key, 0) + int(value)
+            elif name == "kracauer_connections_by_state":
+                status.by_state[labels.get("state", "?")] = int(value)
+            elif name == "kracauer_packets_dropped_total":
+                status.drops[labels.get("reason", "?")] = int(value)
+            elif name == "kracauer_config_last_reload_successful":
+                status.reload_ok = value == 1
+    if not seen:
+        raise StatusError("no kracauer_build_info in the metrics: is this kracauer's endpoint?")
+    status.outcomes = {k: int(v) for k, v in outcomes.items() if v}
+    return status
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours:02d}h {minutes:02d}m"
+    if hours:
+        return f"{hours}h {minutes:02d}m {secs:02d}s"
+    if minutes:
+        return f"{minutes}m {secs:02d}s"
+    return f"{secs}s"
+
+
+def _pairs(counts: dict[str, int]) -> str:
+    items = sorted(((k, v) for k, v in counts.items() if v), key=lambda kv: (-kv[1], kv[0]))
+    return ", ".join(f"{k} {v}" for k, v in items) if items else "none"
+
+
+def format_status(status: Status, url: str) -> str:
+    lines = [f"kracauer {status.version} up {_duration(status.uptime)} ({url})"]
+    if not status.reload_ok:
+        lines.append("the last configuration reload was refused (see kracauer's log)")
+    states = _pairs(status.by_state) if status.by_state else f"{status.peeking} peeking"
+    lines.append(f"connections: {status.active} tracked ({states}; {status.half_open} half-open), "
+                 f"{status.opened} opened, {status.closed} closed, {status.restored} restored at start")
+    rows = sorted(status.by_route.items(), key=lambda kv: (kv[0][0] == "", kv[0][0], kv[0][1]))
+    if rows:
+        table = [("route", "host", "active")]
+        table += [(route or "(no host yet)", host or "-", str(n)) for (route, host), n in rows]
+        widths = [max(len(row[i]) for row in table) for i in range(3)]
+        for row in table:
+            lines.append("  " + "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+    lines.append("closed by outcome: " + _pairs(status.outcomes))
+    lines.append("packets dropped by reason: " + _pairs(status.drops))
+    return "\n".join(lines)
