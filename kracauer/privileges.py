@@ -7,9 +7,10 @@ group (setuid from root clears the permitted, effective and ambient sets,
 capabilities(7) "Effect of user ID changes on capabilities"), and sets
 no_new_privs so that nothing it could execute regains privileges.
 
-The TUN is not persistent, so when the unprivileged process exits and the
-descriptor closes, the kernel removes the device and every route through it:
-clean-up needs no privilege.
+Without `[state]` the TUN is not persistent, so when the unprivileged process
+exits and the descriptor closes, the kernel removes the device and every route
+through it: clean-up needs no privilege. With `[state]` the TUN is meant to
+outlive the process (docs/operations.md).
 """
 
 from __future__ import annotations
