@@ -7,9 +7,8 @@ Nothing here runs per packet. The packet loop feeds this module in two ways:
   way, the time from the routing decision to the host's SYN-ACK, hello sizes
   and connection durations;
 - ``sync(tracker, now)`` at most once a second: copies of the tracker's
-  counters (``drops``, ``absorbed``, ``events``) and sizes, and the
-  connections opened since the last sync (the newest entries of the
-  tracker's table, so the cost is the number of new connections).
+  counters (``drops``, ``absorbed``, ``events``, ``opened`` by listener) and
+  sizes.
 
 An HTTP server thread (prometheus_client's WSGI server) answers scrapes from
 those copies. One family is computed at scrape time instead, in the server
@@ -113,8 +112,8 @@ class Metrics:
         self._closed: dict[tuple[str, str, str], Any] = {}
         self._hello: dict[str, Any] = {}
         self._listener_names: dict[Any, str] = {}
-        # Connections that started after this (tracker clock) have not been counted as opened yet.
-        self._scanned_until = time.monotonic() if now is None else now
+        # The tracker's `opened` counts already turned into metrics, by listener.
+        self._opened_seen: dict[Any, int] = dict(tracker.opened)
         self.snapshot = _Snapshot()
         registry.register(_TrackerCollector(self))
         self.server = None
@@ -125,8 +124,6 @@ class Metrics:
     def observe(self, record: ConnectionRecord) -> None:
         """Count one connection that ended."""
         listener = record.listener
-        if record.start > self._scanned_until:
-            self._opened_child(listener).inc()  # it opened and ended between two syncs
         key = (listener, record.route or "", record.outcome)
         child = self._closed.get(key)
         if child is None:
@@ -155,14 +152,11 @@ class Metrics:
         Call it after the tracker's pending records went through observe():
         a connection already recorded was counted as opened there.
         """
-        since = self._scanned_until
-        # Connections enter the table in the order they start, so the new ones are at its end.
-        for conn in reversed(tracker.clients.values()):
-            if conn.start <= since:
-                break
-            if not conn.recorded:
-                self._opened_child(self._listener_name(conn.listener)).inc()
-        self._scanned_until = now
+        for listener, count in tracker.opened.items():
+            new = count - self._opened_seen.get(listener, 0)
+            if new > 0:
+                self._opened_child(self._listener_name(listener)).inc(new)
+                self._opened_seen[listener] = count
         self.snapshot = _Snapshot(
             drops=dict(tracker.drops),
             absorbed=dict(tracker.absorbed),
@@ -176,8 +170,8 @@ class Metrics:
         )
 
     def skip_existing(self, now: float) -> None:
-        """Do not count the connections already in the table (restored ones) as opened."""
-        self._scanned_until = now
+        """Do not count what the tracker opened before now (e.g. restored connections) as opened."""
+        self._opened_seen = dict(self.tracker.opened)
 
     def _opened_child(self, listener: str):
         child = self._opened.get(listener)

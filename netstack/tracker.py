@@ -247,6 +247,8 @@ class Tracker:
         self.absorbed: Counter[str] = Counter()
         # Notable things that are neither drops nor absorbed packets (cookies sent, evictions...).
         self.events: Counter[str] = Counter()
+        # Connections accepted (client handshake answered with state, or a cookie redeemed), by listener.
+        self.opened: Counter[Listener] = Counter()
         # Passive health per (host, port): consecutive failures and until when to skip it.
         self.health: dict[tuple[bytes, int], tuple[int, float]] = {}
         self._timers: list[tuple[float, int, Connection]] = []
@@ -410,6 +412,7 @@ class Tracker:
             return [self._cookie_syn_ack(conn, segment, tcp, now)]
         self._accept_syn(conn, segment, tcp)
         self.clients[conn.client_key] = conn
+        self.opened[listener] += 1
         out = [self._syn_ack_to_client(conn, now)]
         self._enter_peeking(conn, now, out)
         return out
@@ -479,6 +482,7 @@ class Tracker:
         conn.client_win = tcp.window
         self._new_buffers(conn)
         self.clients[conn.client_key] = conn
+        self.opened[listener] += 1
         out: list = []
         self._enter_peeking(conn, now, out)
         if conn.state == GONE:

@@ -67,6 +67,7 @@ def test_connection_that_opens_and_ends_between_two_syncs_counts_once(box, metri
     box.wait(11)  # no hello: hello_timeout
     [record] = drain(box, metrics)
     assert record.outcome == "hello_timeout"
+    metrics.sync(box.tracker, box.now)
     assert value(metrics, "kracauer_connections_opened_total", listener=LISTENER) == 1
     metrics.sync(box.tracker, box.now)
     assert value(metrics, "kracauer_connections_opened_total", listener=LISTENER) == 1
