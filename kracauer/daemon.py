@@ -431,7 +431,9 @@ class Daemon:
             log.info("stopped; saved %s to %s; TUN %s and its routes left in place for the next start "
                      "(`kracauer cleanup` removes them)", _connections(saved), self.config.state.file, name)
         else:
-            log.info("stopped; %d connections were active; TUN %s and its routes removed", len(self.tracker), name)
+            # Connections that already closed but linger for late retransmissions are not "active".
+            active = sum(1 for conn in self.tracker.clients.values() if not conn.closing)
+            log.info("stopped; %d connections were active; TUN %s and its routes removed", active, name)
 
     def _save_state(self, path: str) -> int | None:
         """Write the tracker's state; the number of connections saved, or None if it failed."""
