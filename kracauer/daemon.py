@@ -87,6 +87,7 @@ def build_resolver(config: Config) -> Resolver:
         for lst in config.listeners if lst.protocol == "tcp"
     }
     router = Router(config.routes, config.fallback)
+    cache: dict[tuple, Target] = {}
 
     def resolve(listener: Listener, decision: Decision) -> Target | None:
         if listener.protocol == "tcp":
@@ -94,7 +95,13 @@ def build_resolver(config: Config) -> Resolver:
         target = router.lookup(decision.name, listener.port, decision.alpn)
         if target is None:
             return None
-        return Target(target.host.packed, target.port, target.route, tuple(h.packed for h in target.hosts))
+        # One Target per (route, port), shared by all its connections: less memory per connection.
+        key = (target.route, target.port, target.hosts)
+        shared = cache.get(key)
+        if shared is None:
+            shared = cache[key] = Target(target.host.packed, target.port, target.route,
+                                         tuple(h.packed for h in target.hosts))
+        return shared
 
     return resolve
 
