@@ -249,6 +249,7 @@ class Tracker:
         self.events: Counter[str] = Counter()
         # Connections accepted (client handshake answered with state, or a cookie redeemed), by listener.
         self.opened: Counter[Listener] = Counter()
+        self._names: dict[Listener | bytes, str] = {}
         # Passive health per (host, port): consecutive failures and until when to skip it.
         self.health: dict[tuple[bytes, int], tuple[int, float]] = {}
         self._timers: list[tuple[float, int, Connection]] = []
@@ -1246,14 +1247,14 @@ class Tracker:
         return ConnectionRecord(
             start=conn.start,
             duration=now - conn.start,
-            client=str(ipaddress.IPv4Address(conn.client_addr)),
+            client="%d.%d.%d.%d" % tuple(conn.client_addr),
             client_port=conn.client_port,
-            listener=str(conn.listener),
+            listener=self._name_of(conn.listener),
             protocol=conn.listener.protocol,
             name=decision.name if decision else None,
             alpn=decision.alpn if decision else (),
             route=target.route if target else None,
-            host=str(ipaddress.IPv6Address(conn.host)) if conn.host else None,
+            host=self._name_of(conn.host) if conn.host else None,
             host_port=target.port if target else None,
             bytes_to_host=max(to_host, 0),
             bytes_to_client=max(to_client, 0),
@@ -1265,6 +1266,15 @@ class Tracker:
             hello_records=decision.records if decision else 0,
             connect_time=conn.connect_time,
         )
+
+    def _name_of(self, thing: Listener | bytes) -> str:
+        """Text for a listener or a host address, formatted once (records are made per connection)."""
+        name = self._names.get(thing)
+        if name is None:
+            name = str(thing) if isinstance(thing, Listener) else str(ipaddress.IPv6Address(thing))
+            if len(self._names) < 65536:
+                self._names[thing] = name
+        return name
 
     # ------------------------------------------------------- packet building
 
