@@ -55,6 +55,14 @@ class StreamBuffer:
             merged.append([start, end])
         self.ranges = merged
 
+    def covers(self, start: int, end: int) -> bool:
+        """True when every byte of [start, end) (clipped to the capacity) has already arrived."""
+        start = max(start, 0)
+        end = min(end, self.capacity)
+        if end <= start:
+            return True
+        return any(low <= start and end <= high for low, high in self.ranges)
+
     @property
     def contiguous(self) -> int:
         """How many bytes from offset 0 have all arrived."""

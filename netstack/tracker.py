@@ -47,7 +47,7 @@ from netstack.vnet import (
     VNET_HEADER_LEN, gso_type_for,
 )
 from netstack.tcp import (
-    ACK, DEFAULT_MSS, FIN, MOD32, PSH, RST, SYN, TCP_HEADER_LEN, U16, U32, TcpHeader, add_u32, build_segment, seq_le, seq_lt,
+    ACK, DEFAULT_MSS, FIN, MOD32, OPT_NOP, OPT_SACK, PSH, RST, SYN, TCP_HEADER_LEN, U16, U32, TcpHeader, add_u32, build_segment, seq_le, seq_lt,
     set_checksum, shift_sack_blocks, syn_options, timestamp_option,
 )
 
@@ -574,21 +574,46 @@ class Tracker:
         offset = (tcp.seq - conn.client_isn - 1) & MOD32
         if offset >= 0x80000000:
             offset -= 0x100000000
+        repeated = False
         if payload:
+            repeated = conn.hello.covers(offset, offset + len(payload))
             conn.hello.add(offset, payload)
             conn.hello_segments += 1
         if tcp.flags & FIN and conn.client_fin_offset < 0:
             conn.client_fin_offset = offset + len(payload)
         if conn.state == CONNECTING:
             return self._absorb("hello_buffered")
-        return self._peek(conn, now)
+        out = self._peek(conn, now)
+        if repeated and not out and conn.state == PEEKING and conn.client_sack:
+            return [self._sack_to_client(conn, now)]
+        return out
+
+    # A client whose retransmission timer fired resends only its first unacknowledged
+    # segment and waits for an ACK before sending more (RFC 6298 §5.4, RFC 5681 §3.1:
+    # cwnd is one segment); kracauer never acknowledges the hello, so a hole
+    # behind that segment would never be filled. A duplicate ACK with SACK blocks
+    # (RFC 2018 §4) for what kracauer holds makes the client resend the holes
+    # instead. SACK is advisory: the client keeps every byte until it is
+    # cumulatively acknowledged (RFC 2018 §8), so nothing is at risk.
+    def _sack_to_client(self, conn: Connection, now: float) -> bytearray:
+        self.events["hello_sack_sent"] += 1
+        base = conn.client_isn + 1
+        room = 3 if conn.client_ts else 4
+        blocks = conn.hello.ranges[:room]
+        option = bytes((OPT_NOP, OPT_NOP, OPT_SACK, 2 + 8 * len(blocks)))
+        option += b"".join(U32.pack((base + low) & MOD32) + U32.pack((base + high) & MOD32) for low, high in blocks)
+        return self._segment_to_client(conn, conn.our_isn + 1, base, ACK, now, extra_options=option)
 
     def _note_client_options(self, conn: Connection, segment: memoryview, tcp: TcpHeader) -> None:
         # client_window stays the SYN's (unscaled) window for the host's SYN;
         # client_win is the latest, in the client's scale.
         conn.client_win = tcp.window
         if tcp.ts_at >= 0:
-            conn.client_tsval = U32.unpack_from(segment, tcp.ts_at)[0]
+            tsval = U32.unpack_from(segment, tcp.ts_at)[0]
+            # RFC 7323 §5.3: only ever move forward; a late packet's older value,
+            # replayed to the host, would fail its PAWS check.
+            if seq_lt(conn.client_tsval, tsval):
+                conn.client_tsval = tsval
 
     def _peek(self, conn: Connection, now: float) -> list[bytearray]:
         """Feed newly contiguous bytes to the peeker and act on its answer."""
@@ -838,7 +863,16 @@ class Tracker:
         if conn.c2h_shift:
             U16.pack_into(buf, t + 14, min(tcp.window << conn.c2h_shift, 0xFFFF))
         if tcp.ts_at >= 0:
-            add_u32(buf, t + tcp.ts_at + 4, conn.ts_off)
+            if conn.hello is None:
+                add_u32(buf, t + tcp.ts_at + 4, conn.ts_off)
+            else:
+                # The host has not acknowledged the replay: it may still be in
+                # SYN-RECEIVED, where an echo older than its SYN-ACK is refused.
+                # Echo its SYN-ACK's own TSval, as the replay does.
+                tsval = U32.unpack_from(segment, tcp.ts_at)[0]
+                if seq_lt(conn.client_tsval, tsval):
+                    conn.client_tsval = tsval
+                U32.pack_into(buf, t + tcp.ts_at + 4, conn.host_tsval)
         if tcp.sack_at >= 0:
             shift_sack_blocks(buf, t, tcp, conn.delta)
         if partial:
@@ -1283,9 +1317,10 @@ class Tracker:
         return (conn.ts_base + int(now * 1000)) & MOD32
 
     def _segment_to_client(self, conn: Connection, seq: int, ack: int, flags: int, now: float,
-                           payload: bytes = b"") -> bytearray:
+                           payload: bytes = b"", extra_options: bytes = b"") -> bytearray:
         # RFC 7323 §3.2: once timestamps are on, every segment but an RST carries them.
         options = timestamp_option(self._our_tsval(conn, now), conn.client_tsval) if conn.client_ts else b""
+        options += extra_options
         window = max(self.config.hello_max_bytes >> conn.our_wscale, 1)
         segment = build_segment(conn.listener.port, conn.client_port, seq, ack, flags, window, options, payload)
         conn.packets_to_client += 1

@@ -202,3 +202,52 @@ def test_icmp_for_no_connection_is_dropped():
         IPv6(src=CLIENT6, dst="2001:db8::10") / TCP(sport=1234, dport=443))
     assert box.tracker.receive(bytes(stray), box.now) == []
     assert box.tracker.drops["icmp_no_connection"] == 1
+
+
+# ----------------------------------------------------------------- hello losses (found in the lab)
+
+def test_repeated_first_segment_gets_a_sack_for_what_is_held_so_the_client_resends_the_rest():
+    box = Box()
+    walk = Walk(box)
+    walk.handshake()
+    first = CHROME[:1000]
+    assert walk.from_client("PA", walk.c + 1, walk.k + 1, first) == []
+    # The second segment is lost; the client's timer resends the first one only.
+    out = walk.from_client("PA", walk.c + 1, walk.k + 1, first)
+    assert len(out) == 1
+    ack = out[0]
+    assert ack.v4 and ack.flags == "A" and ack.payload == b""
+    assert ack.tcp.ack == (walk.c + 1) & 0xFFFFFFFF, "nothing of the hello is acknowledged"
+    assert ack.options["SAck"] == ((walk.c + 1) & 0xFFFFFFFF, (walk.c + 1 + 1000) & 0xFFFFFFFF)
+    assert "Timestamp" in ack.options
+    assert box.tracker.events["hello_sack_sent"] == 1
+    # The rest arrives and the hello is routed as usual.
+    walk.expect_host_syn(walk.from_client("PA", walk.c + 1 + 1000, walk.k + 1, CHROME[1000:]))
+
+
+def test_a_late_packet_never_moves_the_clients_timestamp_back():
+    box = Box()
+    walk = Walk(box)
+    walk.handshake()
+    newest = walk.tsval()
+    walk.from_client("PA", walk.c + 1, walk.k + 1, CHROME[:1000], tsecr=None)
+    late = (newest - 50) & 0xFFFFFFFF
+    box.send(client_packet("A", walk.c + 1, walk.k + 1, ts=(late, walk.synack_ts)))
+    walk.expect_host_syn(walk.from_client("PA", walk.c + 1 + 1000, walk.k + 1, CHROME[1000:]))
+    replay = walk.host_synack()
+    assert replay[0].ts[0] != late and replay[0].ts[0] == walk.client_ts
+
+
+def test_until_the_host_acknowledges_the_replay_client_packets_echo_its_syn_ack_timestamp():
+    box = Box()
+    walk = Walk(box)
+    walk.handshake()
+    walk.expect_host_syn(walk.send_hello(CHROME))
+    walk.host_synack()
+    # The replay was lost; the client retransmits a hello segment, echoing kracauer's old clock.
+    out = walk.from_client("PA", walk.c + 1, walk.k + 1, CHROME[:700])
+    assert len(out) == 1 and out[0].ts[1] == walk.host_ts
+    # Once the host has the hello, echoes are translated by the offset again.
+    walk.from_host("A", walk.h + 1, walk.c + 1 + len(CHROME), host_tick=40)
+    out = walk.from_client("A", walk.c + 1 + len(CHROME), walk.k + 1, tsecr=walk.synack_ts + 5)
+    assert out[0].ts[1] != walk.host_ts
