@@ -584,25 +584,32 @@ class Tracker:
         if conn.state == CONNECTING:
             return self._absorb("hello_buffered")
         out = self._peek(conn, now)
-        if repeated and not out and conn.state == PEEKING and conn.client_sack:
-            return [self._sack_to_client(conn, now)]
+        if repeated and not out and conn.state == PEEKING and conn.hello.contiguous:
+            return [self._ack_held_hello(conn, now)]
         return out
 
     # A client whose retransmission timer fired resends only its first unacknowledged
-    # segment and waits for an ACK before sending more (RFC 6298 §5.4, RFC 5681 §3.1:
-    # cwnd is one segment); kracauer never acknowledges the hello, so a hole
-    # behind that segment would never be filled. A duplicate ACK with SACK blocks
-    # (RFC 2018 §4) for what kracauer holds makes the client resend the holes
-    # instead. SACK is advisory: the client keeps every byte until it is
-    # cumulatively acknowledged (RFC 2018 §8), so nothing is at risk.
-    def _sack_to_client(self, conn: Connection, now: float) -> bytearray:
-        self.events["hello_sack_sent"] += 1
+    # segment and waits for a cumulative ACK before it sends more (RFC 6298 §5.4,
+    # RFC 5681 §3.1: cwnd is one segment), and a SACK block cannot start at its
+    # SND.UNA (Linux ignores such a block, RFC 2018 §4 implies it). So when a
+    # repeated segment shows the client stuck behind a hole, and the name is
+    # still unknown, kracauer acknowledges the contiguous bytes it holds (and
+    # SACKs the pieces beyond). From then on those bytes are kracauer's to
+    # deliver: it replays them to the host, and if no host takes them the
+    # client is reset, as a proxy would do. Without losses nothing is ever
+    # acknowledged before the host does it.
+    def _ack_held_hello(self, conn: Connection, now: float) -> bytearray:
+        self.events["hello_acked_after_retransmission"] += 1
         base = conn.client_isn + 1
-        room = 3 if conn.client_ts else 4
-        blocks = conn.hello.ranges[:room]
-        option = bytes((OPT_NOP, OPT_NOP, OPT_SACK, 2 + 8 * len(blocks)))
-        option += b"".join(U32.pack((base + low) & MOD32) + U32.pack((base + high) & MOD32) for low, high in blocks)
-        return self._segment_to_client(conn, conn.our_isn + 1, base, ACK, now, extra_options=option)
+        ranges = conn.hello.ranges
+        option = b""
+        if conn.client_sack and len(ranges) > 1:
+            blocks = ranges[1:4 if conn.client_ts else 5]
+            option = bytes((OPT_NOP, OPT_NOP, OPT_SACK, 2 + 8 * len(blocks)))
+            option += b"".join(U32.pack((base + low) & MOD32) + U32.pack((base + high) & MOD32)
+                               for low, high in blocks)
+        return self._segment_to_client(conn, conn.our_isn + 1, base + conn.hello.contiguous, ACK, now,
+                                       extra_options=option)
 
     def _note_client_options(self, conn: Connection, segment: memoryview, tcp: TcpHeader) -> None:
         # client_window stays the SYN's (unscaled) window for the host's SYN;

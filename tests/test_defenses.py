@@ -206,7 +206,7 @@ def test_icmp_for_no_connection_is_dropped():
 
 # ----------------------------------------------------------------- hello losses (found in the lab)
 
-def test_repeated_first_segment_gets_a_sack_for_what_is_held_so_the_client_resends_the_rest():
+def test_repeated_first_segment_is_acknowledged_so_the_stuck_client_sends_the_rest():
     box = Box()
     walk = Walk(box)
     walk.handshake()
@@ -217,12 +217,23 @@ def test_repeated_first_segment_gets_a_sack_for_what_is_held_so_the_client_resen
     assert len(out) == 1
     ack = out[0]
     assert ack.v4 and ack.flags == "A" and ack.payload == b""
-    assert ack.tcp.ack == (walk.c + 1) & 0xFFFFFFFF, "nothing of the hello is acknowledged"
-    assert ack.options["SAck"] == ((walk.c + 1) & 0xFFFFFFFF, (walk.c + 1 + 1000) & 0xFFFFFFFF)
-    assert "Timestamp" in ack.options
-    assert box.tracker.events["hello_sack_sent"] == 1
-    # The rest arrives and the hello is routed as usual.
+    assert ack.tcp.ack == (walk.c + 1 + 1000) & 0xFFFFFFFF, "the held bytes are acknowledged"
+    assert "SAck" not in ack.options and "Timestamp" in ack.options
+    assert box.tracker.events["hello_acked_after_retransmission"] == 1
+    # The rest arrives and the hello is routed and replayed whole as usual.
     walk.expect_host_syn(walk.from_client("PA", walk.c + 1 + 1000, walk.k + 1, CHROME[1000:]))
+    assert b"".join(r.payload for r in walk.host_synack()) == CHROME
+
+
+def test_pieces_beyond_a_hole_are_sacked_when_the_client_repeats_a_segment():
+    box = Box()
+    walk = Walk(box)
+    walk.handshake()
+    walk.from_client("PA", walk.c + 1, walk.k + 1, CHROME[:500])
+    walk.from_client("PA", walk.c + 1 + 1000, walk.k + 1, CHROME[1000:1500])
+    ack = walk.from_client("PA", walk.c + 1, walk.k + 1, CHROME[:500])[0]
+    assert ack.tcp.ack == (walk.c + 1 + 500) & 0xFFFFFFFF
+    assert ack.options["SAck"] == ((walk.c + 1 + 1000) & 0xFFFFFFFF, (walk.c + 1 + 1500) & 0xFFFFFFFF)
 
 
 def test_a_late_packet_never_moves_the_clients_timestamp_back():

@@ -479,16 +479,17 @@ HELLO_CASES = {
     "hello_segments_duplicated": HelloCase((Rule("c2k", "payload", "dup", count=2, port=443),)),
     "hello_segments_reordered": HelloCase((Rule("c2k", "payload", "delay", count=1, seconds=0.05, port=443),), 0.04),
     "second_hello_segment_and_its_probe_lost": HelloCase((Rule("c2k", "payload", count=2, skip=1, port=443),), 0.1,
-                                                         bug=BUG_HELLO_TAIL_LOST),
+                                                         ),
     "host_synack_lost": HelloCase((Rule("h2k", "synack", count=1),), 0.9),
-    "replayed_hello_lost": HelloCase((Rule("k2h", "payload", count=2),), 0.1),
+    # The client's own quick retransmission now gets through (its echo is the host's SYN-ACK's).
+    "replayed_hello_lost": HelloCase((Rule("k2h", "payload", count=2),)),
     "replayed_hello_lost_client_retransmission_accepted": HelloCase((Rule("k2h", "payload", count=2),), 0.1, 0.9,
-                                                                    bug=BUG_TSECR),
+                                                                    ),
     "replay_and_retransmissions_lost_until_host_repeats_synack": HelloCase(
         (Rule("k2h", "payload", count=0, seconds=0.8),), 0.9),
     "handshake_ack_reordered_behind_hello_while_host_answers_slowly": HelloCase(
         (Rule("c2k", "ack", "delay", count=1, seconds=0.05, port=443), Rule("h2k", "synack", "delay", seconds=0.1)),
-        0.1, 0.9, bug=BUG_TSVAL_REGRESSES),
+        0.1, 0.9),
 }
 
 
@@ -570,8 +571,6 @@ def test_captured_chrome_post_quantum_hello_with_first_segment_lost_reaches_the_
 SHORT_CONNECTIONS = 40
 
 
-@pytest.mark.xfail(strict=True, reason=BUG_TSVAL_REGRESSES.split(". Repro")[0] + " (with random jitter about one "
-                   "handshake in three hits it; see handshake_ack_reordered_behind_hello_while_host_answers_slowly)")
 def test_short_tls_connections_through_random_loss_and_reordering_complete_promptly(lab, start, record_property):
     """Handshakes under the random impairment of test 1 (not spared): retries cost a second or two, no more."""
     k = start(config())
