@@ -438,7 +438,7 @@ class Tracker:
     # cookie and keep nothing; the client's ACK brings the state back.
     def _cookie_syn_ack(self, conn: Connection, segment: memoryview, tcp: TcpHeader, now: float) -> bytearray:
         self.events["syn_cookie_sent"] += 1
-        self._accept_syn(conn, segment, tcp)
+        self._accept_syn(conn, segment, tcp, stateless=True)
         conn.cookie = True
         conn.our_isn = self.cookies.make(now, conn.client_addr, conn.listener.address, conn.client_port,
                                          conn.listener.port, conn.client_isn, conn.client_mss)
@@ -490,11 +490,16 @@ class Tracker:
             return out
         return out + self._client_early(conn, ip, segment, tcp, now)
 
-    def _accept_syn(self, conn: Connection, segment: memoryview, tcp: TcpHeader) -> None:
-        """Record the client's SYN and choose kracauer's side of the handshake (DESIGN.md step 1)."""
+    def _accept_syn(self, conn: Connection, segment: memoryview, tcp: TcpHeader, stateless: bool = False) -> None:
+        """Record the client's SYN and choose kracauer's side of the handshake (DESIGN.md step 1).
+
+        `stateless`: for a SYN cookie, whose ISN and clock the caller derives and
+        which keeps no buffers (the connection object is thrown away).
+        """
         conn.client_isn = tcp.seq
-        conn.our_isn = self.random32() & MOD32
-        conn.ts_base = self.random32() & MOD32
+        if not stateless:
+            conn.our_isn = self.random32() & MOD32
+            conn.ts_base = self.random32() & MOD32
         conn.client_mss = tcp.mss if tcp.mss is not None else DEFAULT_MSS
         conn.client_wscale = tcp.wscale
         conn.client_sack = tcp.sack_permitted
@@ -504,9 +509,10 @@ class Tracker:
         conn.client_window = tcp.window
         # RFC 7323 §2.2: scaling is used only when both SYNs carry the option.
         conn.our_wscale = OUR_WSCALE if tcp.wscale is not None else 0
-        conn.client_ack = (conn.our_isn + 1) & MOD32
         conn.client_win = tcp.window
-        self._new_buffers(conn)
+        if not stateless:
+            conn.client_ack = (conn.our_isn + 1) & MOD32
+            self._new_buffers(conn)
 
     def _new_buffers(self, conn: Connection) -> None:
         conn.hello = StreamBuffer(self.config.hello_max_bytes)
