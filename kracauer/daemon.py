@@ -625,6 +625,13 @@ class Daemon:
         wall_offset = time.time() - time.monotonic()
         info = conn_log.isEnabledFor(logging.INFO)
         for record in records:
+            if record.outcome == "handshake_timeout":
+                # SYNs whose handshake never completed (floods): counted, not logged one by one.
+                if conn_log.isEnabledFor(logging.DEBUG):
+                    conn_log.debug("%s", format_record(record))
+                if metrics is not None:
+                    metrics.observe(record)
+                continue
             if info:
                 conn_log.info("%s", format_record(record))
             if access_log is not None:

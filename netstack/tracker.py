@@ -1219,7 +1219,9 @@ class Tracker:
     def _expire(self, conn: Connection, now: float) -> list[bytearray]:
         state = conn.state
         if state == PEEKING:
-            self._finish(conn, "hello_timeout", now)
+            # A handshake never completed (a lost ACK, or a spoofed SYN) is not
+            # quite a connection; the daemon logs it at debug level only.
+            self._finish(conn, "hello_timeout" if conn.acked else "handshake_timeout", now)
             return [self._rst_to_client(conn, conn.hello.contiguous)]
         if state == CONNECTING:
             return self._connect_timer(conn, now)

@@ -1549,3 +1549,10 @@ def test_any_arrival_order_of_the_hello_gives_one_syn_and_an_exact_replay(order)
     walk.expect_host_syn(syns)
     replay = walk.host_synack()
     assert b"".join(r.payload for r in replay) == CHROME
+
+
+def test_a_handshake_that_never_completes_ends_as_handshake_timeout():
+    box = Box()
+    Walk(box).syn()
+    box.wait(11)
+    assert [r.outcome for r in box.tracker.records] == ["handshake_timeout"]
