@@ -63,6 +63,9 @@ SYN_WINDOW = 65535
 SYN_RETRY_FIRST = 1.0
 # How often a refusal (alert or 421, with FIN) is sent before giving up.
 REFUSAL_TRIES = 3
+# The smallest MSS taken from a peer, as Linux's tcp_min_snd_mss: a smaller one
+# only multiplies packets (and could not carry a segment's options).
+MIN_MSS = 48
 # How long a connection whose FINs are both acknowledged keeps translating
 # retransmitted FINs and ACKs before its state goes (a short TIME-WAIT).
 CLOSE_LINGER = 10.0
@@ -500,7 +503,7 @@ class Tracker:
         if not stateless:
             conn.our_isn = self.random32() & MOD32
             conn.ts_base = self.random32() & MOD32
-        conn.client_mss = tcp.mss if tcp.mss is not None else DEFAULT_MSS
+        conn.client_mss = max(tcp.mss, MIN_MSS) if tcp.mss is not None else DEFAULT_MSS
         conn.client_wscale = tcp.wscale
         conn.client_sack = tcp.sack_permitted
         stamps = tcp.timestamps(segment)
@@ -773,7 +776,7 @@ class Tracker:
         """DESIGN.md step 4: record delta, window scales and the host's timestamp clock."""
         conn.host_isn = tcp.seq
         conn.delta = (tcp.seq - conn.our_isn) & MOD32
-        conn.host_mss = min(tcp.mss if tcp.mss is not None else DEFAULT_MSS, self.config.mss)
+        conn.host_mss = min(max(tcp.mss, MIN_MSS) if tcp.mss is not None else DEFAULT_MSS, self.config.mss)
         # RFC 7323 §2.2: scaling holds only if both SYNs carried it; the client was
         # told OUR_WSCALE, the host was told the client's own.
         scaled = conn.client_wscale is not None and tcp.wscale is not None
@@ -1053,6 +1056,7 @@ class Tracker:
         conn.state = REFUSING
         conn.outcome = "refused_unknown_name"
         conn.tries = 1
+        conn.connect_start = now  # when the refusal began (no host is ever connected)
         self._set_timer(conn, now + SYN_RETRY_FIRST)
         return [self._refusal_segment(conn, now)]
 
@@ -1094,6 +1098,10 @@ class Tracker:
             return self._drop("fragment")
         message = packet[ip.header_len:ip.total_len]
         icmp = IcmpHeader(message)
+        # RFC 792: the checksum covers the whole message. A corrupted error must
+        # not become a valid one on the other side (with a wrong MTU, say).
+        if not self._checksum_trusted() and not is_valid(message):
+            return self._drop("icmp_bad_checksum")
         if icmp.type == ICMP4_ECHO_REQUEST:
             return self._echo_reply(ip, message)
         if icmp.type not in ICMP4_ERRORS:
@@ -1140,6 +1148,10 @@ class Tracker:
         """ICMPv6 to prefix::client: errors about packets kracauer sent to a host."""
         message = packet[IPV6_HEADER_LEN:IPV6_HEADER_LEN + ip.payload_len]
         icmp = IcmpHeader(message)
+        # RFC 4443 §2.3: the checksum covers the message and the pseudo-header.
+        if not self._checksum_trusted() and not is_valid(
+                message, ones_sum(ip.src + ip.dst) + len(message) + PROTO_ICMPV6):
+            return self._drop("icmp_bad_checksum")
         if icmp.type not in ICMP6_ERRORS:
             return self._drop("icmp_type")
         quoted = message[ICMP_HEADER_LEN:]
@@ -1170,7 +1182,8 @@ class Tracker:
             U16.pack_into(tcp, 16, update(U16.unpack_from(tcp, 16)[0], old, ones_sum(client + service + tcp[:12])))
         payload_len = int.from_bytes(quoted[4:6], "big")
         room = ICMP4_ERROR_MAX - 2 * IPV4_HEADER_LEN - ICMP_HEADER_LEN
-        inner = build_ipv4_header(client, service, PROTO_TCP, max(payload_len, len(tcp)), quoted[7],
+        # The quoted length is the sender's word; an IPv4 header can say at most 65535.
+        inner = build_ipv4_header(client, service, PROTO_TCP, min(max(payload_len, len(tcp)), 0xFFFF - IPV4_HEADER_LEN), quoted[7],
                                   ((quoted[0] & 0x0F) << 4) | (quoted[1] >> 4))
         inner += tcp
         message4 = build_icmp4(*mapped, inner[:room + IPV4_HEADER_LEN])
@@ -1226,7 +1239,8 @@ class Tracker:
         if state == CONNECTING:
             return self._connect_timer(conn, now)
         if state == REFUSING:
-            if conn.tries >= REFUSAL_TRIES:
+            # Given up by count or by time, whichever comes first (a late timer must not send a stale refusal).
+            if conn.tries >= REFUSAL_TRIES or now >= conn.connect_start + SYN_RETRY_FIRST * ((1 << REFUSAL_TRIES) - 1):
                 self._finish(conn, conn.outcome, now)
                 return []
             conn.tries += 1
