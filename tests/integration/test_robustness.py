@@ -57,13 +57,13 @@ SINK_HTTP_PORT = 9080
 SINK_TLS_PORT = 9443
 ECHO_PORT = 9001
 
-# 2% loss, 1% duplication, 10 ms ± 5 ms in each of the four directions. With
-# ± 10 ms, BBR (this kernel's default) sizes its window on a minimum RTT a
-# quarter of the mean and a 50 MB transfer takes ~70 s (docs/robustness.md).
-LOSSY = Impairment(loss=0.02, dup=0.01, delay=0.010, jitter=0.005)
-# Test 1 spares each connection's handshake (its first packets with payload) from the random
-# impairment: handshakes under loss have bugs of their own (tests 2 and 6); this one is about the bulk.
-SPARE = 10
+# 2% loss, 1% duplication, 10 ms ± 10 ms in each of the four directions, as
+# issue #4 asks. BBR (this kernel's default) sizes its window on a minimum RTT
+# a quarter of the mean, so a 50 MB transfer takes a minute or more
+# (docs/robustness.md).
+LOSSY = Impairment(loss=0.02, dup=0.01, delay=0.010, jitter=0.010)
+# Handshakes are impaired too (the hello losses they once tripped over are fixed).
+SPARE = 0
 
 
 def report(record_property, name: str, **figures) -> None:
