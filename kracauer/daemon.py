@@ -29,7 +29,8 @@ import logging.handlers
 import os
 import pwd
 import queue
-import secrets
+import array
+import gc
 import select
 import signal
 import tempfile
@@ -127,7 +128,24 @@ def tracker_config(config: Config) -> TrackerConfig:
 def build_tracker(config: Config, random32: Callable[[], int] | None = None) -> Tracker:
     """A tracker for `config`: its listeners, and a resolver over its routes."""
     return Tracker(tracker_config(config), tracker_listeners(config), build_resolver(config),
-                   random32 or (lambda: secrets.randbits(32)))
+                   random32 or RandomPool())
+
+
+class RandomPool:
+    """32-bit random numbers from the kernel's CSPRNG, fetched a batch at a time.
+
+    ISNs and timestamp bases must be unpredictable (RFC 6528); one getrandom()
+    per 1024 values instead of one per value keeps that off the per-connection cost.
+    """
+
+    def __init__(self, batch: int = 1024) -> None:
+        self._batch = batch
+        self._values: list[int] = []
+
+    def __call__(self) -> int:
+        if not self._values:
+            self._values = list(array.array("I", os.urandom(4 * self._batch)))
+        return self._values.pop()
 
 
 def format_record(record: ConnectionRecord) -> str:
@@ -290,6 +308,8 @@ class Daemon:
     # -- start and stop ------------------------------------------------------
 
     def run(self) -> int:
+        # Log records need no process or thread details (a getpid() per record otherwise).
+        logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
         # pyroute2 and asyncio chatter at debug level about every netlink message.
         for noisy in ("pyroute2", "asyncio"):
             logging.getLogger(noisy).setLevel(max(logging.getLogger(noisy).getEffectiveLevel(), logging.INFO))
@@ -340,6 +360,9 @@ class Daemon:
             self.notifier.ready(self._status_text())
             if self.notifier.watchdog_interval is not None:
                 self._next_watchdog = 0.0
+            # Everything made at start-up lives as long as the process: keep the
+            # cyclic garbage collector from walking it again and again.
+            gc.freeze()
             self._loop(wake_r)
         finally:
             signal.set_wakeup_fd(old_wakeup)

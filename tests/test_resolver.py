@@ -59,3 +59,12 @@ def test_resolver_maps_routes_alpn_tcp_listeners_and_prefixes():
     assert tls.prefix is None and tls2.prefix == ipaddress.IPv6Address("64:ff9b:2::").packed[:12]
     # Connections to one route share one Target.
     assert resolve(tls2, Decision("www.example.com")) is resolve(tls, Decision("www.example.com", ("h2",)))
+
+
+def test_random_pool_gives_distinct_32_bit_values_across_refills():
+    from kracauer.daemon import RandomPool
+
+    pool = RandomPool(batch=8)
+    values = [pool() for _ in range(50)]  # several refills
+    assert all(0 <= v < 1 << 32 for v in values)
+    assert len(set(values)) >= 48  # collisions among 50 random 32-bit values are vanishingly rare
