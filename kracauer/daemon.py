@@ -647,6 +647,9 @@ class Daemon:
         metrics = self.metrics
         wall_offset = time.time() - time.monotonic()
         info = conn_log.isEnabledFor(logging.INFO)
+        if metrics is not None:
+            # Opened before closed: a scrape never sees more connections ended than begun.
+            metrics.count_opened(self.tracker)
         for record in records:
             if record.outcome == "handshake_timeout":
                 # SYNs whose handshake never completed (floods): counted, not logged one by one.

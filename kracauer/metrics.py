@@ -152,11 +152,7 @@ class Metrics:
         Call it after the tracker's pending records went through observe():
         a connection already recorded was counted as opened there.
         """
-        for listener, count in tracker.opened.items():
-            new = count - self._opened_seen.get(listener, 0)
-            if new > 0:
-                self._opened_child(self._listener_name(listener)).inc(new)
-                self._opened_seen[listener] = count
+        self.count_opened(tracker)
         self.snapshot = _Snapshot(
             drops=dict(tracker.drops),
             absorbed=dict(tracker.absorbed),
@@ -168,6 +164,14 @@ class Metrics:
             hosts_down=sum(1 for _, until in tracker.health.values() if until > now),
             log_dropped=dict(log_dropped or {}),
         )
+
+    def count_opened(self, tracker: Tracker) -> None:
+        """Turn the tracker's per-listener `opened` counts into the counter (a few listeners: cheap)."""
+        for listener, count in tracker.opened.items():
+            new = count - self._opened_seen.get(listener, 0)
+            if new > 0:
+                self._opened_child(self._listener_name(listener)).inc(new)
+                self._opened_seen[listener] = count
 
     def skip_existing(self, now: float) -> None:
         """Do not count what the tracker opened before now (e.g. restored connections) as opened."""
