@@ -21,7 +21,7 @@ from netstack import http, tls
 from netstack.peek import Decision
 from netstack.reassembly import StreamBuffer
 from netstack.tracker import (
-    CONNECTING, ESTABLISHED, GONE, PEEKING, REFUSING, Connection, Target, Tracker,
+    CONNECTING, ESTABLISHED, GONE, KERNEL_YES, PEEKING, REFUSING, Connection, Target, Tracker,
 )
 
 VERSION = 1
@@ -31,7 +31,7 @@ _TIMES = ("start", "last_seen", "timer_at", "connect_start", "host_start", "rst_
 # Slots holding raw bytes: saved as hex.
 _BYTES = ("client_addr", "client_key", "host", "src6", "host_key")
 # Slots rebuilt rather than saved.
-_REBUILT = ("listener", "hello", "peeker", "decision", "target", "candidates")
+_REBUILT = ("listener", "hello", "peeker", "decision", "target", "candidates", "to_host_flow", "to_client_flow")
 
 
 class StateError(ValueError):
@@ -141,6 +141,11 @@ def _load_connection(tracker: Tracker, saved: dict[str, Any], now: float) -> Con
         conn.hello.ranges = [[int(a), int(b)] for a, b in ranges]
     if conn.state == PEEKING:
         _rebuild_peeker(tracker, conn)
+    if conn.state == ESTABLISHED:
+        tracker._make_flows(conn)
+    if conn.kernel == KERNEL_YES and tracker.flows is None:
+        # The kernel path is off now: this tracker translates it (the daemon empties the map).
+        conn.kernel = KERNEL_NO
     return conn
 
 

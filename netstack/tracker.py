@@ -30,14 +30,15 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from netstack import http, tls
-from netstack.checksum import is_valid, ones_sum, update, update_partial
+from netstack.checksum import is_valid, ones_sum, update
+from netstack.flow import F_SACK, F_TIMESTAMPS, NO_WSCALE, Flow, FlowTable, flow_key, to_client, to_host
 from netstack.icmp import (
     ICMP4_ECHO_REPLY, ICMP4_ECHO_REQUEST, ICMP4_ERROR_MAX, ICMP4_ERRORS, ICMP6_ERROR_MAX, ICMP6_ERRORS,
     ICMP6_UNREACHABLE, ICMP_HEADER_LEN, IcmpHeader, build_icmp4, build_icmp6, icmp4_to_icmp6, icmp6_to_icmp4,
 )
 from netstack.ip import (
     IPV4_HEADER_LEN, IPV6_HEADER, IPV6_HEADER_LEN, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, IPv4Header, IPv6Header, PacketError,
-    build_ipv4_header, build_ipv6_header, write_ipv4_header,
+    build_ipv4_header, build_ipv6_header,
 )
 from netstack.peek import NEED_DATA, Decision, NotProtocol
 from netstack.reassembly import StreamBuffer
@@ -48,11 +49,16 @@ from netstack.vnet import (
 )
 from netstack.tcp import (
     ACK, DEFAULT_MSS, FIN, MOD32, OPT_NOP, OPT_SACK, PSH, RST, SYN, TCP_HEADER_LEN, U16, U32, TcpHeader, add_u32, build_segment, seq_le, seq_lt,
-    set_checksum, shift_sack_blocks, syn_options, timestamp_option,
+    set_checksum, syn_options, timestamp_option,
 )
 
 PEEKING, CONNECTING, ESTABLISHED, REFUSING, GONE = range(5)
 STATE_NAMES = ("PEEKING", "CONNECTING", "ESTABLISHED", "REFUSING", "GONE")
+
+# Who translates an established connection: this tracker (KERNEL_NO), the
+# kernel's flow map (KERNEL_YES), or this tracker for good because the map
+# refused the flow (KERNEL_NEVER).
+KERNEL_NO, KERNEL_YES, KERNEL_NEVER = range(3)
 
 # The window scale kracauer announces to clients. Linux hosts with default
 # buffers announce 7 as well, so their windows usually pass unchanged.
@@ -181,6 +187,8 @@ class Connection:
         # RFC 5961 §5.2 ACK checks: SND.NXT and MAX.SND.WND of each side
         "client_nxt", "host_nxt", "client_max_win", "host_max_win",
         "hello_segments", "connect_time",
+        # the established rewrite, one Flow per direction (netstack.flow), and who applies it
+        "to_host_flow", "to_client_flow", "kernel",
     )
 
     def __init__(self, listener: Listener, client_addr: bytes, client_port: int, client_key: bytes) -> None:
@@ -219,6 +227,9 @@ class Connection:
         self.connect_time: float | None = None
         self.acked = False  # the client acknowledged kracauer's SYN-ACK
         self.cookie = False  # the handshake was answered with a SYN cookie
+        self.to_host_flow: Flow | None = None
+        self.to_client_flow: Flow | None = None
+        self.kernel = KERNEL_NO
 
 
 class Tracker:
@@ -230,6 +241,7 @@ class Tracker:
         listeners: Iterable[Listener],
         resolve: Resolver,
         random32: Callable[[], int],
+        flows: FlowTable | None = None,
     ) -> None:
         if len(config.prefix) != 12:
             raise ValueError("the translation prefix must be 12 bytes (a /96)")
@@ -239,6 +251,8 @@ class Tracker:
         self.prefixes = {config.prefix} | {lst.prefix for lst in self.listeners.values() if lst.prefix}
         self.resolve = resolve
         self.random32 = random32
+        # The kernel's flow map, if a BPF program translates established connections.
+        self.flows = flows
         # client key: client address + service address + client port + service port,
         # exactly bytes 12:20 of the IPv4 header and 0:4 of the TCP header.
         self.clients: dict[bytes, Connection] = {}
@@ -359,6 +373,8 @@ class Tracker:
             if tcp.flags & (SYN | ACK | RST) == ACK:
                 return self._client_cookie_ack(ip, segment, tcp, now)
             return self._client_new(packet, ip, segment, tcp, now)
+        if conn.kernel == KERNEL_YES:
+            self._reclaim(conn, now)
         conn.last_seen = now
         if tcp.flags & SYN:
             return self._client_syn_again(conn, packet, ip, segment, tcp, now)
@@ -384,6 +400,8 @@ class Tracker:
         conn = self.hosts.get(ip.src + ip.dst + segment[:4].tobytes())
         if conn is None:
             return self._drop("no_connection")
+        if conn.kernel == KERNEL_YES:
+            self._reclaim(conn, now)
         conn.last_seen = now
         if conn.state == ESTABLISHED:
             if tcp.flags & SYN:
@@ -800,7 +818,106 @@ class Tracker:
         conn.client_nxt = (conn.client_isn + 1) & MOD32
         conn.state = ESTABLISHED
         conn.peeker = None
+        self._make_flows(conn)
         self._set_timer(conn, now + self.config.idle_timeout)
+
+    def _make_flows(self, conn: Connection) -> None:
+        """The two directions' rewrites (netstack.flow), from what the splice recorded."""
+        flags = (F_TIMESTAMPS if conn.client_ts and conn.host_ts else 0) | (F_SACK if conn.client_sack else 0)
+        start_ns = int(conn.start * 1e9)
+        conn.to_host_flow = Flow(
+            src=conn.src6, dst=conn.host, sport=conn.host_sport, dport=conn.target.port,
+            ack_add=conn.delta, tsecr_add=conn.ts_off, wscale_shift=conn.c2h_shift, mss=self.config.mss,
+            flags=flags | (NO_WSCALE if conn.client_wscale is None else conn.client_wscale),
+            seq_base=conn.client_isn + 1, start_ns=start_ns)
+        conn.to_client_flow = Flow(
+            src=conn.listener.address, dst=conn.client_addr, sport=conn.listener.port, dport=conn.client_port,
+            seq_add=-conn.delta, tsval_add=-conn.ts_off, wscale_shift=conn.h2c_shift, mss=conn.client_mss,
+            flags=flags | conn.host_wscale, seq_base=conn.host_isn + 1,
+            start_ns=start_ns)
+
+    # ------------------------------------------------------ the kernel path
+
+    def _kernel_keys(self, conn: Connection) -> tuple[bytes, bytes]:
+        """The flow map's keys: the client's packets as they reach the TUN, and the host's."""
+        return (flow_key(conn.client_addr, conn.listener.address, conn.client_key[8:12]),
+                flow_key(conn.host, conn.src6, conn.host_key[32:36]))
+
+    def _offload(self, conn: Connection, now: float) -> None:
+        """Hand an established connection to the kernel once nothing is held for it.
+
+        ../shared/design/kernel-path.md, the split: a flow enters the map when
+        the hello is replayed and acknowledged (nothing left to replay), and
+        only while no FIN or RST is in play, since teardown stays here.
+        """
+        if conn.hello is not None or conn.client_fin >= 0 or conn.host_fin >= 0 or conn.rst_at or conn.closing:
+            return
+        up, down = conn.to_host_flow, conn.to_client_flow
+        # What the program tracks starts from what this tracker knows.
+        up.ack_max, up.seq_next, up.window = conn.client_ack, conn.client_nxt, conn.client_win
+        up.window_max, up.packets = conn.client_win, conn.packets_to_host
+        down.ack_max, down.seq_next, down.window = conn.host_ack, (conn.host_nxt + conn.delta) & MOD32, conn.host_win
+        down.window_max, down.packets = conn.host_win, conn.packets_to_client
+        up.last_seen = down.last_seen = int(now * 1e9)
+        client_key, host_key = self._kernel_keys(conn)
+        if not (self.flows.install(client_key, up) and self.flows.install(host_key, down)):
+            self.flows.take(client_key)
+            self.flows.take(host_key)
+            conn.kernel = KERNEL_NEVER
+            self.events["kernel_install_failed"] += 1
+            return
+        conn.kernel = KERNEL_YES
+        self.events["kernel_offloaded"] += 1
+
+    def _reclaim(self, conn: Connection, now: float) -> None:
+        """Take a connection back from the kernel: its map entries go, what they saw is merged in.
+
+        Called before this tracker handles any packet of a connection the
+        kernel carries (a FIN, an RST, anything the program passed on), and
+        before its record is written.
+        """
+        conn.kernel = KERNEL_NO
+        client_key, host_key = self._kernel_keys(conn)
+        up = self.flows.take(client_key)
+        down = self.flows.take(host_key)
+        if up is None or down is None:
+            # Evicted from the LRU map (or removed from outside): the counts
+            # stop where the tracker last knew them; translation goes on here.
+            self.events["kernel_flow_lost"] += 1
+        if up is not None:
+            self._merge_client_side(conn, up)
+        if down is not None:
+            self._merge_host_side(conn, down)
+
+    def _merge_client_side(self, conn: Connection, up: Flow) -> None:
+        if seq_lt(conn.client_ack, up.ack_max):
+            conn.client_ack = up.ack_max
+        if seq_lt(conn.client_nxt, up.seq_next):
+            conn.client_nxt = up.seq_next
+        if up.packets > conn.packets_to_host:
+            conn.packets_to_host = up.packets
+            conn.client_win = up.window
+        conn.client_max_win = max(conn.client_max_win, up.window_max << (conn.client_wscale or 0))
+        conn.last_seen = max(conn.last_seen, up.last_seen / 1e9)
+
+    def _merge_host_side(self, conn: Connection, down: Flow) -> None:
+        if seq_lt(conn.host_ack, down.ack_max):
+            conn.host_ack = down.ack_max
+        host_nxt = (down.seq_next - conn.delta) & MOD32
+        if seq_lt(conn.host_nxt, host_nxt):
+            conn.host_nxt = host_nxt
+        if down.packets > conn.packets_to_client:
+            conn.packets_to_client = down.packets
+            conn.host_win = down.window
+        conn.host_max_win = max(conn.host_max_win, down.window_max << conn.host_wscale)
+        conn.last_seen = max(conn.last_seen, down.last_seen / 1e9)
+
+    def _kernel_last_seen(self, conn: Connection) -> None:
+        """Bring last_seen up to date from the map, leaving the flow in the kernel."""
+        for key in self._kernel_keys(conn):
+            flow = self.flows.peek(key)
+            if flow is not None:
+                conn.last_seen = max(conn.last_seen, flow.last_seen / 1e9)
 
     def _replay(self, conn: Connection, now: float) -> list[bytearray]:
         """Complete the host's handshake and hand it the buffered bytes (and FIN), with ACK h+1."""
@@ -843,7 +960,7 @@ class Tracker:
 
     def _client_established(self, conn: Connection, ip: IPv4Header, segment: memoryview, tcp: TcpHeader,
                             now: float) -> list:
-        """Client → host, in place: ports, ack + delta, SACK + delta, TSecr + offset, IPv4 → IPv6 header."""
+        """Client → host: the RFC 5961 checks and FIN tracking here, the rewrite in netstack.flow."""
         flags = tcp.flags
         if flags & RST:
             return self._rst_from_client(conn, ip, segment, tcp, now)
@@ -866,44 +983,13 @@ class Tracker:
         if seq_lt(conn.client_nxt, end):
             conn.client_nxt = end
         buf = self._rx_buf
-        t = self._rx_start + ip.header_len  # where the TCP header sits in buf
         partial = self._rx_flags & F_NEEDS_CSUM
-        src6 = conn.src6
-        host = conn.host
-        if not partial:
-            old = ones_sum(ip.src + ip.dst + buf[t:t + hl])
-        U16.pack_into(buf, t, conn.host_sport)
-        U16.pack_into(buf, t + 2, conn.target.port)
-        if flags & ACK:
-            add_u32(buf, t + 8, conn.delta)
-        if conn.c2h_shift:
-            U16.pack_into(buf, t + 14, min(tcp.window << conn.c2h_shift, 0xFFFF))
-        if tcp.ts_at >= 0:
-            if conn.hello is None:
-                add_u32(buf, t + tcp.ts_at + 4, conn.ts_off)
-            else:
-                # The host has not acknowledged the replay: it may still be in
-                # SYN-RECEIVED, where an echo older than its SYN-ACK is refused.
-                # Echo its SYN-ACK's own TSval, as the replay does.
-                tsval = U32.unpack_from(segment, tcp.ts_at)[0]
-                if seq_lt(conn.client_tsval, tsval):
-                    conn.client_tsval = tsval
-                U32.pack_into(buf, t + tcp.ts_at + 4, conn.host_tsval)
-        if tcp.sack_at >= 0:
-            shift_sack_blocks(buf, t, tcp, conn.delta)
-        if partial:
-            # Virtio §5.1.6.2: the field holds the pseudo-header sum only; the
-            # TCP bytes after csum_start are summed when the segments are sent.
-            U16.pack_into(buf, t + 16, update_partial(tcp.checksum, ones_sum(ip.src + ip.dst), ones_sum(src6 + host)))
-        else:
-            U16.pack_into(buf, t + 16, update(tcp.checksum, old, ones_sum(src6 + host + buf[t:t + hl])))
+        if tcp.ts_at >= 0 and conn.hello is not None:
+            self._echo_host_synack_tsval(conn, buf, self._rx_start + ip.header_len, segment, tcp, partial)
+        start = to_host(buf, self._rx_start, ip, tcp, tcp_len, conn.to_host_flow, partial)
         if flags & FIN and conn.client_fin < 0:
             conn.client_fin = (tcp.seq + tcp_len - hl) & MOD32
         conn.packets_to_host += 1
-        start = t - IPV6_HEADER_LEN
-        # RFC 7915 §4.1: traffic class from TOS, flow label 0, hop limit from TTL
-        # (decremented: kracauer routes), next header from protocol.
-        IPV6_HEADER.pack_into(buf, start, 0x60000000 | (ip.tos << 20), tcp_len, PROTO_TCP, ip.ttl - 1, src6, host)
         if self.config.vnet:
             start -= VNET_HEADER_LEN
             gso_size = self._rx_gso_size
@@ -912,11 +998,31 @@ class Tracker:
             VNET_HEADER.pack_into(buf, start, partial, gso_type_for(6, self._rx_gso_type), IPV6_HEADER_LEN + hl,
                                   gso_size, IPV6_HEADER_LEN if partial else 0, TCP_CSUM_OFFSET if partial else 0)
         self._check_closed(conn, now)
-        return [memoryview(buf)[start:t + tcp_len]]
+        if self.flows is not None and conn.kernel == KERNEL_NO:
+            self._offload(conn, now)
+        return [memoryview(buf)[start:self._rx_start + ip.header_len + tcp_len]]
+
+    def _echo_host_synack_tsval(self, conn: Connection, buf: bytearray, t: int, segment: memoryview, tcp: TcpHeader,
+                                partial: int) -> None:
+        """While the host has not acknowledged the replay, the client's TSecr becomes the host's SYN-ACK TSval.
+
+        The host may still be in SYN-RECEIVED, where an echo older than its
+        SYN-ACK is refused; the replay echoes that TSval too. The word is set
+        so that the flow's offset lands on it, and the checksum follows.
+        """
+        tsval = U32.unpack_from(segment, tcp.ts_at)[0]
+        if seq_lt(conn.client_tsval, tsval):
+            conn.client_tsval = tsval
+        at = t + tcp.ts_at + 4
+        old = ones_sum(buf[at:at + 4])
+        U32.pack_into(buf, at, (conn.host_tsval - conn.ts_off) & MOD32)
+        if not partial:
+            tcp.checksum = update(tcp.checksum, old, ones_sum(buf[at:at + 4]))
+            U16.pack_into(buf, t + 16, tcp.checksum)
 
     def _host_established(self, conn: Connection, ip: IPv6Header, segment: memoryview, tcp: TcpHeader,
                           now: float) -> list:
-        """Host → client, in place: ports, seq - delta, window rescaled, TSval - offset, IPv6 → IPv4 header."""
+        """Host → client: the RFC 5961 checks and FIN tracking here, the rewrite in netstack.flow."""
         flags = tcp.flags
         if flags & RST:
             return self._rst_from_host(conn, ip, segment, tcp, now)
@@ -944,31 +1050,11 @@ class Tracker:
         if seq_lt(conn.host_nxt, end):
             conn.host_nxt = end
         buf = self._rx_buf
-        t = self._rx_start + IPV6_HEADER_LEN
         partial = self._rx_flags & F_NEEDS_CSUM
-        service = conn.listener.address
-        client = conn.client_addr
-        if not partial:
-            old = ones_sum(ip.src + ip.dst + buf[t:t + hl])
-        U16.pack_into(buf, t, conn.listener.port)
-        U16.pack_into(buf, t + 2, conn.client_port)
-        add_u32(buf, t + 4, -conn.delta)
-        if conn.h2c_shift:
-            U16.pack_into(buf, t + 14, self._rescale(tcp.window, conn.h2c_shift))
-        if tcp.ts_at >= 0:
-            add_u32(buf, t + tcp.ts_at, -conn.ts_off)
-        if partial:
-            U16.pack_into(buf, t + 16, update_partial(tcp.checksum, ones_sum(ip.src + ip.dst), ones_sum(service + client)))
-        else:
-            U16.pack_into(buf, t + 16, update(tcp.checksum, old, ones_sum(service + client + buf[t:t + hl])))
+        start = to_client(buf, self._rx_start, ip, tcp, tcp_len, conn.to_client_flow, partial, conn.packets_to_client)
         if flags & FIN and conn.host_fin < 0:
             conn.host_fin = (tcp.seq - conn.delta + tcp_len - hl) & MOD32
         conn.packets_to_client += 1
-        start = t - IPV4_HEADER_LEN
-        # RFC 7915 §5.1: TOS from traffic class, TTL from hop limit (decremented).
-        self._ident = (self._ident + 1) & 0xFFFF
-        write_ipv4_header(buf, start, service, client, PROTO_TCP, tcp_len, ip.hop_limit - 1, ip.traffic_class,
-                          self._ident)
         if self.config.vnet:
             start -= VNET_HEADER_LEN
             gso_size = self._rx_gso_size
@@ -978,14 +1064,9 @@ class Tracker:
             VNET_HEADER.pack_into(buf, start, partial, gso_type_for(4, self._rx_gso_type), IPV4_HEADER_LEN + hl,
                                   gso_size, IPV4_HEADER_LEN if partial else 0, TCP_CSUM_OFFSET if partial else 0)
         self._check_closed(conn, now)
-        return [memoryview(buf)[start:t + tcp_len]]
-
-    @staticmethod
-    def _rescale(window: int, shift: int) -> int:
-        """A window in one scale expressed in another; rounded up so it never closes by rounding."""
-        if shift > 0:
-            return min(window << shift, 0xFFFF)
-        return min((window + (1 << -shift) - 1) >> -shift, 0xFFFF)
+        if self.flows is not None and conn.kernel == KERNEL_NO:
+            self._offload(conn, now)
+        return [memoryview(buf)[start:self._rx_start + IPV6_HEADER_LEN + tcp_len]]
 
     def _client_window_for_host(self, conn: Connection, window: int) -> int:
         if conn.c2h_shift:
@@ -1256,6 +1337,8 @@ class Tracker:
                 return []
             conn.rst_at = 0.0
             conn.outcome = ""
+        if conn.kernel == KERNEL_YES:
+            self._kernel_last_seen(conn)
         idle_until = conn.last_seen + self.config.idle_timeout
         if idle_until > now:
             self._set_timer(conn, idle_until)
@@ -1288,6 +1371,8 @@ class Tracker:
             return
         if conn.state == PEEKING:
             self._leave_peeking(conn)
+        if conn.kernel == KERNEL_YES:
+            self._reclaim(conn, now)
         conn.state = GONE
         self.clients.pop(conn.client_key, None)
         if conn.host_key:

@@ -1,0 +1,94 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The flow map: one entry per direction of a connection the kernel carries.
+ *
+ * The key is the 4-tuple the packet carries when it reaches the TUN's egress
+ * (before translation); the value says how to rewrite it and collects what
+ * user space needs back (the highest ACK and sequence number, the window,
+ * counters). User space mirrors these layouts once, in netstack/flow.py, and a
+ * test checks sizes and offsets against this header's BTF.
+ *
+ * All multi-byte protocol fields are kept in host order except where the
+ * name says be16 (ports, copied into the header as they are).
+ */
+#ifndef KRACAUER_FLOW_H
+#define KRACAUER_FLOW_H
+
+#include <linux/types.h>
+
+#define FLOW_MAX_DEFAULT 200000
+
+/* flow_value.flags */
+#define FLOW_F_WSCALE_MASK 0x0f   /* the sender's own window scale, 15: none */
+#define FLOW_F_TIMESTAMPS  0x10   /* timestamps are on, both sides */
+#define FLOW_F_SACK        0x20   /* the client allowed SACK */
+
+/* xlat_config.flags */
+#define XLAT_F_ENABLED     0x01   /* translate; otherwise pass everything on */
+
+struct flow_key {
+	__u8 family;        /* 4 or 6: the packet's IP version */
+	__u8 pad[3];
+	__u8 src[16];       /* IPv4: four bytes, then zeros */
+	__u8 dst[16];
+	__be16 sport;
+	__be16 dport;
+};                          /* 40 bytes */
+
+struct flow_value {
+	/* The rewrite: written by user space, read by the program. */
+	__u8 src[16];       /* 0: the new source address (IPv4: four bytes, then zeros) */
+	__u8 dst[16];       /* 16: the new destination address */
+	__be16 sport;       /* 32: the new ports */
+	__be16 dport;       /* 34 */
+	__u32 seq_add;      /* 36: added to SEG.SEQ (host to client: -delta) */
+	__u32 ack_add;      /* 40: added to SEG.ACK and to SACK edges (client to host: +delta) */
+	__u32 tsval_add;    /* 44: added to TSval (host to client: -offset) */
+	__u32 tsecr_add;    /* 48: added to TSecr (client to host: +offset) */
+	__s8 wscale_shift;  /* 52: window << shift, or >> -shift rounded up */
+	__u8 family;        /* 53: the IP version out, 4 or 6 */
+	__u16 mss;          /* 54: gso_size + TCP options must fit mss + 20 */
+	__u32 flags;        /* 56: FLOW_F_* */
+	__u32 seq_base;     /* 60: the sender's ISN + 1, for byte counts */
+	__u64 start_ns;     /* 64: when the connection began (CLOCK_MONOTONIC) */
+	/* Tracking: written by the program, read by user space. */
+	__u32 ack_max;      /* 72: highest SEG.ACK seen (sender's space, before rewrite) */
+	__u32 seq_next;     /* 76: highest SEG.SEQ + SEG.LEN seen (sender's space) */
+	__u16 window;       /* 80: the latest SEG.WND, unscaled */
+	__u16 window_max;   /* 82: the largest SEG.WND, unscaled */
+	__u32 pad;          /* 84 */
+	__u64 packets;      /* 88: frames translated (a GSO super-packet is one) */
+	__u64 bytes;        /* 96: TCP payload bytes translated */
+	__u64 last_seen;    /* 104: bpf_ktime_get_ns() of the latest packet */
+};                          /* 112 bytes */
+
+struct xlat_config {
+	__u32 flags;            /* XLAT_F_* */
+	__u32 l3_offset;        /* where the IP header starts: 0 at a TUN, 14 in BPF_PROG_TEST_RUN */
+	__u32 redirect_ifindex; /* translated packets go to this device's ingress (the TUN) */
+	__u32 pad;
+};
+
+/* Per-CPU counters, indexes into the stats array. */
+enum xlat_stat {
+	STAT_TO_HOST_PACKETS,
+	STAT_TO_HOST_BYTES,
+	STAT_TO_CLIENT_PACKETS,
+	STAT_TO_CLIENT_BYTES,
+	/* Packets passed on to user space, by reason. */
+	STAT_PASS_DISABLED,
+	STAT_PASS_NOT_TCP,
+	STAT_PASS_IP_OPTIONS,
+	STAT_PASS_FRAGMENT,
+	STAT_PASS_LENGTH,
+	STAT_PASS_TTL,
+	STAT_PASS_FLAGS,
+	STAT_PASS_TCP_OPTIONS,
+	STAT_PASS_NO_FLOW,
+	STAT_PASS_GSO,
+	STAT_PASS_ERROR,
+	STAT_DROP_ERROR,    /* dropped: a helper failed half way */
+	STAT_MAX,
+};
+
+#endif /* KRACAUER_FLOW_H */

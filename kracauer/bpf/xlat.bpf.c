@@ -1,0 +1,474 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * kracauer's kernel data path: established connections translated at the TUN.
+ *
+ * Attached (tc clsact, direct action) to the egress of kracauer's TUN. Every
+ * packet the kernel routes into the TUN passes here first: a client's IPv4
+ * packet to a service address, or a host's IPv6 packet to prefix::client. If
+ * the packet belongs to a flow in the flow map and is a plain ACK or data
+ * segment, it is translated here (the same rewrite as netstack/flow.py, byte
+ * for byte) and redirected into the TUN's ingress: the kernel then routes it
+ * as if kracauer had written it. Anything else goes on unchanged to the TUN
+ * queue and kracauer's Python loop (TC_ACT_OK), which keeps the handshake,
+ * the hello, FIN, RST, ICMP and whatever is unusual.
+ *
+ * As in clatd.c: a straight line of bounds checks, then the rewrite; every
+ * "cannot handle this" is an early pass to user space with its reason counted.
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/pkt_cls.h>
+#include <linux/tcp.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#include "flow.h"
+
+char LICENSE[] SEC("license") = "Dual MIT/GPL";
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, FLOW_MAX_DEFAULT);
+	__type(key, struct flow_key);
+	__type(value, struct flow_value);
+} flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct xlat_config);
+} config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} stats SEC(".maps");
+
+#define TCP_MIN 20
+#define TCP_MAX 60
+/* A stack copy of the TCP header; indexes are masked with HDR_MASK so the
+ * verifier can see every access stays inside it. */
+#define HDR_SIZE 64
+#define HDR_MASK 63
+
+#define TCPF_FIN 0x01
+#define TCPF_SYN 0x02
+#define TCPF_RST 0x04
+#define TCPF_ACK 0x10
+
+#define IPV4_DF 0x4000
+#define IPV4_MF_OFFSET 0x3fff
+/* RFC 7915 §5.1: DF only on translated packets larger than 1260 bytes. */
+#define DF_THRESHOLD 1260
+
+static __always_inline void count(__u32 stat, __u64 n)
+{
+	__u64 *slot = bpf_map_lookup_elem(&stats, &stat);
+
+	if (slot)
+		*slot += n;
+}
+
+static __always_inline int pass(__u32 reason)
+{
+	count(reason, 1);
+	return TC_ACT_OK;
+}
+
+/* A helper failed after the packet was changed: it cannot go on half
+ * translated, and TCP will send it again. */
+static __always_inline int shot(void)
+{
+	count(STAT_DROP_ERROR, 1);
+	return TC_ACT_SHOT;
+}
+
+static __always_inline __u32 get16(const __u8 *h, __u32 at)
+{
+	return (__u32)h[at & HDR_MASK] << 8 | h[(at + 1) & HDR_MASK];
+}
+
+static __always_inline void put16(__u8 *h, __u32 at, __u32 v)
+{
+	h[at & HDR_MASK] = v >> 8;
+	h[(at + 1) & HDR_MASK] = v;
+}
+
+static __always_inline __u32 get32(const __u8 *h, __u32 at)
+{
+	return get16(h, at) << 16 | get16(h, at + 2);
+}
+
+static __always_inline void put32(__u8 *h, __u32 at, __u32 v)
+{
+	put16(h, at, v >> 16);
+	put16(h, at + 2, v);
+}
+
+static __always_inline void add32(__u8 *h, __u32 at, __u32 delta)
+{
+	put32(h, at, get32(h, at) + delta);
+}
+
+/* RFC 9293 §3.4: a < b in sequence space. */
+static __always_inline int seq_lt(__u32 a, __u32 b)
+{
+	return (__s32)(a - b) < 0;
+}
+
+/* A window in one scale expressed in another (RFC 7323 §2.3); rounded up so
+ * that rounding never closes it. */
+static __always_inline __u32 rescale(__u32 window, int shift)
+{
+	if (shift > 0)
+		window <<= shift & 15;
+	else if (shift < 0)
+		window = (window + (1u << (-shift & 15)) - 1) >> (-shift & 15);
+	return window > 0xffff ? 0xffff : window;
+}
+
+struct tcp_options {
+	__u32 ts_at;        /* offset of TSval, 0: none */
+	__u32 sack_at;      /* offset of the first SACK edge, 0: none */
+	__u32 sack_blocks;
+};
+
+/* The option walk's state, for bpf_loop: one step per option. */
+struct option_walk {
+	const __u8 *h;
+	__u32 hl;
+	__u32 at;
+	__s32 bad;
+	struct tcp_options *opt;
+};
+
+/*
+ * One step of RFC 9293 §3.1's option list, as netstack/tcp.py walks it (the
+ * last timestamp and SACK option win). A malformed list marks the walk bad:
+ * user space drops such a packet. bpf_loop keeps the verifier from exploring
+ * every path through 40 unrolled steps.
+ */
+static long option_step(__u64 index, void *ctx)
+{
+	struct option_walk *w = ctx;
+	const __u8 *h = w->h;
+	__u32 at = w->at, kind, len;
+
+	if (at >= w->hl)
+		return 1;
+	kind = h[at & HDR_MASK];
+	if (kind == 0)			/* End of Option List */
+		return 1;
+	if (kind == 1) {		/* NOP */
+		w->at = at + 1;
+		return 0;
+	}
+	if (at + 1 >= w->hl)
+		goto bad;
+	len = h[(at + 1) & HDR_MASK];
+	if (len < 2 || at + len > w->hl)
+		goto bad;
+	if (kind == 8 && len == 10) {			/* RFC 7323 §3.2 */
+		w->opt->ts_at = at + 2;
+	} else if (kind == 5 && (len - 2) % 8 == 0) {	/* RFC 2018 §3 */
+		w->opt->sack_at = at + 2;
+		w->opt->sack_blocks = (len - 2) / 8;
+	}
+	w->at = at + len;
+	return 0;
+bad:
+	w->bad = 1;
+	return 1;
+}
+
+/* At most 40 option bytes, so 40 steps cover a list of NOPs. */
+static __always_inline int parse_options(const __u8 *h, __u32 hl, struct tcp_options *opt)
+{
+	struct option_walk w = { .h = h, .hl = hl, .at = TCP_MIN, .opt = opt };
+
+	opt->ts_at = opt->sack_at = opt->sack_blocks = 0;
+	/* Linux's data segments carry exactly NOP NOP TS (RFC 7323 Appendix A). */
+	if (hl == 32 && h[20] == 1 && h[21] == 1 && h[22] == 8 && h[23] == 10) {
+		opt->ts_at = 24;
+		return 0;
+	}
+	if (hl > TCP_MIN)
+		bpf_loop(TCP_MAX - TCP_MIN, option_step, &w, 0);
+	return w.bad ? -1 : 0;
+}
+
+/*
+ * The TCP part of the rewrite, on the stack copy `h` (DESIGN.md step 4):
+ * ports; SEG.SEQ moved by seq_add; SEG.ACK and SACK edges (which name the
+ * other side's sequence space) by ack_add; TSval and TSecr by their offsets;
+ * the window rescaled. The checksum field is left as it was: the caller fixes
+ * it incrementally from the difference of the two copies.
+ */
+static __always_inline void rewrite_tcp(__u8 *h, __u32 flags, const struct tcp_options *opt,
+					const struct flow_value *f)
+{
+	__builtin_memcpy(h, &f->sport, 2);
+	__builtin_memcpy(h + 2, &f->dport, 2);
+	add32(h, 4, f->seq_add);
+	if (flags & TCPF_ACK)
+		add32(h, 8, f->ack_add);
+	if (f->wscale_shift)
+		put16(h, 14, rescale(get16(h, 14), f->wscale_shift));
+	if (opt->ts_at) {
+		add32(h, opt->ts_at, f->tsval_add);
+		add32(h, opt->ts_at + 4, f->tsecr_add);
+	}
+	for (__u32 i = 0; i < 8; i++) {		/* at most 4 blocks, 2 edges each */
+		if (i >= opt->sack_blocks * 2)
+			break;
+		add32(h, opt->sack_at + 4 * i, f->ack_add);
+	}
+}
+
+/* What the program tracks for user space (see struct flow_value). */
+static __always_inline void track(struct flow_value *f, const __u8 *h, __u32 flags, __u32 payload)
+{
+	__u32 seq_end = get32(h, 4) + payload;
+	__u32 window = get16(h, 14);
+
+	if ((flags & TCPF_ACK) && seq_lt(f->ack_max, get32(h, 8)))
+		f->ack_max = get32(h, 8);
+	if (seq_lt(f->seq_next, seq_end))
+		f->seq_next = seq_end;
+	f->window = window;
+	if (window > f->window_max)
+		f->window_max = window;
+	f->last_seen = bpf_ktime_get_ns();
+}
+
+/*
+ * Read the TCP header at `off` into `h` and check what the fast path takes:
+ * no SYN, FIN or RST (user space keeps the state machine), well-formed options.
+ * Returns the header length, or 0 after counting why the packet passes.
+ */
+static __always_inline __u32 load_tcp(struct __sk_buff *skb, __u32 off, __u32 tcp_len, __u8 *h,
+				      struct tcp_options *opt)
+{
+	__u32 hl;
+
+	if (tcp_len < TCP_MIN || bpf_skb_load_bytes(skb, off, h, TCP_MIN))
+		goto length;
+	hl = (h[12] >> 4) * 4;
+	if (hl < TCP_MIN || hl > tcp_len)
+		goto length;
+	if (h[13] & (TCPF_SYN | TCPF_FIN | TCPF_RST)) {
+		pass(STAT_PASS_FLAGS);
+		return 0;
+	}
+	/* hl is at most 60 (a 4-bit word count), so this stays inside h. */
+	if (hl > TCP_MIN && bpf_skb_load_bytes(skb, off + TCP_MIN, h + TCP_MIN, hl - TCP_MIN))
+		goto length;
+	if (parse_options(h, hl, opt)) {
+		pass(STAT_PASS_TCP_OPTIONS);
+		return 0;
+	}
+	return hl;
+length:
+	pass(STAT_PASS_LENGTH);
+	return 0;
+}
+
+/* Store the rewritten header and fix the TCP checksum for it and for the new
+ * pseudo-header addresses (RFC 1624). Under CHECKSUM_PARTIAL the kernel's
+ * helper only applies the pseudo-header part, as the TCP bytes are summed
+ * when the segments are made. */
+static __always_inline int store_tcp(struct __sk_buff *skb, __u32 off, const __u8 *old, const __u8 *new,
+				     __u32 hl, __s64 pseudo_diff)
+{
+	__s64 diff = bpf_csum_diff((__be32 *)old, hl & 60, (__be32 *)new, hl & 60, 0);
+
+	if (diff < 0 || pseudo_diff < 0)
+		return -1;
+	if (bpf_skb_store_bytes(skb, off, new, hl & 60, BPF_F_RECOMPUTE_CSUM))
+		return -1;
+	if (bpf_l4_csum_replace(skb, off + 16, 0, pseudo_diff, BPF_F_PSEUDO_HDR))
+		return -1;
+	return bpf_l4_csum_replace(skb, off + 16, 0, diff, 0);
+}
+
+static __always_inline void *flow_config(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&config, &zero);
+}
+
+/* Client to host: IPv4 in, IPv6 out (RFC 7915 §4). */
+static __always_inline int to_host(struct __sk_buff *skb, const struct xlat_config *cfg)
+{
+	__u32 l3 = cfg->l3_offset & 63;
+	__u8 old[HDR_SIZE] = {}, h[HDR_SIZE] = {};
+	struct tcp_options opt;
+	struct flow_key key = { .family = 4 };
+	struct flow_value *f;
+	struct iphdr ip;
+	struct ipv6hdr ip6 = {};
+	__u32 tot_len, tcp_len, hl, payload;
+	__s64 pseudo;
+
+	if (bpf_skb_load_bytes(skb, l3, &ip, sizeof(ip)))
+		return pass(STAT_PASS_LENGTH);
+	if (ip.protocol != IPPROTO_TCP)
+		return pass(STAT_PASS_NOT_TCP);
+	if (ip.ihl != 5)
+		return pass(STAT_PASS_IP_OPTIONS);
+	if (bpf_ntohs(ip.frag_off) & IPV4_MF_OFFSET)
+		return pass(STAT_PASS_FRAGMENT);
+	tot_len = bpf_ntohs(ip.tot_len);
+	/* BIG TCP (tot_len 0) and trailing padding are for user space. */
+	if (tot_len != skb->len - l3)
+		return pass(STAT_PASS_LENGTH);
+	/* kracauer routes: a packet that would leave with TTL 0 gets the ICMP error from user space. */
+	if (ip.ttl <= 1)
+		return pass(STAT_PASS_TTL);
+	tcp_len = tot_len - sizeof(ip);
+	hl = load_tcp(skb, l3 + sizeof(ip), tcp_len, h, &opt);
+	if (!hl)
+		return TC_ACT_OK;
+
+	__builtin_memcpy(key.src, &ip.saddr, 4);
+	__builtin_memcpy(key.dst, &ip.daddr, 4);
+	__builtin_memcpy(&key.sport, h, 2);
+	__builtin_memcpy(&key.dport, h + 2, 2);
+	f = bpf_map_lookup_elem(&flows, &key);
+	if (!f || f->family != 6)
+		return pass(STAT_PASS_NO_FLOW);
+	/* Segments must still fit the IPv6 side once the header grows. */
+	if (skb->gso_size && skb->gso_size + hl > (__u32)f->mss + TCP_MIN)
+		return pass(STAT_PASS_GSO);
+
+	__builtin_memcpy(old, h, HDR_SIZE);
+	payload = tcp_len - hl;
+	track(f, h, h[13], payload);
+	rewrite_tcp(h, h[13], &opt, f);
+	pseudo = bpf_csum_diff((__be32 *)&ip.saddr, 8, (__be32 *)f->src, 32, 0);
+
+	/* RFC 7915 §4.1: traffic class from TOS, flow label 0, hop limit from TTL
+	 * (decremented: kracauer is a router), next header from protocol. */
+	ip6.version = 6;
+	ip6.priority = ip.tos >> 4;
+	ip6.flow_lbl[0] = (ip.tos & 0x0f) << 4;
+	ip6.payload_len = bpf_htons(tcp_len);
+	ip6.nexthdr = IPPROTO_TCP;
+	ip6.hop_limit = ip.ttl - 1;
+	__builtin_memcpy(&ip6.saddr, f->src, 16);
+	__builtin_memcpy(&ip6.daddr, f->dst, 16);
+
+	if (bpf_skb_change_proto(skb, bpf_htons(ETH_P_IPV6), 0))
+		return pass(STAT_PASS_ERROR);
+	if (bpf_skb_store_bytes(skb, l3, &ip6, sizeof(ip6), BPF_F_RECOMPUTE_CSUM))
+		return shot();	/* half rewritten: nothing sane to pass on */
+	if (store_tcp(skb, l3 + sizeof(ip6), old, h, hl, pseudo))
+		return shot();
+
+	__sync_fetch_and_add(&f->packets, 1);
+	__sync_fetch_and_add(&f->bytes, payload);
+	count(STAT_TO_HOST_PACKETS, 1);
+	count(STAT_TO_HOST_BYTES, payload);
+	return bpf_redirect(cfg->redirect_ifindex, BPF_F_INGRESS);
+}
+
+/* Host to client: IPv6 in, IPv4 out (RFC 7915 §5). */
+static __always_inline int to_client(struct __sk_buff *skb, const struct xlat_config *cfg)
+{
+	__u32 l3 = cfg->l3_offset & 63;
+	__u8 old[HDR_SIZE] = {}, h[HDR_SIZE] = {};
+	struct tcp_options opt;
+	struct flow_key key = { .family = 6 };
+	struct flow_value *f;
+	struct ipv6hdr ip6;
+	struct iphdr ip = {};
+	__u32 tcp_len, hl, payload, tos;
+	__s64 pseudo;
+	__u64 sum;
+
+	if (bpf_skb_load_bytes(skb, l3, &ip6, sizeof(ip6)))
+		return pass(STAT_PASS_LENGTH);
+	/* Hosts send TCP without extension headers; anything else is user space's. */
+	if (ip6.nexthdr != IPPROTO_TCP)
+		return pass(STAT_PASS_NOT_TCP);
+	tcp_len = bpf_ntohs(ip6.payload_len);
+	/* BIG TCP (payload length 0, a jumbogram) does not fit IPv4 at all. */
+	if (!tcp_len || tcp_len != skb->len - l3 - sizeof(ip6) || tcp_len + sizeof(ip) > 0xffff)
+		return pass(STAT_PASS_LENGTH);
+	if (ip6.hop_limit <= 1)
+		return pass(STAT_PASS_TTL);
+	hl = load_tcp(skb, l3 + sizeof(ip6), tcp_len, h, &opt);
+	if (!hl)
+		return TC_ACT_OK;
+
+	__builtin_memcpy(key.src, &ip6.saddr, 16);
+	__builtin_memcpy(key.dst, &ip6.daddr, 16);
+	__builtin_memcpy(&key.sport, h, 2);
+	__builtin_memcpy(&key.dport, h + 2, 2);
+	f = bpf_map_lookup_elem(&flows, &key);
+	if (!f || f->family != 4)
+		return pass(STAT_PASS_NO_FLOW);
+	/* Segments must fit the client's MSS, which counts no options. */
+	if (skb->gso_size && skb->gso_size + hl > (__u32)f->mss + TCP_MIN)
+		return pass(STAT_PASS_GSO);
+
+	__builtin_memcpy(old, h, HDR_SIZE);
+	payload = tcp_len - hl;
+	track(f, h, h[13], payload);
+	rewrite_tcp(h, h[13], &opt, f);
+
+	/* RFC 7915 §5.1: TOS from traffic class, TTL from hop limit (decremented),
+	 * DF only above 1260 bytes. RFC 6864 §4: the Identification need only be
+	 * unique per flow, so it counts the flow's packets (as netstack/flow.py). */
+	tos = ip6.priority << 4 | ip6.flow_lbl[0] >> 4;
+	ip.version = 4;
+	ip.ihl = 5;
+	ip.tos = tos;
+	ip.tot_len = bpf_htons(tcp_len + sizeof(ip));
+	ip.id = bpf_htons(f->packets & 0xffff);
+	ip.frag_off = tcp_len + sizeof(ip) > DF_THRESHOLD ? bpf_htons(IPV4_DF) : 0;
+	ip.ttl = ip6.hop_limit - 1;
+	ip.protocol = IPPROTO_TCP;
+	__builtin_memcpy(&ip.saddr, f->src, 4);
+	__builtin_memcpy(&ip.daddr, f->dst, 4);
+	sum = bpf_csum_diff(0, 0, (__be32 *)&ip, sizeof(ip), 0);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	ip.check = ~sum & 0xffff;
+	/* saddr and daddr sit side by side in the header, as in the pseudo-header. */
+	pseudo = bpf_csum_diff((__be32 *)&ip6.saddr, 32, (__be32 *)&ip.saddr, 8, 0);
+
+	if (bpf_skb_change_proto(skb, bpf_htons(ETH_P_IP), 0))
+		return pass(STAT_PASS_ERROR);
+	if (bpf_skb_store_bytes(skb, l3, &ip, sizeof(ip), BPF_F_RECOMPUTE_CSUM))
+		return shot();
+	if (store_tcp(skb, l3 + sizeof(ip), old, h, hl, pseudo))
+		return shot();
+
+	__sync_fetch_and_add(&f->packets, 1);
+	__sync_fetch_and_add(&f->bytes, payload);
+	count(STAT_TO_CLIENT_PACKETS, 1);
+	count(STAT_TO_CLIENT_BYTES, payload);
+	return bpf_redirect(cfg->redirect_ifindex, BPF_F_INGRESS);
+}
+
+SEC("tc")
+int kracauer_xlat(struct __sk_buff *skb)
+{
+	const struct xlat_config *cfg = flow_config();
+
+	if (!cfg || !(cfg->flags & XLAT_F_ENABLED))
+		return pass(STAT_PASS_DISABLED);
+	if (skb->protocol == bpf_htons(ETH_P_IP))
+		return to_host(skb, cfg);
+	if (skb->protocol == bpf_htons(ETH_P_IPV6))
+		return to_client(skb, cfg);
+	return pass(STAT_PASS_NOT_TCP);
+}
