@@ -16,6 +16,9 @@ import os
 # include/uapi/linux/magic.h
 BPF_FS_MAGIC = 0xCAFE4A11
 MNT_DETACH = 2
+# A new bpffs mount holds these two iterators (kernel/bpf/preload, with
+# CONFIG_BPF_PRELOAD); they are the kernel's and cannot be unlinked.
+KERNEL_PRELOADED = frozenset({"maps.debug", "progs.debug"})
 
 _libc: ctypes.CDLL | None = None
 
@@ -103,8 +106,9 @@ def remove_pins(directory: str) -> int:
     """Unlink every pin under ``directory`` and the emptied subdirectories;
     returns how many pins went.
 
-    ``directory`` itself stays (it may be a mount point). Refuses a directory
-    that is not on a bpffs: there, the files are not pins.
+    ``directory`` itself stays (it may be a mount point), and so do the
+    kernel's own ``maps.debug``/``progs.debug`` at a mount's root. Refuses a
+    directory that is not on a bpffs: there, the files are not pins.
     """
     if not os.path.isdir(directory):
         return 0
@@ -115,8 +119,11 @@ def remove_pins(directory: str) -> int:
 
 def _remove_below(directory: str) -> int:
     removed = 0
+    mount_root = os.path.ismount(directory)
     with os.scandir(directory) as entries:
         for entry in entries:
+            if mount_root and entry.name in KERNEL_PRELOADED:
+                continue
             if entry.is_dir(follow_symlinks=False):
                 # Another mount below is not ours to empty.
                 if os.path.ismount(entry.path):
