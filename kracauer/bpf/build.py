@@ -92,9 +92,13 @@ def compile_all(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kracauer.bpf.build", description=__doc__.splitlines()[0])
-    parser.add_argument("src_dir", nargs="?", default=str(SOURCE_DIR), help="directory of *.bpf.c (default: %(default)s)")
+    parser.add_argument(
+        "src_dir", nargs="?", default=str(SOURCE_DIR), help="directory of *.bpf.c (default: %(default)s)"
+    )
     parser.add_argument("-o", "--out-dir", help="where the *.bpf.o go (default: next to the sources)")
-    parser.add_argument("--clang", default=os.environ.get("CLANG", "clang"), help="clang to use (default: $CLANG or clang)")
+    parser.add_argument(
+        "--clang", default=os.environ.get("CLANG", "clang"), help="clang to use (default: $CLANG or clang)"
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="print nothing on success")
     args = parser.parse_args(argv)
     try:

@@ -550,7 +550,8 @@ class BpfObject:
         obj = cls(handle, path)
         try:
             for name, pin_path in (pin_maps or {}).items():
-                _check(lib.bpf_map__set_pin_path(obj._map(name), os.fsencode(pin_path)), f"bpf_map__set_pin_path({name})")
+                ret = lib.bpf_map__set_pin_path(obj._map(name), os.fsencode(pin_path))
+                _check(ret, f"bpf_map__set_pin_path({name})")
         except BaseException:
             obj.close()
             raise
@@ -598,7 +599,8 @@ class BpfObject:
         """Resize a map before ``load`` (the flow map's size comes from config)."""
         if self.loaded:
             raise ValueError("set_max_entries after load")
-        _check(library().bpf_map__set_max_entries(self._map(map_name), max_entries), f"bpf_map__set_max_entries({map_name})")
+        ret = library().bpf_map__set_max_entries(self._map(map_name), max_entries)
+        _check(ret, f"bpf_map__set_max_entries({map_name})")
 
     def load(self) -> None:
         """Create (or reuse pinned) maps and load every program.
