@@ -155,6 +155,19 @@ class StateConfig:
     file: str                        # absolute path of the state file written on SIGTERM/SIGINT
 
 
+KERNEL_PATH_MODES = ("auto", True, False)
+
+
+@dataclass(frozen=True)
+class KernelPathConfig:
+    # "auto": translate established connections in the kernel (BPF) when the
+    # program loads, else say why once and use the Python path; True: fail at
+    # start if it cannot load; False: the Python path only.
+    enabled: str | bool = "auto"
+    pin_dir: str = "/sys/fs/bpf/kracauer"   # the maps are pinned under <pin_dir>/<tun name>/ (a bpffs)
+    max_flows: int | None = None            # flow map entries (two per connection); None: 2 x max_connections
+
+
 @dataclass(frozen=True)
 class Config:
     tun: TunConfig
@@ -168,6 +181,7 @@ class Config:
     log: LogConfig = LogConfig()
     metrics: MetricsConfig | None = None   # None: no metrics endpoint
     state: StateConfig | None = None       # None: no state kept across restarts, TUN not persistent
+    kernel_path: KernelPathConfig = KernelPathConfig()
 
 
 # ---------------------------------------------------------------------------
@@ -402,7 +416,9 @@ def _route_name_key(name: str) -> tuple[str, str] | str:
 # ---------------------------------------------------------------------------
 # Validation
 
-_TOP_KEYS = ("tun", "translate", "listen", "route", "fallback", "limits", "health", "log", "metrics", "state")
+_TOP_KEYS = ("tun", "translate", "listen", "route", "fallback", "limits", "health", "log", "metrics", "state",
+             "kernel_path")
+_KERNEL_PATH_KEYS = ("enabled", "pin_dir", "max_flows")
 _LOG_KEYS = ("access", "level")
 _METRICS_KEYS = ("listen",)
 _STATE_KEYS = ("file",)
@@ -602,6 +618,7 @@ class _Validator:
         log = self.log(doc)
         metrics = self.metrics(doc)
         state = self.state(doc)
+        kernel_path = self.kernel_path(doc)
         if not routes and fallback is None:
             named = [i for i, l in enumerate(listeners) if l.protocol != "tcp"]
             if named:
@@ -609,7 +626,7 @@ class _Validator:
                 raise self.error(("listen", i), f"nothing to route to: this {listeners[i].protocol} listener needs at least one [[route]] or a [fallback]")
         return Config(tun=tun, prefix=self.prefix, listeners=tuple(listeners), routes=tuple(routes),
                       fallback=fallback, limits=limits, source=self.source, health=health, log=log,
-                      metrics=metrics, state=state)
+                      metrics=metrics, state=state, kernel_path=kernel_path)
 
     def tun(self, doc: dict) -> TunConfig:
         table = self.table(doc, ("tun",), _TUN_KEYS)
@@ -789,6 +806,25 @@ class _Validator:
             return None
         path = ("state", "file")
         return StateConfig(file=self.absolute_path(self.require(table, path), path))
+
+    def kernel_path(self, doc: dict) -> KernelPathConfig:
+        table = self.table(doc, ("kernel_path",), _KERNEL_PATH_KEYS)
+        if table is None:
+            return KernelPathConfig()
+        defaults = KernelPathConfig()
+        enabled = defaults.enabled
+        if "enabled" in table:
+            enabled = table["enabled"]
+            if enabled not in KERNEL_PATH_MODES or (not isinstance(enabled, bool) and enabled != "auto"):
+                raise self.error(("kernel_path", "enabled"),
+                                 f'expected "auto", true or false, got {_describe(enabled)}')
+        pin_dir = defaults.pin_dir
+        if "pin_dir" in table:
+            pin_dir = self.absolute_path(table["pin_dir"], ("kernel_path", "pin_dir"))
+        max_flows = defaults.max_flows
+        if "max_flows" in table:
+            max_flows = self.integer(table["max_flows"], ("kernel_path", "max_flows"), 2, 1 << 26)
+        return KernelPathConfig(enabled=enabled, pin_dir=pin_dir, max_flows=max_flows)
 
     def limits(self, doc: dict) -> Limits:
         table = self.table(doc, ("limits",), _LIMITS_KEYS)
