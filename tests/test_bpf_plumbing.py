@@ -179,6 +179,8 @@ def test_map_wrapper_checks_sizes_and_deleting_while_iterating_ends(probe: BpfOb
     verdicts = probe.map("verdicts")
     for n in range(10):
         verdicts.update(key(n), key(n * 10))
+    with pytest.raises(TypeError):
+        verdicts.lookup_percpu(key(1))
     with pytest.raises(ValueError):
         verdicts.update(b"\x01", key(1))
     with pytest.raises(ValueError):

@@ -479,6 +479,8 @@ class Map:
 
     def update_percpu(self, key: bytes, values: list[bytes], flags: int = BPF_ANY) -> None:
         """Set every CPU's value (one per possible CPU) of a per-CPU map."""
+        if not self.percpu:
+            raise TypeError("update_percpu on a map that is not per-CPU: use update")
         map_update_percpu(self.fd, self._key(key), values, self.value_size, flags)
 
     def lookup(self, key: bytes) -> bytes | None:
@@ -486,6 +488,8 @@ class Map:
         return map_lookup(self.fd, self._key(key), self.value_size)
 
     def lookup_percpu(self, key: bytes) -> list[bytes] | None:
+        if not self.percpu:
+            raise TypeError("lookup_percpu on a map that is not per-CPU: use lookup")
         return map_lookup_percpu(self.fd, self._key(key), self.value_size)
 
     def delete(self, key: bytes) -> bool:
