@@ -40,13 +40,14 @@ from typing import Any, Callable
 from kracauer import __version__
 from kracauer.accesslog import AccessLog, NonBlockingQueueHandler
 from kracauer.config import Config, ConfigError, load_config
+from kracauer.kernel_path import KernelPath, KernelPathError, remove_pins
 from kracauer.metrics import Metrics
 from kracauer.routing import Router
 from kracauer.privileges import PrivilegeError, drop_privileges
 from kracauer.systemd import Notifier
 from kracauer.tun import Tun, TunError, check_forwarding, open_tun, remove_tun
 from netstack.peek import Decision
-from netstack.state import StateError, restore, snapshot
+from netstack.state import StateError, adopt, restore, snapshot
 from netstack.tracker import HEADROOM, ConnectionRecord, Listener, Resolver, Target, Tracker, TrackerConfig
 
 log = logging.getLogger("kracauer")
@@ -287,6 +288,7 @@ class Daemon:
         self.config = config
         self.tracker = build_tracker(config)
         self.tun: Tun | None = None
+        self.kernel: KernelPath | None = None
         self.stopping = False
         self.reload_requested = False
         self.keep_tun = keep_tun
@@ -317,6 +319,19 @@ class Daemon:
         check_forwarding()
         if config.state is not None:
             check_state_directory(config.state.file, config.tun.user)
+        # Signals are taken from here on: one that arrives during set-up (which
+        # loads a BPF program and may take a moment) stops the loop before it starts.
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+        old_wakeup = signal.set_wakeup_fd(wake_w)
+
+        def restore_signals() -> None:
+            signal.set_wakeup_fd(old_wakeup)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            os.close(wake_r)
+            os.close(wake_w)
+
         try:
             self._start_outputs()
             saved = self._read_saved_state()
@@ -329,7 +344,9 @@ class Daemon:
                 offload=config.tun.offload,
                 persist=self.persist,
             )
+            self.kernel = self._start_kernel_path()
             self._restore(saved)
+            self._adopt_kernel_flows()
             if config.tun.user:
                 drop_privileges(config.tun.user)
                 self.tun.privileged = False
@@ -339,14 +356,15 @@ class Daemon:
                 except OSError as exc:
                     log.warning("could not remove the state file %s after restoring it: %s", self._restored_from, exc)
         except BaseException:
+            if self.kernel is not None:
+                self.kernel.close(keep=self.tun is not None and self.tun.attached and self.persist)
+                self.kernel = None
             if self.tun is not None and self.tun.fd >= 0:
                 # A device this process made goes; one it found (with connections) stays.
                 self.tun.close(keep=self.tun.attached and self.persist)
             self._stop_outputs()
+            restore_signals()
             raise
-        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-        old_wakeup = signal.set_wakeup_fd(wake_w)
         try:
             log.info(
                 "kracauer %s running on %s: %s; prefix %s",
@@ -356,7 +374,7 @@ class Daemon:
                 config.prefix,
             )
             if self.metrics is not None:
-                self.metrics.sync(self.tracker, time.monotonic())
+                self.metrics.sync(self.tracker, time.monotonic(), kernel=self._kernel_stats())
             self.notifier.ready(self._status_text())
             if self.notifier.watchdog_interval is not None:
                 self._next_watchdog = 0.0
@@ -365,13 +383,76 @@ class Daemon:
             gc.freeze()
             self._loop(wake_r)
         finally:
-            signal.set_wakeup_fd(old_wakeup)
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-            os.close(wake_r)
-            os.close(wake_w)
+            restore_signals()
             self._shutdown()
         return 0
+
+    # -- the kernel data path ----------------------------------------------------
+
+    def _pin_dir(self) -> str:
+        return os.path.join(self.config.kernel_path.pin_dir, self.config.tun.name)
+
+    def _start_kernel_path(self) -> KernelPath | None:
+        """Load and attach the BPF program (``[kernel_path]``), or say once why the Python path does it all."""
+        settings = self.config.kernel_path
+        pin_dir = self._pin_dir()
+        if settings.enabled is False:
+            # An earlier kracauer may have left the program on this TUN: nothing may translate behind our back.
+            if remove_pins(pin_dir):
+                log.info("kernel path off ([kernel_path] enabled = false): removed the maps left in %s", pin_dir)
+            self._detach_stale_program()
+            return None
+        max_flows = settings.max_flows or 2 * self.config.limits.max_connections
+        if not self.persist:
+            # Without [state] the TUN, and every connection with it, goes with the process:
+            # pins would only outlive what they describe (and could not be removed once root is dropped).
+            if remove_pins(pin_dir):
+                log.info("removed the kernel path's maps left in %s by a kracauer with [state]", pin_dir)
+            pin_dir = None
+        try:
+            kernel = KernelPath.load(redirect_ifindex=self.tun.index, pin_dir=pin_dir, max_flows=max_flows)
+            try:
+                if not self.tun.attached:
+                    # A new TUN: whatever the pinned map holds belongs to connections that are gone.
+                    kernel.flows.clear()
+                kernel.attach(self.tun.index)
+            except BaseException:
+                kernel.close(keep=False)
+                raise
+        except (KernelPathError, OSError) as exc:
+            if settings.enabled is True:
+                raise DaemonError(f"[kernel_path] enabled = true, but the kernel path cannot be used: {exc}") from None
+            log.warning("kernel path unavailable, established connections are translated in Python: %s", exc)
+            self._detach_stale_program()
+            return None
+        self.tracker.flows = kernel.flows
+        log.info("kernel path on: a BPF program on %s's egress translates established connections "
+                 "(%d flow entries%s)", self.tun.name, max_flows, f", maps pinned in {pin_dir}" if pin_dir else "")
+        return kernel
+
+    def _detach_stale_program(self) -> None:
+        if not self.tun.attached:
+            return
+        try:
+            from kracauer.bpf import tc
+
+            tc.detach(self.tun.index, "egress")
+        except (ImportError, OSError) as exc:
+            log.debug("no BPF program to detach from %s: %s", self.tun.name, exc)
+
+    def _adopt_kernel_flows(self) -> None:
+        """Connections the kernel carried while no kracauer ran (a crash): take them on."""
+        if self.kernel is None or not self.tun.attached:
+            return
+        now = time.monotonic()
+        adopted, stale = adopt(self.tracker, self.kernel.flows.items(), now)
+        for key in stale:
+            self.kernel.flows.map.delete(key)
+        if adopted or stale:
+            log.info("adopted %s the kernel carried while kracauer was down%s", _connections(adopted),
+                     f"; removed {len(stale)} flow entries with no connection" if stale else "")
+        if adopted and self.metrics is not None:
+            self.metrics.skip_existing(now)
 
     def _start_outputs(self) -> None:
         """The metrics endpoint and the access log, opened while still privileged."""
@@ -453,6 +534,10 @@ class Daemon:
             saved = self._save_state(self.config.state.file)
         keep = self.persist and saved is not None
         try:
+            if self.kernel is not None:
+                # Kept: the program stays on the persistent TUN and goes on translating until the next start.
+                self.kernel.close(keep=keep)
+                self.kernel = None
             self.tun.close(keep=keep)
         finally:
             self._stop_outputs()
@@ -576,10 +661,19 @@ class Daemon:
         if self.metrics is not None:
             dropped = {"access": self.access_log.dropped if self.access_log is not None else 0,
                        "daemon": _LOG_QUEUE.dropped if _LOG_QUEUE is not None else 0}
-            self.metrics.sync(self.tracker, now, dropped)
+            self.metrics.sync(self.tracker, now, dropped, self._kernel_stats())
         if self.notifier.enabled and now >= self._next_status:
             self._next_status = now + STATUS_INTERVAL
             self.notifier.status(self._status_text())
+
+    def _kernel_stats(self) -> dict[str, int] | None:
+        if self.kernel is None:
+            return None
+        try:
+            return self.kernel.stats()
+        except OSError as exc:
+            log.debug("reading the kernel path's counters: %s", exc)
+            return None
 
     def _status_text(self) -> str:
         n = len(self.tracker)
@@ -720,7 +814,10 @@ def cleanup(config: Config) -> list[str]:
     """Stop for good after a stop with [state]: remove the persistent TUN and the state file; what was done."""
     done = []
     if remove_tun(config.tun.name):
-        done.append(f"removed the TUN {config.tun.name} and its routes")
+        done.append(f"removed the TUN {config.tun.name} and its routes (and the BPF program on it)")
+    pin_dir = os.path.join(config.kernel_path.pin_dir, config.tun.name)
+    if remove_pins(pin_dir):
+        done.append(f"removed the kernel path's pinned maps in {pin_dir}")
     if config.state is not None:
         try:
             os.unlink(config.state.file)

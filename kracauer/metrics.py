@@ -57,6 +57,9 @@ class _Snapshot:
     half_open: int = 0
     hosts_down: int = 0
     log_dropped: dict[str, int] = field(default_factory=dict)
+    in_kernel: int = 0
+    # The BPF program's counters (kracauer.kernel_path.KernelPath.stats), None: no kernel path.
+    kernel: dict[str, int] | None = None
 
 
 class Metrics:
@@ -146,7 +149,8 @@ class Metrics:
             hello.observe(record.hello_size)
         self.duration.observe(record.duration)
 
-    def sync(self, tracker: Tracker, now: float, log_dropped: dict[str, int] | None = None) -> None:
+    def sync(self, tracker: Tracker, now: float, log_dropped: dict[str, int] | None = None,
+             kernel: dict[str, int] | None = None) -> None:
         """Copy the tracker's counters and sizes; count the connections opened since the last sync.
 
         Call it after the tracker's pending records went through observe():
@@ -163,6 +167,8 @@ class Metrics:
             half_open=tracker.half_open,
             hosts_down=sum(1 for _, until in tracker.health.values() if until > now),
             log_dropped=dict(log_dropped or {}),
+            in_kernel=tracker.in_kernel,
+            kernel=kernel,
         )
 
     def count_opened(self, tracker: Tracker) -> None:
@@ -263,6 +269,7 @@ class _TrackerCollector:
              snap.hosts_down),
         ):
             yield GaugeMetricFamily(name, help_text, value=value)
+        yield from self._kernel_families(snap)
         by_route, by_state = self.metrics.active_by_route()
         family = GaugeMetricFamily("kracauer_connections_active_by_route",
                                    "Connections not yet over, by route and host (empty route: not bound to a "
@@ -277,6 +284,37 @@ class _TrackerCollector:
         for state, n in sorted(by_state.items()):
             family.add_metric([state], n)
         yield family
+
+    @staticmethod
+    def _kernel_families(snap: _Snapshot) -> Iterator[Any]:
+        """The kernel data path: on or not, what it carries now, and its running counts."""
+        yield GaugeMetricFamily("kracauer_kernel_path_enabled",
+                                "1 if a BPF program translates established connections, 0 if Python does",
+                                value=0 if snap.kernel is None else 1)
+        yield GaugeMetricFamily("kracauer_connections_in_kernel",
+                                "Established connections whose packets the kernel translates", value=snap.in_kernel)
+        if snap.kernel is None:
+            return
+        stats = snap.kernel
+        for name, help_text, kind in (
+            ("kracauer_kernel_bytes", "Payload bytes translated by the kernel path so far, by direction "
+             "(grows while a transfer runs; kracauer_bytes_total counts connections at their end)", "bytes"),
+            ("kracauer_kernel_packets", "Packets (GSO super-packets count once) translated by the kernel path, "
+             "by direction", "packets"),
+        ):
+            family = CounterMetricFamily(name, help_text, labels=["direction"])
+            for direction in ("to_host", "to_client"):
+                family.add_metric([direction], stats.get(f"{direction}_{kind}", 0))
+            yield family
+        family = CounterMetricFamily("kracauer_kernel_passed",
+                                     "Packets the kernel path handed on to kracauer's Python loop, by reason",
+                                     labels=["reason"])
+        for key in sorted(stats):
+            if key.startswith("pass_"):
+                family.add_metric([key[5:]], stats[key])
+        yield family
+        yield CounterMetricFamily("kracauer_kernel_errors", "Packets the kernel path dropped half translated "
+                                  "(a helper failed; TCP sends them again)", value=stats.get("drop_error", 0))
 
 
 def _host_text(host: bytes) -> str:

@@ -15,9 +15,10 @@ error (StateError), never a half-restored table.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 from netstack import http, tls
+from netstack.flow import F_SACK, F_TIMESTAMPS, F_WSCALE_MASK, NO_WSCALE, Flow, flow_key, split_key
 from netstack.peek import Decision
 from netstack.reassembly import StreamBuffer
 from netstack.tracker import (
@@ -160,6 +161,8 @@ def _rebuild_peeker(tracker: Tracker, conn: Connection) -> None:
 
 
 def _insert(tracker: Tracker, conn: Connection) -> None:
+    if conn.kernel == KERNEL_YES:
+        tracker.in_kernel += 1
     tracker.clients[conn.client_key] = conn
     if conn.host_key:
         tracker.hosts[conn.host_key] = conn
@@ -168,3 +171,77 @@ def _insert(tracker: Tracker, conn: Connection) -> None:
         if not conn.acked:
             tracker.half_open += 1
     tracker._set_timer(conn, conn.timer_at)
+
+
+# ---------------------------------------------------------------- adoption
+
+def adopt(tracker: Tracker, entries: Iterable[tuple[bytes, Flow]], now: float) -> tuple[int, list[bytes]]:
+    """Take on the connections the kernel carries that this tracker does not know.
+
+    After a crash (SIGKILL, an OOM kill) no state file was written, but the
+    pinned flow map and the program on the persistent TUN went on
+    translating. Each pair of entries (client side and host side) holds what
+    the splice recorded, so the connection is rebuilt from them, ESTABLISHED
+    and still in the kernel. What the map does not hold (the server name,
+    the route, the hello's size) is missing from its access-log line.
+
+    Returns how many were adopted, and the keys of entries to remove (their
+    other half is missing, or their listener is gone).
+    """
+    entries = dict(entries)
+    adopted = 0
+    stale: list[bytes] = []
+    for key, up in entries.items():
+        src, dst, sport, dport = split_key(key)
+        if len(src) != 4:
+            continue
+        host_key = flow_key(up.dst, up.src, up.dport.to_bytes(2, "big") + up.sport.to_bytes(2, "big"))
+        down = entries.get(host_key)
+        client_key = src + dst + sport.to_bytes(2, "big") + dport.to_bytes(2, "big")
+        if client_key in tracker.clients:
+            continue  # restored from the state file, or already adopted
+        listener = tracker.listeners.get(dst + dport.to_bytes(2, "big"))
+        if down is None or listener is None or len(tracker.clients) >= tracker.config.max_connections:
+            stale.append(key)
+            if down is not None:
+                stale.append(host_key)
+            continue
+        conn = _adopted_connection(tracker, listener, client_key, up, down, now)
+        _insert(tracker, conn)
+        adopted += 1
+    known = {k for conn in tracker.clients.values() if conn.kernel == KERNEL_YES for k in tracker._kernel_keys(conn)}
+    stale.extend(k for k in entries if k not in known and k not in stale)
+    return adopted, stale
+
+
+def _adopted_connection(tracker: Tracker, listener, client_key: bytes, up: Flow, down: Flow, now: float) -> Connection:
+    conn = Connection(listener, client_key[:4], int.from_bytes(client_key[8:10], "big"), client_key)
+    conn.state = ESTABLISHED
+    conn.acked = True
+    conn.kernel = KERNEL_YES
+    conn.start = up.start_ns / 1e9 if up.start_ns else now
+    conn.last_seen = max(up.last_seen, down.last_seen) / 1e9 or now
+    conn.src6, conn.host, conn.host_sport = up.src, up.dst, up.sport
+    conn.target = Target(up.dst, up.dport, "")
+    conn.host_key = up.dst + up.src + up.dport.to_bytes(2, "big") + up.sport.to_bytes(2, "big")
+    conn.delta, conn.ts_off = up.ack_add, up.tsecr_add
+    conn.c2h_shift, conn.h2c_shift = up.wscale_shift, down.wscale_shift
+    client_ws = up.flags & F_WSCALE_MASK
+    conn.client_wscale = None if client_ws == NO_WSCALE else client_ws
+    conn.host_wscale = down.flags & F_WSCALE_MASK
+    conn.our_wscale = conn.host_wscale - conn.h2c_shift if conn.client_wscale is not None else 0
+    conn.client_ts = conn.host_ts = bool(up.flags & F_TIMESTAMPS)
+    conn.client_sack = bool(up.flags & F_SACK)
+    conn.client_isn = (up.seq_base - 1) & 0xFFFFFFFF
+    conn.host_isn = (down.seq_base - 1) & 0xFFFFFFFF
+    conn.our_isn = (conn.host_isn - conn.delta) & 0xFFFFFFFF
+    conn.client_mss = down.mss
+    conn.client_ack, conn.client_nxt, conn.client_win = up.ack_max, up.seq_next, up.window
+    conn.host_ack, conn.host_win = down.ack_max, down.window
+    conn.host_nxt = (down.seq_next - conn.delta) & 0xFFFFFFFF
+    conn.client_max_win = max(up.window_max << (conn.client_wscale or 0), 0xFFFF)
+    conn.host_max_win = max(down.window_max << conn.host_wscale, 0xFFFF)
+    conn.packets_to_host, conn.packets_to_client = up.packets, down.packets
+    tracker._make_flows(conn)
+    conn.timer_at = now + tracker.config.idle_timeout
+    return conn

@@ -251,8 +251,10 @@ class Tracker:
         self.prefixes = {config.prefix} | {lst.prefix for lst in self.listeners.values() if lst.prefix}
         self.resolve = resolve
         self.random32 = random32
-        # The kernel's flow map, if a BPF program translates established connections.
+        # The kernel's flow map, if a BPF program translates established connections,
+        # and how many connections it carries now.
         self.flows = flows
+        self.in_kernel = 0
         # client key: client address + service address + client port + service port,
         # exactly bytes 12:20 of the IPv4 header and 0:4 of the TCP header.
         self.clients: dict[bytes, Connection] = {}
@@ -867,6 +869,7 @@ class Tracker:
             self.events["kernel_install_failed"] += 1
             return
         conn.kernel = KERNEL_YES
+        self.in_kernel += 1
         self.events["kernel_offloaded"] += 1
 
     def _reclaim(self, conn: Connection, now: float) -> None:
@@ -877,6 +880,7 @@ class Tracker:
         before its record is written.
         """
         conn.kernel = KERNEL_NO
+        self.in_kernel -= 1
         client_key, host_key = self._kernel_keys(conn)
         up = self.flows.take(client_key)
         down = self.flows.take(host_key)

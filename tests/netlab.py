@@ -238,12 +238,42 @@ def cleanup_stale(log: Callable[[str], None] | None = None) -> list[str]:
     for path in tmp.glob("kracauer-lab-kl*"):
         m = _TMP_RE.match(path.name)
         if m and path.is_dir() and not _pid_alive(int(m["pid"])):
+            _unmount_bpffs(path / "bpf")
             shutil.rmtree(path, ignore_errors=True)
             removed.append(f"dir {path}")
     if log:
         for item in removed:
             log(f"removed stale {item}")
     return removed
+
+
+# The kernel data path in the lab: KRACAUER_LAB_KERNEL_PATH=on (the default:
+# kracauer must load its BPF program), off (the Python path only) or auto.
+KERNEL_PATH_MODES = {"on": "true", "off": "false", "auto": '"auto"'}
+
+
+def lab_kernel_path() -> str:
+    mode = os.environ.get("KRACAUER_LAB_KERNEL_PATH", "on")
+    if mode not in KERNEL_PATH_MODES:
+        raise LabError(f"KRACAUER_LAB_KERNEL_PATH must be one of {', '.join(KERNEL_PATH_MODES)}, got {mode!r}")
+    return mode
+
+
+def _mount_bpffs(path: pathlib.Path) -> None:
+    """A bpffs for kracauer's pinned maps, mounted in the root mount namespace.
+
+    `ip netns exec` remounts /sys, so /sys/fs/bpf is not there inside the box;
+    a mount made here propagates into every `ip netns exec` (they are slaves
+    of this namespace), so kracauer processes started one after the other
+    share their pins, as on a real box.
+    """
+    path.mkdir(mode=0o700, exist_ok=True)
+    subprocess.run(["mount", "-t", "bpf", "-o", "mode=0700", "bpf", str(path)], check=True, capture_output=True)
+
+
+def _unmount_bpffs(path: pathlib.Path) -> None:
+    if path.is_dir():
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 def _default_kracauer_cmd() -> list[str]:
@@ -525,6 +555,7 @@ class Lab:
         try:
             self.dir = pathlib.Path(tempfile.gettempdir()) / f"kracauer-lab-{self.prefix}"
             self.dir.mkdir(mode=0o755)
+            _mount_bpffs(self.dir / "bpf")
             self._build_network()
             if self.with_hosts:
                 self._build_hosts()
@@ -560,8 +591,10 @@ class Lab:
         self._created.clear()
         self._procs.clear()
         self._kracauers.clear()
-        if self.dir and self.dir.exists() and not self.keep_dir:
-            shutil.rmtree(self.dir, ignore_errors=True)
+        if self.dir and self.dir.exists():
+            _unmount_bpffs(self.dir / "bpf")
+            if not self.keep_dir:
+                shutil.rmtree(self.dir, ignore_errors=True)
         leftover = [ns for ns in _netns_list() if ns.startswith(self.prefix + "-")]
         if leftover:
             errors.append(f"namespaces left: {leftover}")
@@ -770,11 +803,14 @@ class Lab:
         n = len(self._kracauers)
         config_path = self.dir / f"kracauer-{n}.toml"
         stderr_path = self.dir / f"kracauer-{n}.stderr"
-        config_path.write_text(config_text)
         try:
             config = tomllib.loads(config_text)
         except tomllib.TOMLDecodeError:
             config = None
+        if config is not None and "kernel_path" not in config:
+            config_text = self.with_kernel_path(config_text)
+            config = tomllib.loads(config_text)
+        config_path.write_text(config_text)
         err = open(stderr_path, "wb")
         try:
             popen = subprocess.Popen(
@@ -785,6 +821,11 @@ class Lab:
         k = Kracauer(self, popen, config_path, stderr_path, config)
         self._kracauers.append(k)
         return k
+
+    def with_kernel_path(self, config_text: str, mode: str | None = None) -> str:
+        """``config_text`` with the lab's [kernel_path] (KRACAUER_LAB_KERNEL_PATH, or ``mode``)."""
+        enabled = KERNEL_PATH_MODES[mode or lab_kernel_path()]
+        return config_text + f'\n[kernel_path]\nenabled = {enabled}\npin_dir = "{self.dir / "bpf"}"\n'
 
     def start_kracauer(self, config_text: str, *, timeout: float = 10, extra_args: Sequence[str] = ()) -> Kracauer:
         """Start kracauer and wait until its TUN is up and its routes are in place.
