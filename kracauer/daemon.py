@@ -40,7 +40,7 @@ from typing import Any, Callable
 from kracauer import __version__
 from kracauer.accesslog import AccessLog, NonBlockingQueueHandler
 from kracauer.config import Config, ConfigError, load_config
-from kracauer.kernel_path import KernelPath, KernelPathError, remove_pins
+from kracauer.kernel_path import BpfFlowTable, KernelPath, KernelPathError, remove_pins
 from kracauer.metrics import Metrics
 from kracauer.routing import Router
 from kracauer.privileges import PrivilegeError, drop_privileges
@@ -289,6 +289,9 @@ class Daemon:
         self.tracker = build_tracker(config)
         self.tun: Tun | None = None
         self.kernel: KernelPath | None = None
+        # With no kernel path this time: the map an earlier kracauer pinned, and where.
+        self._leftover_flows: BpfFlowTable | None = None
+        self._leftover_pins: str | None = None
         self.stopping = False
         self.reload_requested = False
         self.keep_tun = keep_tun
@@ -346,6 +349,8 @@ class Daemon:
             )
             self.kernel = self._start_kernel_path()
             self._restore(saved)
+            if self.kernel is None:
+                self._take_back()
             self._adopt_kernel_flows()
             if config.tun.user:
                 drop_privileges(config.tun.user)
@@ -397,10 +402,7 @@ class Daemon:
         settings = self.config.kernel_path
         pin_dir = self._pin_dir()
         if settings.enabled is False:
-            # An earlier kracauer may have left the program on this TUN: nothing may translate behind our back.
-            if remove_pins(pin_dir):
-                log.info("kernel path off ([kernel_path] enabled = false): removed the maps left in %s", pin_dir)
-            self._detach_stale_program()
+            self._keep_leftover_flows(pin_dir)
             return None
         max_flows = settings.max_flows or 2 * self.config.limits.max_connections
         if not self.persist:
@@ -423,22 +425,40 @@ class Daemon:
             if settings.enabled is True:
                 raise DaemonError(f"[kernel_path] enabled = true, but the kernel path cannot be used: {exc}") from None
             log.warning("kernel path unavailable, established connections are translated in Python: %s", exc)
-            self._detach_stale_program()
+            self._keep_leftover_flows(pin_dir)
             return None
         self.tracker.flows = kernel.flows
         log.info("kernel path on: a BPF program on %s's egress translates established connections "
                  "(%d flow entries%s)", self.tun.name, max_flows, f", maps pinned in {pin_dir}" if pin_dir else "")
         return kernel
 
-    def _detach_stale_program(self) -> None:
+    def _keep_leftover_flows(self, pin_dir: str) -> None:
+        """No kernel path this time: stop an earlier kracauer's program, keep its flow map for _take_back."""
+        self._leftover_pins = pin_dir
         if not self.tun.attached:
             return
         try:
             from kracauer.bpf import tc
+            from kracauer.bpf.libbpf import Map
 
-            tc.detach(self.tun.index, "egress")
+            # Nothing may translate behind this process's back.
+            if tc.detach(self.tun.index, "egress"):
+                log.info("removed the BPF program an earlier kracauer left on %s", self.tun.name)
+            if os.path.exists(os.path.join(pin_dir, "flows")):
+                self._leftover_flows = BpfFlowTable(Map.from_pin(os.path.join(pin_dir, "flows")))
         except (ImportError, OSError) as exc:
-            log.debug("no BPF program to detach from %s: %s", self.tun.name, exc)
+            log.debug("no BPF program or map left on %s: %s", self.tun.name, exc)
+
+    def _take_back(self) -> None:
+        """Restored connections the previous process left in the kernel are translated here now."""
+        taken = self.tracker.take_back(self._leftover_flows, time.monotonic())
+        if taken:
+            log.info("took %s back from the kernel path", _connections(taken))
+        if self._leftover_flows is not None:
+            self._leftover_flows.map.close()
+            self._leftover_flows = None
+        if self._leftover_pins is not None and remove_pins(self._leftover_pins):
+            log.info("removed the kernel path's maps left in %s", self._leftover_pins)
 
     def _adopt_kernel_flows(self) -> None:
         """Connections the kernel carried while no kracauer ran (a crash): take them on."""

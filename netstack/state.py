@@ -144,9 +144,6 @@ def _load_connection(tracker: Tracker, saved: dict[str, Any], now: float) -> Con
         _rebuild_peeker(tracker, conn)
     if conn.state == ESTABLISHED:
         tracker._make_flows(conn)
-    if conn.kernel == KERNEL_YES and tracker.flows is None:
-        # The kernel path is off now: this tracker translates it (the daemon empties the map).
-        conn.kernel = KERNEL_NO
     return conn
 
 

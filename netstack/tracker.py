@@ -916,6 +916,28 @@ class Tracker:
         conn.host_max_win = max(conn.host_max_win, down.window_max << conn.host_wscale)
         conn.last_seen = max(conn.last_seen, down.last_seen / 1e9)
 
+    def take_back(self, table: FlowTable | None, now: float) -> int:
+        """Translate here every connection marked as in the kernel (restored while no kernel path runs).
+
+        ``table`` is the flow map a previous process left, to learn what the
+        kernel saw before its program went; None when there is none (then the
+        counts stop where the state file left them). Returns how many.
+        """
+        class _Gone:
+            def take(self, key: bytes) -> None:
+                return None
+
+        flows, self.flows = self.flows, table if table is not None else _Gone()
+        taken = 0
+        try:
+            for conn in self.clients.values():
+                if conn.kernel == KERNEL_YES:
+                    self._reclaim(conn, now)
+                    taken += 1
+        finally:
+            self.flows = flows
+        return taken
+
     def _kernel_last_seen(self, conn: Connection) -> None:
         """Bring last_seen up to date from the map, leaving the flow in the kernel."""
         for key in self._kernel_keys(conn):

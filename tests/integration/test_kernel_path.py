@@ -206,3 +206,29 @@ def test_enabled_true_fails_at_start_when_the_program_cannot_load_and_auto_falls
     out = lab.dir / "auto.bin"
     assert finish(download(lab, out)).split() == ["200", str(BIG)]
     out.unlink()
+
+
+def test_a_restart_with_state_can_switch_the_kernel_path_off_and_on_mid_download(lab, box):
+    (lab.dir / "access.log").unlink(missing_ok=True)
+    out = lab.dir / "switch.bin"
+    k = start(lab, config(lab, state=True))
+    curl = download(lab, out, "30M")
+    try:
+        for kernel in ("off", "on"):
+            wait_until(lambda: out.exists() and out.stat().st_size > (20_000_000 if kernel == "off" else 60_000_000),
+                       20, "the download to be under way")
+            rc, stderr = k.stop()
+            assert rc == 0 and "saved 1 connection" in stderr, stderr
+            k = start(lab, config(lab, state=True, kernel=kernel))
+            assert "restored 1 connection" in k.stderr(), k.stderr()
+            if kernel == "off":
+                assert "took 1 connection back from the kernel path" in k.stderr(), k.stderr()
+                assert not (lab.dir / "bpf" / "kracauer0" / "flows").exists()
+        assert finish(curl).split() == ["200", str(BIG)]
+    finally:
+        if curl.poll() is None:
+            curl.kill()
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == lab.big_sha256
+    out.unlink()
+    wait_until(lambda: any(e["bytes_to_client"] > BIG for e in netlab_access(lab)), 15,
+               "the download in the access log", k.stderr)

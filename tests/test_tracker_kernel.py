@@ -1,0 +1,260 @@
+"""The tracker's side of the kernel data path, with a flow table that acts as the BPF program would.
+
+``KernelSim`` keeps the map entries and, for a packet "routed into the TUN",
+does what kracauer/bpf/xlat.bpf.c does: a plain segment of a flow in the
+map is rewritten with netstack.flow (the differential tests show the program
+writes the same bytes) and its tracking fields are updated; anything else
+goes to the tracker. So these tests walk connections whose middle the
+tracker never sees, as in the daemon.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from netstack.flow import Flow, flow_key, to_client, to_host
+from netstack.ip import IPv4Header, IPv6Header
+from netstack.state import adopt, restore, snapshot
+from netstack.tcp import ACK, FIN, RST, SYN, TcpHeader, seq_lt
+from netstack.tracker import KERNEL_NEVER, KERNEL_NO, KERNEL_YES, Tracker, TrackerConfig
+from tests.test_tracker import CHROME, LISTENERS, PREFIX, Box, Walk, parse, resolve
+
+M32 = 0xFFFFFFFF
+
+
+class KernelSim:
+    """A FlowTable, and the program's fast path over it."""
+
+    def __init__(self, refuse: bool = False) -> None:
+        self.entries: dict[bytes, bytes] = {}
+        self.refuse = refuse
+        self.now_ns = 0
+
+    # FlowTable
+    def install(self, key: bytes, flow: Flow) -> bool:
+        if self.refuse:
+            return False
+        self.entries[key] = flow.pack()
+        return True
+
+    def take(self, key: bytes) -> Flow | None:
+        value = self.entries.pop(key, None)
+        return None if value is None else Flow.unpack(value)
+
+    def peek(self, key: bytes) -> Flow | None:
+        value = self.entries.get(key)
+        return None if value is None else Flow.unpack(value)
+
+    # the program
+    def carry(self, raw: bytes) -> bytes | None:
+        """The translated packet if the program takes it, None if it goes on to the tracker."""
+        buf = bytearray(64) + bytearray(raw)
+        view = memoryview(buf)[64:]
+        if raw[0] >> 4 == 4:
+            ip = IPv4Header(view)
+            tcp_at, tcp_len = ip.header_len, ip.total_len - ip.header_len
+            key = flow_key(ip.src, ip.dst, raw[tcp_at:tcp_at + 4])
+        else:
+            ip = IPv6Header(view)
+            tcp_at, tcp_len = 40, ip.payload_len
+            key = flow_key(ip.src, ip.dst, raw[40:44])
+        tcp = TcpHeader(view[tcp_at:tcp_at + tcp_len])
+        value = self.entries.get(key)
+        if value is None or tcp.flags & (SYN | FIN | RST):
+            return None
+        flow = Flow.unpack(value)
+        payload = tcp_len - tcp.header_len
+        if tcp.flags & ACK and seq_lt(flow.ack_max, tcp.ack):
+            flow.ack_max = tcp.ack
+        if seq_lt(flow.seq_next, (tcp.seq + payload) & M32):
+            flow.seq_next = (tcp.seq + payload) & M32
+        flow.window, flow.window_max = tcp.window, max(flow.window_max, tcp.window)
+        flow.last_seen = self.now_ns
+        if raw[0] >> 4 == 4:
+            start = to_host(buf, 64, ip, tcp, tcp_len, flow, partial=False)
+        else:
+            start = to_client(buf, 64, ip, tcp, tcp_len, flow, partial=False, ident=flow.packets)
+        flow.packets += 1
+        flow.bytes += payload
+        self.entries[key] = flow.pack()
+        return bytes(buf[start:64 + tcp_at + tcp_len])
+
+
+class KernelBox(Box):
+    def __init__(self, refuse: bool = False, **config) -> None:
+        super().__init__(**config)
+        self.kernel = KernelSim(refuse)
+        self.tracker.flows = self.kernel
+        self.carried = 0
+
+    def send(self, packet):
+        raw = bytes(packet)
+        self.kernel.now_ns = int(self.now * 1e9)
+        out = self.kernel.carry(raw)
+        if out is not None:
+            self.carried += 1
+            return [parse(out)]
+        return super().send(packet)
+
+
+def established(box: KernelBox) -> Walk:
+    walk = Walk(box)
+    walk.establish(CHROME)
+    return walk
+
+
+def test_a_connection_enters_the_kernel_once_the_host_has_the_hello():
+    box = KernelBox()
+    walk = established(box)
+    conn = next(iter(box.tracker.clients.values()))
+    assert conn.kernel == KERNEL_YES and box.tracker.in_kernel == 1
+    assert len(box.kernel.entries) == 2
+    assert box.tracker.events["kernel_offloaded"] == 1
+    # From now on the tracker sees nothing of a plain segment, both ways, yet each arrives translated.
+    before = box.carried
+    down = walk.from_host("PA", walk.h + 1, walk.c + 1 + len(CHROME), b"x" * 1000, host_tick=30)
+    assert down[0].v4 and down[0].tcp.seq == (walk.k + 1) & M32 and down[0].payload == b"x" * 1000
+    up = walk.from_client("A", walk.c + 1 + len(CHROME), walk.k + 1001)
+    assert not up[0].v4 and up[0].tcp.ack == (walk.h + 1001) & M32
+    assert box.carried == before + 2
+
+
+def test_nothing_enters_the_kernel_while_a_replayed_byte_is_unacknowledged():
+    box = KernelBox()
+    walk = Walk(box)
+    walk.handshake()
+    walk.expect_host_syn(walk.send_hello(CHROME))
+    walk.host_synack()
+    # The host acknowledges only part of the replay: the copy is still needed.
+    walk.from_host("A", walk.h + 1, walk.c + 1 + 100, host_tick=10)
+    assert box.kernel.entries == {} and box.tracker.in_kernel == 0
+
+
+def test_a_fin_after_kernel_traffic_is_checked_against_what_the_kernel_saw():
+    box = KernelBox()
+    walk = established(box)
+    conn = next(iter(box.tracker.clients.values()))
+    data = b"y" * 5000
+    walk.from_host("PA", walk.h + 1, walk.c + 1 + len(CHROME), data, host_tick=30)
+    walk.from_client("A", walk.c + 1 + len(CHROME), walk.k + 1 + len(data))
+    assert conn.host_nxt == (walk.k + 1) & M32  # the tracker itself saw none of it
+    # The client's FIN acknowledges bytes only the kernel saw: without the map's
+    # numbers RFC 5961 §5.2 would drop it as acknowledging the unsent.
+    out = walk.from_client("FA", walk.c + 1 + len(CHROME), walk.k + 1 + len(data))
+    assert len(out) == 1 and out[0].has("F") and out[0].tcp.ack == (walk.h + 1 + len(data)) & M32
+    assert conn.kernel == KERNEL_NO and box.kernel.entries == {} and box.tracker.in_kernel == 0
+    assert conn.host_nxt == (walk.k + 1 + len(data)) & M32
+    assert conn.packets_to_client >= 2
+    # The host's FIN and the last ACKs close it; the record has every byte, both ways.
+    walk.from_host("FA", walk.h + 1 + len(data), walk.c + 2 + len(CHROME), host_tick=40)
+    walk.from_client("A", walk.c + 2 + len(CHROME), walk.k + 2 + len(data))
+    [record] = box.tracker.records
+    assert record.outcome == "closed"
+    assert (record.bytes_to_host, record.bytes_to_client) == (len(CHROME), len(data))
+
+
+def test_idle_timeout_counts_the_kernel_traffic_as_activity():
+    box = KernelBox(idle_timeout=60.0)
+    walk = established(box)
+    for _ in range(3):
+        box.wait(50)
+        walk.from_host("PA", walk.h + 1, walk.c + 1 + len(CHROME), b"z", host_tick=30)
+    assert box.connections == 1
+    box.wait(61)
+    assert box.connections == 0
+    assert box.tracker.records[-1].outcome == "idle_timeout"
+    assert box.kernel.entries == {}
+
+
+def test_a_flow_the_kernel_refuses_stays_in_python_for_good():
+    box = KernelBox(refuse=True)
+    walk = established(box)
+    conn = next(iter(box.tracker.clients.values()))
+    assert conn.kernel == KERNEL_NEVER and box.tracker.events["kernel_install_failed"] == 1
+    out = walk.from_host("PA", walk.h + 1, walk.c + 1 + len(CHROME), b"x" * 10, host_tick=30)
+    assert out[0].v4 and box.carried == 0
+    assert box.tracker.events["kernel_install_failed"] == 1  # not retried per packet
+
+
+def test_an_evicted_flow_goes_on_in_python():
+    box = KernelBox()
+    walk = established(box)
+    box.kernel.entries.clear()  # the LRU map dropped both entries
+    out = walk.from_host("PA", walk.h + 1, walk.c + 1 + len(CHROME), b"q" * 10, host_tick=30)
+    assert out[0].v4 and out[0].payload == b"q" * 10
+    assert box.tracker.events["kernel_flow_lost"] == 1
+    # ... and is handed back to the kernel by the very packet that found it missing.
+    assert len(box.kernel.entries) == 2
+
+
+def test_a_saved_kernel_connection_is_restored_still_in_the_kernel():
+    box = KernelBox()
+    established(box)
+    state = snapshot(box.tracker, box.now)
+    fresh = KernelBox()
+    fresh.kernel.entries = dict(box.kernel.entries)
+    assert restore(fresh.tracker, state, fresh.now) == 1
+    conn = next(iter(fresh.tracker.clients.values()))
+    assert conn.kernel == KERNEL_YES and fresh.tracker.in_kernel == 1
+    original = next(iter(box.tracker.clients.values()))
+    assert conn.to_host_flow.pack()[:64] == original.to_host_flow.pack()[:64]
+    # Restored without a kernel path: the tracker takes it back, with what the old map saw.
+    python_only = Tracker(TrackerConfig(prefix=PREFIX), LISTENERS, resolve, lambda: 4)
+    restore(python_only, state, box.now)
+    left = KernelSim()
+    left.entries = dict(box.kernel.entries)
+    up_key = next(k for k in left.entries if k[0] == 4)
+    flow = left.peek(up_key)
+    flow.packets += 1000
+    left.entries[up_key] = flow.pack()
+    assert python_only.take_back(left, box.now) == 1
+    conn = next(iter(python_only.clients.values()))
+    assert conn.kernel == KERNEL_NO and python_only.in_kernel == 0 and left.entries == {}
+    assert conn.packets_to_host == flow.packets
+
+
+@pytest.mark.parametrize("client_wscale, host_wscale, host_ts", [(7, 9, 0xFFFFFF00), (None, 9, 0x10), (7, None, None)])
+def test_flows_left_by_a_crashed_process_are_adopted_with_the_same_rewrite(client_wscale, host_wscale, host_ts):
+    box = KernelBox()
+    walk = Walk(box, client_wscale=client_wscale, host_wscale=host_wscale, host_ts=host_ts)
+    walk.establish(CHROME)
+    data = b"d" * 3000
+    walk.from_host("PA", walk.h + 1, walk.c + 1 + len(CHROME), data, host_tick=30)
+    original = next(iter(box.tracker.clients.values()))
+    # The process dies; the map lives on. A new tracker takes the connection from it.
+    fresh = KernelBox()
+    fresh.kernel.entries = dict(box.kernel.entries)
+    adopted, stale = adopt(fresh.tracker, ((k, Flow.unpack(v)) for k, v in fresh.kernel.entries.items()), box.now + 5)
+    assert (adopted, stale) == (1, [])
+    conn = next(iter(fresh.tracker.clients.values()))
+    for name in ("client_addr", "client_port", "host", "src6", "host_sport", "delta", "ts_off", "c2h_shift",
+                 "h2c_shift", "client_wscale", "our_wscale", "client_isn", "our_isn", "host_isn", "client_mss",
+                 "host_key", "client_key"):
+        assert getattr(conn, name) == getattr(original, name), name
+    rewrite = slice(0, 64)  # everything but what the program tracks
+    assert conn.to_host_flow.pack()[rewrite] == original.to_host_flow.pack()[rewrite]
+    assert conn.to_client_flow.pack()[rewrite] == original.to_client_flow.pack()[rewrite]
+    # Its teardown works in the new process, and the record counts the bytes of the old one.
+    walk.box = fresh
+    walk.from_client("FA", walk.c + 1 + len(CHROME), walk.k + 1 + len(data))
+    walk.from_host("FA", walk.h + 1 + len(data), walk.c + 2 + len(CHROME), host_tick=40)
+    walk.from_client("A", walk.c + 2 + len(CHROME), walk.k + 2 + len(data))
+    [record] = fresh.tracker.records
+    assert record.outcome == "closed" and record.bytes_to_client == len(data)
+    assert record.name is None
+
+
+def test_adoption_drops_half_flows_and_flows_of_listeners_that_are_gone():
+    box = KernelBox()
+    established(box)
+    fresh = KernelBox()
+    entries = dict(box.kernel.entries)
+    client_key = next(k for k in entries if k[0] == 4)
+    host_key = next(k for k in entries if k[0] == 6)
+    assert adopt(fresh.tracker, {client_key: Flow.unpack(entries[client_key])}.items(), box.now) == (0, [client_key])
+    gone = Tracker(TrackerConfig(prefix=PREFIX), LISTENERS[1:], resolve, lambda: 4)
+    adopted, stale = adopt(gone, ((k, Flow.unpack(v)) for k, v in entries.items()), box.now)
+    assert adopted == 0 and sorted(stale) == sorted([client_key, host_key])
+    assert struct.unpack_from("!H", client_key, 38)[0] == 443
