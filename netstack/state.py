@@ -160,6 +160,7 @@ def _rebuild_peeker(tracker: Tracker, conn: Connection) -> None:
 def _insert(tracker: Tracker, conn: Connection) -> None:
     if conn.kernel == KERNEL_YES:
         tracker.in_kernel += 1
+        conn.to_host_flow = conn.to_client_flow = None  # the kernel's map holds them
     tracker.clients[conn.client_key] = conn
     if conn.host_key:
         tracker.hosts[conn.host_key] = conn

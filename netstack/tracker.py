@@ -871,6 +871,8 @@ class Tracker:
         conn.kernel = KERNEL_YES
         self.in_kernel += 1
         self.events["kernel_offloaded"] += 1
+        # The kernel holds the rewrite now; the tracker gets it back with the entries.
+        conn.to_host_flow = conn.to_client_flow = None
 
     def _reclaim(self, conn: Connection, now: float) -> None:
         """Take a connection back from the kernel: its map entries go, what they saw is merged in.
@@ -888,10 +890,13 @@ class Tracker:
             # Evicted from the LRU map (or removed from outside): the counts
             # stop where the tracker last knew them; translation goes on here.
             self.events["kernel_flow_lost"] += 1
+            self._make_flows(conn)
         if up is not None:
             self._merge_client_side(conn, up)
+            conn.to_host_flow = up
         if down is not None:
             self._merge_host_side(conn, down)
+            conn.to_client_flow = down
 
     def _merge_client_side(self, conn: Connection, up: Flow) -> None:
         if seq_lt(conn.client_ack, up.ack_max):

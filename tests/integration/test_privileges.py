@@ -40,6 +40,12 @@ def test_daemon_runs_as_the_configured_user_with_no_capabilities_and_still_clean
         # It still does its job unprivileged.
         proc = lab.curl("https://www.example.com/")
         assert proc.returncode == 0 and proc.stdout == "host1\n", proc.stderr
+        if netlab.lab_kernel_path() == "on":
+            # The flow map's descriptor works without a capability: connections still go into the kernel.
+            assert "kernel path on" in k.stderr()
+            assert "the kernel refused a flow" not in k.stderr(), k.stderr()
+            proc = lab.curl("https://www.example.com/big.bin", "-o", "/dev/null", "-w", "%{size_download}")
+            assert proc.returncode == 0, proc.stderr
 
         code, stderr = k.stop()
         assert code == 0, stderr
