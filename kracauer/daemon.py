@@ -451,7 +451,11 @@ class Daemon:
 
     def _take_back(self) -> None:
         """Restored connections the previous process left in the kernel are translated here now."""
-        taken = self.tracker.take_back(self._leftover_flows, time.monotonic())
+        parked = self.tracker.in_kernel
+        taken = self.tracker.unpark_all(time.monotonic(), self._leftover_flows)
+        if parked > taken:
+            log.warning("%s restored as carried by the kernel could not be taken back (their map is gone)",
+                        _connections(parked - taken))
         if taken:
             log.info("took %s back from the kernel path", _connections(taken))
         if self._leftover_flows is not None:
@@ -567,7 +571,7 @@ class Daemon:
                      "(`kracauer cleanup` removes them)", _connections(saved), self.config.state.file, name)
         else:
             # Connections that already closed but linger for late retransmissions are not "active".
-            active = sum(1 for conn in self.tracker.clients.values() if not conn.closing)
+            active = sum(1 for conn in self.tracker.clients.values() if conn.__class__ is tuple or not conn.closing)
             log.info("stopped; %d connections were active; TUN %s and its routes removed", active, name)
 
     def _save_state(self, path: str) -> int | None:

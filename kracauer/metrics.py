@@ -227,6 +227,12 @@ class Metrics:
         by_route: Tally = Tally()
         by_state: Tally = Tally()
         for conn in conns:
+            if conn.__class__ is tuple:
+                # Parked: the kernel carries it (netstack.tracker, "the kernel path").
+                _, target, host, _, _ = conn
+                by_route[(target.route, host)] += 1
+                by_state["established"] += 1
+                continue
             if conn.recorded:
                 # Over (its record is written), lingering a few seconds for retransmissions.
                 by_state["closing"] += 1

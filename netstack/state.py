@@ -18,11 +18,11 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 from netstack import http, tls
-from netstack.flow import F_SACK, F_TIMESTAMPS, F_WSCALE_MASK, NO_WSCALE, Flow, flow_key, split_key
+from netstack.flow import Flow, flow_key, split_key
 from netstack.peek import Decision
 from netstack.reassembly import StreamBuffer
 from netstack.tracker import (
-    CONNECTING, ESTABLISHED, GONE, KERNEL_YES, PEEKING, REFUSING, Connection, Target, Tracker,
+    CONNECTING, ESTABLISHED, GONE, PEEKING, REFUSING, Connection, Target, Tracker,
 )
 
 VERSION = 1
@@ -42,7 +42,10 @@ class StateError(ValueError):
 def snapshot(tracker: Tracker, now: float) -> dict[str, Any]:
     """Everything needed to carry on every connection, as JSON-ready data."""
     connections = []
-    for conn in tracker.clients.values():
+    for key, conn in tracker.clients.items():
+        if conn.__class__ is tuple:
+            connections.append(_save_parked(key, conn))
+            continue
         if conn.state in (GONE, REFUSING):
             continue  # a refusal is already answered; the client will close
         connections.append(_save_connection(conn, now))
@@ -67,6 +70,9 @@ def restore(tracker: Tracker, state: dict[str, Any], now: float) -> int:
     restored = 0
     try:
         for saved in state["connections"]:
+            if "parked" in saved:
+                restored += _load_parked(tracker, saved)
+                continue
             conn = _load_connection(tracker, saved, now)
             if conn is None:
                 tracker.events["state_skipped"] += 1
@@ -77,6 +83,7 @@ def restore(tracker: Tracker, state: dict[str, Any], now: float) -> int:
             tracker.health[(bytes.fromhex(host), int(port))] = (int(fails), now + float(left) if left else 0.0)
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         tracker.clients.clear()
+        tracker.in_kernel = 0
         tracker.hosts.clear()
         tracker.peeking.clear()
         tracker.half_open = 0
@@ -107,6 +114,38 @@ def _save_connection(conn: Connection, now: float) -> dict[str, Any]:
         saved["target"] = [[h.hex() for h in t.hosts], t.port, t.route]
         saved["candidates"] = [h.hex() for h in conn.candidates]
     return saved
+
+
+def _save_parked(key: bytes, parked: tuple) -> dict[str, Any]:
+    """A connection the kernel carries: its flow map entries stay, only what they lack is saved."""
+    decision, target, host, hello_segments, connect_time = parked
+    return {
+        "parked": key.hex(),
+        "decision": [decision.name, list(decision.alpn), decision.hello_size, decision.records] if decision else None,
+        "target": [[h.hex() for h in target.hosts], target.port, target.route],
+        "host": host.hex(),
+        "hello_segments": hello_segments,
+        "connect_time": connect_time,
+    }
+
+
+def _load_parked(tracker: Tracker, saved: dict[str, Any]) -> int:
+    key = bytes.fromhex(saved["parked"])
+    if len(key) != 12:
+        raise ValueError("a parked connection's key is 12 bytes")
+    if key[4:8] + key[10:12] not in tracker.listeners:
+        tracker.events["state_skipped"] += 1
+        return 0
+    decision = None
+    if saved["decision"] is not None:
+        name, alpn, hello_size, records = saved["decision"]
+        decision = Decision(name, tuple(alpn), int(hello_size), int(records))
+    hosts, port, route = saved["target"]
+    packed = tuple(bytes.fromhex(h) for h in hosts)
+    tracker.clients[key] = (decision, Target(packed[0], int(port), route, packed), bytes.fromhex(saved["host"]),
+                            int(saved["hello_segments"]), saved["connect_time"])
+    tracker.in_kernel += 1
+    return 1
 
 
 def _load_connection(tracker: Tracker, saved: dict[str, Any], now: float) -> Connection | None:
@@ -158,9 +197,6 @@ def _rebuild_peeker(tracker: Tracker, conn: Connection) -> None:
 
 
 def _insert(tracker: Tracker, conn: Connection) -> None:
-    if conn.kernel == KERNEL_YES:
-        tracker.in_kernel += 1
-        conn.to_host_flow = conn.to_client_flow = None  # the kernel's map holds them
     tracker.clients[conn.client_key] = conn
     if conn.host_key:
         tracker.hosts[conn.host_key] = conn
@@ -179,67 +215,32 @@ def adopt(tracker: Tracker, entries: Iterable[tuple[bytes, Flow]], now: float) -
     After a crash (SIGKILL, an OOM kill) no state file was written, but the
     pinned flow map and the program on the persistent TUN went on
     translating. Each pair of entries (client side and host side) holds what
-    the splice recorded, so the connection is rebuilt from them, ESTABLISHED
-    and still in the kernel. What the map does not hold (the server name,
-    the route, the hello's size) is missing from its access-log line.
+    the splice recorded, so the connection is parked here as any connection
+    the kernel carries, to be rebuilt from its entries when it needs the
+    tracker. What the map does not hold (the server name, the route, the
+    hello's size) is missing from its access-log line.
 
     Returns how many were adopted, and the keys of entries to remove (their
     other half is missing, or their listener is gone).
     """
     entries = dict(entries)
     adopted = 0
-    stale: list[bytes] = []
+    keep: set[bytes] = set()
     for key, up in entries.items():
         src, dst, sport, dport = split_key(key)
         if len(src) != 4:
             continue
-        host_key = flow_key(up.dst, up.src, up.dport.to_bytes(2, "big") + up.sport.to_bytes(2, "big"))
-        down = entries.get(host_key)
         client_key = src + dst + sport.to_bytes(2, "big") + dport.to_bytes(2, "big")
-        if client_key in tracker.clients:
-            continue  # restored from the state file, or already adopted
-        listener = tracker.listeners.get(dst + dport.to_bytes(2, "big"))
-        if down is None or listener is None or len(tracker.clients) >= tracker.config.max_connections:
-            stale.append(key)
-            if down is not None:
-                stale.append(host_key)
+        host_key = flow_key(up.dst, up.src, up.dport.to_bytes(2, "big") + up.sport.to_bytes(2, "big"))
+        if host_key not in entries or dst + dport.to_bytes(2, "big") not in tracker.listeners:
             continue
-        conn = _adopted_connection(tracker, listener, client_key, up, down, now)
-        _insert(tracker, conn)
+        keep.update((key, host_key))
+        if client_key in tracker.clients:
+            continue  # restored from the state file
+        if len(tracker.clients) >= tracker.config.max_connections:
+            keep.difference_update((key, host_key))
+            continue
+        tracker.clients[client_key] = (None, Target(up.dst, up.dport, ""), up.dst, 0, None)
+        tracker.in_kernel += 1
         adopted += 1
-    known = {k for conn in tracker.clients.values() if conn.kernel == KERNEL_YES for k in tracker._kernel_keys(conn)}
-    stale.extend(k for k in entries if k not in known and k not in stale)
-    return adopted, stale
-
-
-def _adopted_connection(tracker: Tracker, listener, client_key: bytes, up: Flow, down: Flow, now: float) -> Connection:
-    conn = Connection(listener, client_key[:4], int.from_bytes(client_key[8:10], "big"), client_key)
-    conn.state = ESTABLISHED
-    conn.acked = True
-    conn.kernel = KERNEL_YES
-    conn.start = up.start_ns / 1e9 if up.start_ns else now
-    conn.last_seen = max(up.last_seen, down.last_seen) / 1e9 or now
-    conn.src6, conn.host, conn.host_sport = up.src, up.dst, up.sport
-    conn.target = Target(up.dst, up.dport, "")
-    conn.host_key = up.dst + up.src + up.dport.to_bytes(2, "big") + up.sport.to_bytes(2, "big")
-    conn.delta, conn.ts_off = up.ack_add, up.tsecr_add
-    conn.c2h_shift, conn.h2c_shift = up.wscale_shift, down.wscale_shift
-    client_ws = up.flags & F_WSCALE_MASK
-    conn.client_wscale = None if client_ws == NO_WSCALE else client_ws
-    conn.host_wscale = down.flags & F_WSCALE_MASK
-    conn.our_wscale = conn.host_wscale - conn.h2c_shift if conn.client_wscale is not None else 0
-    conn.client_ts = conn.host_ts = bool(up.flags & F_TIMESTAMPS)
-    conn.client_sack = bool(up.flags & F_SACK)
-    conn.client_isn = (up.seq_base - 1) & 0xFFFFFFFF
-    conn.host_isn = (down.seq_base - 1) & 0xFFFFFFFF
-    conn.our_isn = (conn.host_isn - conn.delta) & 0xFFFFFFFF
-    conn.client_mss = down.mss
-    conn.client_ack, conn.client_nxt, conn.client_win = up.ack_max, up.seq_next, up.window
-    conn.host_ack, conn.host_win = down.ack_max, down.window
-    conn.host_nxt = (down.seq_next - conn.delta) & 0xFFFFFFFF
-    conn.client_max_win = max(up.window_max << (conn.client_wscale or 0), 0xFFFF)
-    conn.host_max_win = max(down.window_max << conn.host_wscale, 0xFFFF)
-    conn.packets_to_host, conn.packets_to_client = up.packets, down.packets
-    tracker._make_flows(conn)
-    conn.timer_at = now + tracker.config.idle_timeout
-    return conn
+    return adopted, [key for key in entries if key not in keep]

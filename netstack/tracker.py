@@ -31,7 +31,7 @@ from typing import Callable, Iterable
 
 from netstack import http, tls
 from netstack.checksum import is_valid, ones_sum, update
-from netstack.flow import F_SACK, F_TIMESTAMPS, NO_WSCALE, Flow, FlowTable, flow_key, to_client, to_host
+from netstack.flow import F_SACK, F_TIMESTAMPS, F_WSCALE_MASK, NO_WSCALE, Flow, FlowTable, flow_key, to_client, to_host
 from netstack.icmp import (
     ICMP4_ECHO_REPLY, ICMP4_ECHO_REQUEST, ICMP4_ERROR_MAX, ICMP4_ERRORS, ICMP6_ERROR_MAX, ICMP6_ERRORS,
     ICMP6_UNREACHABLE, ICMP_HEADER_LEN, IcmpHeader, build_icmp4, build_icmp6, icmp4_to_icmp6, icmp6_to_icmp4,
@@ -55,10 +55,15 @@ from netstack.tcp import (
 PEEKING, CONNECTING, ESTABLISHED, REFUSING, GONE = range(5)
 STATE_NAMES = ("PEEKING", "CONNECTING", "ESTABLISHED", "REFUSING", "GONE")
 
-# Who translates an established connection: this tracker (KERNEL_NO), the
-# kernel's flow map (KERNEL_YES), or this tracker for good because the map
-# refused the flow (KERNEL_NEVER).
-KERNEL_NO, KERNEL_YES, KERNEL_NEVER = range(3)
+# Whether an established connection may go into the kernel's flow map
+# (KERNEL_NO: not yet) or stays here for good because the map refused it
+# (KERNEL_NEVER). One in the map is parked: see "the kernel path" below.
+KERNEL_NO, KERNEL_NEVER = 0, 2
+# Parked connections' idle times are checked this many at a time, every
+# SWEEP_STEP seconds until all were seen, then again after at most SWEEP_INTERVAL.
+SWEEP_BATCH = 1024
+SWEEP_STEP = 0.05
+SWEEP_INTERVAL = 60.0
 
 # The window scale kracauer announces to clients. Linux hosts with default
 # buffers announce 7 as well, so their windows usually pass unchanged.
@@ -255,6 +260,10 @@ class Tracker:
         # and how many connections it carries now.
         self.flows = flows
         self.in_kernel = 0
+        self._sweep_at = 0.0
+        self._sweep_keys: list[bytes] = []
+        # Parked connections share equal decisions (one per name, mostly).
+        self._decisions: dict[Decision, Decision] = {}
         # client key: client address + service address + client port + service port,
         # exactly bytes 12:20 of the IPv4 header and 0:4 of the TCP header.
         self.clients: dict[bytes, Connection] = {}
@@ -370,13 +379,14 @@ class Tracker:
         hl = ip.header_len
         segment = packet[hl:ip.total_len]
         tcp = TcpHeader(segment)
-        conn = self.clients.get(ip.src + ip.dst + segment[:4].tobytes())
+        key = ip.src + ip.dst + segment[:4].tobytes()
+        conn = self.clients.get(key)
+        if conn.__class__ is tuple:
+            conn = self._unpark(key, conn, now)
         if conn is None:
             if tcp.flags & (SYN | ACK | RST) == ACK:
                 return self._client_cookie_ack(ip, segment, tcp, now)
             return self._client_new(packet, ip, segment, tcp, now)
-        if conn.kernel == KERNEL_YES:
-            self._reclaim(conn, now)
         conn.last_seen = now
         if tcp.flags & SYN:
             return self._client_syn_again(conn, packet, ip, segment, tcp, now)
@@ -399,11 +409,12 @@ class Tracker:
             return self._drop("not_tcp")
         segment = packet[IPV6_HEADER_LEN:IPV6_HEADER_LEN + ip.payload_len]
         tcp = TcpHeader(segment)
-        conn = self.hosts.get(ip.src + ip.dst + segment[:4].tobytes())
+        key = ip.src + ip.dst + segment[:4].tobytes()
+        conn = self.hosts.get(key)
+        if conn is None and self.in_kernel:
+            conn = self._unpark_from_host(key, now)
         if conn is None:
             return self._drop("no_connection")
-        if conn.kernel == KERNEL_YES:
-            self._reclaim(conn, now)
         conn.last_seen = now
         if conn.state == ESTABLISHED:
             if tcp.flags & SYN:
@@ -720,7 +731,7 @@ class Tracker:
         # DESIGN.md, Collisions: one client port towards two listeners that lead to
         # the same host and port; another source port keeps the two apart.
         for _ in range(64):
-            if key not in self.hosts:
+            if not self._host_key_taken(key):
                 break
             sport = 1024 + self.random32() % (65536 - 1024)
             key = conn.host + conn.src6 + U16.pack(port) + U16.pack(sport)
@@ -839,6 +850,20 @@ class Tracker:
             start_ns=start_ns)
 
     # ------------------------------------------------------ the kernel path
+    #
+    # A connection the kernel carries is "parked": its Connection object is
+    # dropped, and the client table holds a small tuple instead,
+    #
+    #     (decision, target, host, hello_segments, connect_time)
+    #
+    # the part of its record the flow map does not hold. Everything else
+    # (addresses, ports, ISNs, delta, offsets, scales, what each side sent and
+    # acknowledged) is in its two map entries, and the Connection is rebuilt
+    # from them ("unparked") when a packet of it reaches this tracker (a FIN,
+    # an RST, an ICMP error, anything the program passes on), when its idle
+    # time is checked, or when the process stops. A parked connection is not
+    # in the host table (a host packet finds it through the map) nor in the
+    # timer heap (the parked ones are swept instead).
 
     def _kernel_keys(self, conn: Connection) -> tuple[bytes, bytes]:
         """The flow map's keys: the client's packets as they reach the TUN, and the host's."""
@@ -846,7 +871,7 @@ class Tracker:
                 flow_key(conn.host, conn.src6, conn.host_key[32:36]))
 
     def _offload(self, conn: Connection, now: float) -> None:
-        """Hand an established connection to the kernel once nothing is held for it.
+        """Hand an established connection to the kernel once nothing is held for it, and park it.
 
         ../shared/design/kernel-path.md, the split: a flow enters the map when
         the hello is replayed and acknowledged (nothing left to replay), and
@@ -857,10 +882,13 @@ class Tracker:
         up, down = conn.to_host_flow, conn.to_client_flow
         # What the program tracks starts from what this tracker knows.
         up.ack_max, up.seq_next, up.window = conn.client_ack, conn.client_nxt, conn.client_win
-        up.window_max, up.packets = conn.client_win, conn.packets_to_host
+        up.window_max = min(max(conn.client_max_win >> (conn.client_wscale or 0), conn.client_win), 0xFFFF)
+        up.packets = conn.packets_to_host
         down.ack_max, down.seq_next, down.window = conn.host_ack, (conn.host_nxt + conn.delta) & MOD32, conn.host_win
-        down.window_max, down.packets = conn.host_win, conn.packets_to_client
-        up.last_seen = down.last_seen = int(now * 1e9)
+        down.window_max = min(max(conn.host_max_win >> conn.host_wscale, conn.host_win), 0xFFFF)
+        down.packets = conn.packets_to_client
+        up.start_ns = down.start_ns = int(conn.start * 1e9)
+        up.last_seen = down.last_seen = int(max(conn.last_seen, now) * 1e9)
         client_key, host_key = self._kernel_keys(conn)
         if not (self.flows.install(client_key, up) and self.flows.install(host_key, down)):
             self.flows.take(client_key)
@@ -868,87 +896,134 @@ class Tracker:
             conn.kernel = KERNEL_NEVER
             self.events["kernel_install_failed"] += 1
             return
-        conn.kernel = KERNEL_YES
-        self.in_kernel += 1
         self.events["kernel_offloaded"] += 1
-        # The kernel holds the rewrite now; the tracker gets it back with the entries.
-        conn.to_host_flow = conn.to_client_flow = None
+        if not self.in_kernel:
+            self._sweep_at = now + min(max(self.config.idle_timeout / 8, 1.0), SWEEP_INTERVAL)
+        self._park(conn)
 
-    def _reclaim(self, conn: Connection, now: float) -> None:
-        """Take a connection back from the kernel: its map entries go, what they saw is merged in.
+    def _park(self, conn: Connection) -> None:
+        decision = conn.decision
+        if decision is not None:
+            decision = self._decisions.setdefault(decision, decision) if len(self._decisions) < 65536 else decision
+        self.clients[conn.client_key] = (decision, conn.target, conn.host, conn.hello_segments, conn.connect_time)
+        self.hosts.pop(conn.host_key, None)
+        if conn.timer_at:
+            self._stale_timers += 1  # its heap entry is dead now
+        conn.state = GONE
+        self.in_kernel += 1
 
-        Called before this tracker handles any packet of a connection the
-        kernel carries (a FIN, an RST, anything the program passed on), and
-        before its record is written.
-        """
-        conn.kernel = KERNEL_NO
+    def _unpark(self, client_key: bytes, parked: tuple, now: float) -> Connection | None:
+        """Take a parked connection's entries out of the map and rebuild it here; None if they are gone."""
         self.in_kernel -= 1
-        client_key, host_key = self._kernel_keys(conn)
-        up = self.flows.take(client_key)
-        down = self.flows.take(host_key)
-        if up is None or down is None:
-            # Evicted from the LRU map (or removed from outside): the counts
-            # stop where the tracker last knew them; translation goes on here.
-            self.events["kernel_flow_lost"] += 1
-            self._make_flows(conn)
+        del self.clients[client_key]
+        listener = self.listeners.get(client_key[4:8] + client_key[10:12])
+        up = self.flows.take(flow_key(client_key[:4], client_key[4:8], client_key[8:12]))
+        down = None
         if up is not None:
-            self._merge_client_side(conn, up)
-            conn.to_host_flow = up
-        if down is not None:
-            self._merge_host_side(conn, down)
-            conn.to_client_flow = down
+            down = self.flows.take(flow_key(up.dst, up.src, U16.pack(up.dport) + U16.pack(up.sport)))
+        if listener is None or up is None or down is None:
+            # Removed from outside (bpftool, a `kracauer cleanup` while running): nothing to rebuild from.
+            self.events["kernel_flow_lost"] += 1
+            return None
+        conn = self._connection_from_flows(listener, client_key, up, down, now)
+        conn.decision, conn.target, conn.host, conn.hello_segments, conn.connect_time = parked
+        self.clients[client_key] = conn
+        self.hosts[conn.host_key] = conn
+        self._set_timer(conn, max(conn.last_seen + self.config.idle_timeout, now))
+        return conn
 
-    def _merge_client_side(self, conn: Connection, up: Flow) -> None:
-        if seq_lt(conn.client_ack, up.ack_max):
-            conn.client_ack = up.ack_max
-        if seq_lt(conn.client_nxt, up.seq_next):
-            conn.client_nxt = up.seq_next
-        if up.packets > conn.packets_to_host:
-            conn.packets_to_host = up.packets
-            conn.client_win = up.window
-        conn.client_max_win = max(conn.client_max_win, up.window_max << (conn.client_wscale or 0))
-        conn.last_seen = max(conn.last_seen, up.last_seen / 1e9)
+    def _unpark_from_host(self, host_key: bytes, now: float) -> Connection | None:
+        """A host packet (or an ICMP error quoting one) of no connection here: one the kernel carries?"""
+        down = self.flows.peek(flow_key(host_key[:16], host_key[16:32], host_key[32:36]))
+        if down is None:
+            return None
+        client_key = down.dst + down.src + U16.pack(down.dport) + U16.pack(down.sport)
+        parked = self.clients.get(client_key)
+        if parked.__class__ is not tuple:
+            return None
+        return self._unpark(client_key, parked, now)
 
-    def _merge_host_side(self, conn: Connection, down: Flow) -> None:
-        if seq_lt(conn.host_ack, down.ack_max):
-            conn.host_ack = down.ack_max
-        host_nxt = (down.seq_next - conn.delta) & MOD32
-        if seq_lt(conn.host_nxt, host_nxt):
-            conn.host_nxt = host_nxt
-        if down.packets > conn.packets_to_client:
-            conn.packets_to_client = down.packets
-            conn.host_win = down.window
-        conn.host_max_win = max(conn.host_max_win, down.window_max << conn.host_wscale)
-        conn.last_seen = max(conn.last_seen, down.last_seen / 1e9)
+    def _host_key_taken(self, key: bytes) -> bool:
+        """Another connection already uses this host-side 4-tuple (parked ones are in the map)."""
+        if key in self.hosts:
+            return True
+        return bool(self.in_kernel) and self.flows.peek(flow_key(key[:16], key[16:32], key[32:36])) is not None
 
-    def take_back(self, table: FlowTable | None, now: float) -> int:
-        """Translate here every connection marked as in the kernel (restored while no kernel path runs).
+    def _connection_from_flows(self, listener: Listener, client_key: bytes, up: Flow, down: Flow,
+                               now: float) -> Connection:
+        """An ESTABLISHED connection rebuilt from its two map entries (what the splice recorded, and since)."""
+        conn = Connection(listener, client_key[:4], int.from_bytes(client_key[8:10], "big"), client_key)
+        conn.state = ESTABLISHED
+        conn.acked = True
+        conn.start = up.start_ns / 1e9 if up.start_ns else now
+        conn.last_seen = max(up.last_seen, down.last_seen) / 1e9 or now
+        conn.src6, conn.host, conn.host_sport = up.src, up.dst, up.sport
+        conn.target = Target(up.dst, up.dport, "")
+        conn.host_key = up.dst + up.src + U16.pack(up.dport) + U16.pack(up.sport)
+        conn.delta, conn.ts_off = up.ack_add, up.tsecr_add
+        conn.c2h_shift, conn.h2c_shift = up.wscale_shift, down.wscale_shift
+        client_ws = up.flags & F_WSCALE_MASK
+        conn.client_wscale = None if client_ws == NO_WSCALE else client_ws
+        conn.host_wscale = down.flags & F_WSCALE_MASK
+        conn.our_wscale = conn.host_wscale - conn.h2c_shift if conn.client_wscale is not None else 0
+        conn.client_ts = conn.host_ts = bool(up.flags & F_TIMESTAMPS)
+        conn.client_sack = bool(up.flags & F_SACK)
+        conn.client_isn = (up.seq_base - 1) & MOD32
+        conn.host_isn = (down.seq_base - 1) & MOD32
+        conn.our_isn = (conn.host_isn - conn.delta) & MOD32
+        conn.client_mss = down.mss
+        conn.client_ack, conn.client_nxt, conn.client_win = up.ack_max, up.seq_next, up.window
+        conn.host_ack, conn.host_win = down.ack_max, down.window
+        conn.host_nxt = (down.seq_next - conn.delta) & MOD32
+        conn.client_max_win = max(up.window_max << (conn.client_wscale or 0), 0xFFFF)
+        conn.host_max_win = max(down.window_max << conn.host_wscale, 0xFFFF)
+        conn.packets_to_host, conn.packets_to_client = up.packets, down.packets
+        conn.to_host_flow, conn.to_client_flow = up, down
+        return conn
 
-        ``table`` is the flow map a previous process left, to learn what the
-        kernel saw before its program went; None when there is none (then the
-        counts stop where the state file left them). Returns how many.
+    def parked(self) -> list[tuple[bytes, tuple]]:
+        """The connections the kernel carries: (client key, parked record)."""
+        return [(key, value) for key, value in self.clients.items() if value.__class__ is tuple]
+
+    def unpark_all(self, now: float, table: FlowTable | None = None) -> int:
+        """Rebuild every parked connection here (from ``table``, a map a previous process left, if given).
+
+        For a process that restored connections the kernel carried but runs
+        without a kernel path: they are translated here from now on. Without
+        a table to rebuild them from they are gone (counted as lost).
         """
         class _Gone:
             def take(self, key: bytes) -> None:
                 return None
 
-        flows, self.flows = self.flows, table if table is not None else _Gone()
+        flows = self.flows
+        self.flows = table if table is not None else (flows if flows is not None else _Gone())
         taken = 0
         try:
-            for conn in self.clients.values():
-                if conn.kernel == KERNEL_YES:
-                    self._reclaim(conn, now)
-                    taken += 1
+            for key, parked in self.parked():
+                taken += self._unpark(key, parked, now) is not None
         finally:
             self.flows = flows
         return taken
 
-    def _kernel_last_seen(self, conn: Connection) -> None:
-        """Bring last_seen up to date from the map, leaving the flow in the kernel."""
-        for key in self._kernel_keys(conn):
-            flow = self.flows.peek(key)
-            if flow is not None:
-                conn.last_seen = max(conn.last_seen, flow.last_seen / 1e9)
+    def _sweep_parked(self, now: float) -> None:
+        """Idle timeouts of parked connections, a batch at a time: their activity is the map's last_seen."""
+        if not self._sweep_keys:
+            self._sweep_keys = [key for key, _ in self.parked()]
+        batch, self._sweep_keys = self._sweep_keys[:SWEEP_BATCH], self._sweep_keys[SWEEP_BATCH:]
+        idle = self.config.idle_timeout
+        for key in batch:
+            parked = self.clients.get(key)
+            if parked.__class__ is not tuple:
+                continue
+            up = self.flows.peek(flow_key(key[:4], key[4:8], key[8:12]))
+            down = self.flows.peek(flow_key(up.dst, up.src, U16.pack(up.dport) + U16.pack(up.sport))) if up else None
+            last = max(up.last_seen if up else 0, down.last_seen if down else 0) / 1e9
+            if up is None or down is None or last + idle <= now:
+                conn = self._unpark(key, parked, now)
+                if conn is not None:
+                    self._finish(conn, "idle_timeout", now)
+        self._sweep_at = now + (SWEEP_STEP if self._sweep_keys else min(max(idle / 8, 1.0), SWEEP_INTERVAL))
 
     def _replay(self, conn: Connection, now: float) -> list[bytearray]:
         """Complete the host's handshake and hand it the buffered bytes (and FIN), with ACK h+1."""
@@ -1227,7 +1302,10 @@ class Tracker:
         if ihl < IPV4_HEADER_LEN or len(quoted) < ihl + 8:
             return self._drop("icmp_quote")
         service, client = quoted[12:16].tobytes(), quoted[16:20].tobytes()
-        conn = self.clients.get(client + service + quoted[ihl + 2:ihl + 4].tobytes() + quoted[ihl:ihl + 2].tobytes())
+        key = client + service + quoted[ihl + 2:ihl + 4].tobytes() + quoted[ihl:ihl + 2].tobytes()
+        conn = self.clients.get(key)
+        if conn.__class__ is tuple:
+            conn = self._unpark(key, conn, now)
         if conn is None or conn.state != ESTABLISHED:
             return self._drop("icmp_no_connection")
         total_len = int.from_bytes(quoted[2:4], "big")
@@ -1271,7 +1349,10 @@ class Tracker:
             return self._drop("icmp_quote")
         src6, host = quoted[8:24].tobytes(), quoted[24:40].tobytes()
         tcp_at = IPV6_HEADER_LEN
-        conn = self.hosts.get(host + src6 + quoted[tcp_at + 2:tcp_at + 4].tobytes() + quoted[tcp_at:tcp_at + 2].tobytes())
+        key = host + src6 + quoted[tcp_at + 2:tcp_at + 4].tobytes() + quoted[tcp_at:tcp_at + 2].tobytes()
+        conn = self.hosts.get(key)
+        if conn is None and self.in_kernel:
+            conn = self._unpark_from_host(key, now)
         if conn is None:
             return self._drop("icmp_no_connection")
         if conn.state == CONNECTING and icmp.type == ICMP6_UNREACHABLE:
@@ -1320,14 +1401,15 @@ class Tracker:
 
     def next_timer(self) -> float | None:
         """When ``on_timer`` next has work, or None when there are no connections."""
+        sweep = self._sweep_at if self.in_kernel else None
         timers = self._timers
         while timers:
             at, _, conn = timers[0]
             if conn.state != GONE and conn.timer_at == at:
-                return at
+                return at if sweep is None else min(at, sweep)
             heapq.heappop(timers)
             self._stale_timers = max(self._stale_timers - 1, 0)
-        return None
+        return sweep
 
     def on_timer(self, now: float) -> list[bytearray]:
         """Run every timer that is due: timeouts, SYN and refusal retransmissions."""
@@ -1339,6 +1421,8 @@ class Tracker:
                 self._stale_timers = max(self._stale_timers - 1, 0)
                 continue
             out.extend(self._expire(conn, now))
+        if self.in_kernel and now >= self._sweep_at:
+            self._sweep_parked(now)
         return out
 
     def _expire(self, conn: Connection, now: float) -> list[bytearray]:
@@ -1368,8 +1452,6 @@ class Tracker:
                 return []
             conn.rst_at = 0.0
             conn.outcome = ""
-        if conn.kernel == KERNEL_YES:
-            self._kernel_last_seen(conn)
         idle_until = conn.last_seen + self.config.idle_timeout
         if idle_until > now:
             self._set_timer(conn, idle_until)
@@ -1402,8 +1484,6 @@ class Tracker:
             return
         if conn.state == PEEKING:
             self._leave_peeking(conn)
-        if conn.kernel == KERNEL_YES:
-            self._reclaim(conn, now)
         conn.state = GONE
         self.clients.pop(conn.client_key, None)
         if conn.host_key:

@@ -18,7 +18,7 @@ from netstack.flow import Flow, flow_key, to_client, to_host
 from netstack.ip import IPv4Header, IPv6Header
 from netstack.state import adopt, restore, snapshot
 from netstack.tcp import ACK, FIN, RST, SYN, TcpHeader, seq_lt
-from netstack.tracker import KERNEL_NEVER, KERNEL_NO, KERNEL_YES, Tracker, TrackerConfig
+from netstack.tracker import ESTABLISHED, KERNEL_NEVER, Connection, Tracker, TrackerConfig
 from tests.test_tracker import CHROME, LISTENERS, PREFIX, Box, Walk, parse, resolve
 
 M32 = 0xFFFFFFFF
@@ -62,7 +62,8 @@ class KernelSim:
             key = flow_key(ip.src, ip.dst, raw[40:44])
         tcp = TcpHeader(view[tcp_at:tcp_at + tcp_len])
         value = self.entries.get(key)
-        if value is None or tcp.flags & (SYN | FIN | RST):
+        ttl = ip.ttl if raw[0] >> 4 == 4 else ip.hop_limit
+        if value is None or tcp.flags & (SYN | FIN | RST) or ttl <= 1:
             return None
         flow = Flow.unpack(value)
         payload = tcp_len - tcp.header_len
@@ -105,13 +106,20 @@ def established(box: KernelBox) -> Walk:
     return walk
 
 
-def test_a_connection_enters_the_kernel_once_the_host_has_the_hello():
+def the_connection(box: KernelBox):
+    [value] = box.tracker.clients.values()
+    return value
+
+
+def test_a_connection_enters_the_kernel_once_the_host_has_the_hello_and_is_parked():
     box = KernelBox()
     walk = established(box)
-    conn = next(iter(box.tracker.clients.values()))
-    assert conn.kernel == KERNEL_YES and box.tracker.in_kernel == 1
+    parked = the_connection(box)
+    # No Connection object is kept: only what the map lacks, and no host-table entry or timer.
+    assert parked.__class__ is tuple and parked[0].name == "www.example.com" and parked[1].route == "www"
+    assert box.tracker.in_kernel == 1 and box.tracker.hosts == {}
+    assert box.tracker.next_timer() is not None  # the parked sweep
     assert len(box.kernel.entries) == 2
-    assert conn.to_host_flow is None and conn.to_client_flow is None  # kept in the map only
     assert box.tracker.events["kernel_offloaded"] == 1
     # From now on the tracker sees nothing of a plain segment, both ways, yet each arrives translated.
     before = box.carried
@@ -131,29 +139,53 @@ def test_nothing_enters_the_kernel_while_a_replayed_byte_is_unacknowledged():
     # The host acknowledges only part of the replay: the copy is still needed.
     walk.from_host("A", walk.h + 1, walk.c + 1 + 100, host_tick=10)
     assert box.kernel.entries == {} and box.tracker.in_kernel == 0
+    assert isinstance(the_connection(box), Connection)
 
 
 def test_a_fin_after_kernel_traffic_is_checked_against_what_the_kernel_saw():
     box = KernelBox()
     walk = established(box)
-    conn = next(iter(box.tracker.clients.values()))
     data = b"y" * 5000
     walk.from_host("PA", walk.h + 1, walk.c + 1 + len(CHROME), data, host_tick=30)
     walk.from_client("A", walk.c + 1 + len(CHROME), walk.k + 1 + len(data))
-    assert conn.host_nxt == (walk.k + 1) & M32  # the tracker itself saw none of it
-    # The client's FIN acknowledges bytes only the kernel saw: without the map's
-    # numbers RFC 5961 §5.2 would drop it as acknowledging the unsent.
+    # The client's FIN acknowledges bytes only the kernel saw: the connection is
+    # rebuilt from the map, so RFC 5961 §5.2 finds them sent.
     out = walk.from_client("FA", walk.c + 1 + len(CHROME), walk.k + 1 + len(data))
     assert len(out) == 1 and out[0].has("F") and out[0].tcp.ack == (walk.h + 1 + len(data)) & M32
-    assert conn.kernel == KERNEL_NO and box.kernel.entries == {} and box.tracker.in_kernel == 0
+    conn = the_connection(box)
+    assert isinstance(conn, Connection) and conn.state == ESTABLISHED
+    assert box.kernel.entries == {} and box.tracker.in_kernel == 0
     assert conn.host_nxt == (walk.k + 1 + len(data)) & M32
     assert conn.packets_to_client >= 2
-    # The host's FIN and the last ACKs close it; the record has every byte, both ways.
+    # The host's FIN and the last ACKs close it; the record has every byte, both ways, and the name.
     walk.from_host("FA", walk.h + 1 + len(data), walk.c + 2 + len(CHROME), host_tick=40)
     walk.from_client("A", walk.c + 2 + len(CHROME), walk.k + 2 + len(data))
     [record] = box.tracker.records
-    assert record.outcome == "closed"
+    assert record.outcome == "closed" and record.name == "www.example.com" and record.route == "www"
     assert (record.bytes_to_host, record.bytes_to_client) == (len(CHROME), len(data))
+    assert record.hello_segments == 3
+
+
+def test_a_host_rst_finds_a_parked_connection_through_the_map():
+    box = KernelBox()
+    walk = established(box)
+    out = walk.from_host("R", walk.h + 1, 0)
+    assert len(out) == 1 and out[0].v4 and out[0].has("R")
+    assert box.tracker.clients == {} and box.kernel.entries == {}
+    assert box.tracker.records[-1].outcome == "reset_by_host"
+
+
+def test_a_packet_the_program_passes_on_unparks_and_reparks():
+    box = KernelBox()
+    walk = established(box)
+    # A TTL of 1 is for the tracker (it drops it as kracauer routes); the connection goes back to the kernel
+    # with its next plain segment the tracker sees.
+    out = walk.from_client("A", walk.c + 1 + len(CHROME), walk.k + 1, ttl=1)
+    assert out == [] and box.tracker.drops["ttl_exceeded"] == 1
+    assert isinstance(the_connection(box), Connection) and box.kernel.entries == {}
+    out = walk.from_client("A", walk.c + 1 + len(CHROME), walk.k + 1)
+    assert len(out) == 1 and not out[0].v4
+    assert the_connection(box).__class__ is tuple and len(box.kernel.entries) == 2
 
 
 def test_idle_timeout_counts_the_kernel_traffic_as_activity():
@@ -164,85 +196,91 @@ def test_idle_timeout_counts_the_kernel_traffic_as_activity():
         walk.from_host("PA", walk.h + 1, walk.c + 1 + len(CHROME), b"z", host_tick=30)
     assert box.connections == 1
     box.wait(61)
+    box.wait(10)
     assert box.connections == 0
     assert box.tracker.records[-1].outcome == "idle_timeout"
+    assert box.tracker.records[-1].name == "www.example.com"
     assert box.kernel.entries == {}
 
 
 def test_a_flow_the_kernel_refuses_stays_in_python_for_good():
     box = KernelBox(refuse=True)
     walk = established(box)
-    conn = next(iter(box.tracker.clients.values()))
+    conn = the_connection(box)
     assert conn.kernel == KERNEL_NEVER and box.tracker.events["kernel_install_failed"] == 1
     out = walk.from_host("PA", walk.h + 1, walk.c + 1 + len(CHROME), b"x" * 10, host_tick=30)
     assert out[0].v4 and box.carried == 0
     assert box.tracker.events["kernel_install_failed"] == 1  # not retried per packet
 
 
-def test_an_evicted_flow_goes_on_in_python():
+def test_a_parked_connection_whose_entries_vanished_is_gone_and_counted():
     box = KernelBox()
     walk = established(box)
-    box.kernel.entries.clear()  # the LRU map dropped both entries
-    out = walk.from_host("PA", walk.h + 1, walk.c + 1 + len(CHROME), b"q" * 10, host_tick=30)
-    assert out[0].v4 and out[0].payload == b"q" * 10
-    assert box.tracker.events["kernel_flow_lost"] == 1
-    # ... and is handed back to the kernel by the very packet that found it missing.
-    assert len(box.kernel.entries) == 2
+    box.kernel.entries.clear()  # removed from outside
+    out = walk.from_client("PA", walk.c + 1 + len(CHROME), walk.k + 1, b"q")
+    assert out == [] and box.tracker.events["kernel_flow_lost"] == 1
+    assert box.tracker.clients == {} and box.tracker.in_kernel == 0
 
 
-def test_a_saved_kernel_connection_is_restored_still_in_the_kernel():
+def test_a_new_connection_does_not_take_the_host_side_tuple_of_a_parked_one():
+    box = KernelBox()
+    first = established(box)
+    # The same client port towards the second service address, which routes to the same host and port.
+    second = Walk(box, service="192.0.2.11")
+    second.handshake()
+    syn = second.expect_host_syn(second.send_hello(CHROME))
+    assert syn.tcp.sport != first.host_sport or syn.ip.src != first.host
+
+
+def test_a_saved_parked_connection_is_restored_parked_or_taken_back():
     box = KernelBox()
     established(box)
     state = snapshot(box.tracker, box.now)
     fresh = KernelBox()
     fresh.kernel.entries = dict(box.kernel.entries)
     assert restore(fresh.tracker, state, fresh.now) == 1
-    conn = next(iter(fresh.tracker.clients.values()))
-    assert conn.kernel == KERNEL_YES and fresh.tracker.in_kernel == 1
-    # The rewrite stays in the map; rebuilt from the restored fields it is the one the map holds.
-    assert conn.to_host_flow is None
-    fresh.tracker._make_flows(conn)
-    up_key = next(k for k in box.kernel.entries if k[0] == 4)
-    assert conn.to_host_flow.pack()[:64] == box.kernel.entries[up_key][:64]
-    # Restored without a kernel path: the tracker takes it back, with what the old map saw.
+    assert the_connection(fresh) == the_connection(box) and fresh.tracker.in_kernel == 1
+    # Restored without a kernel path: the tracker rebuilds it from the map the old process left.
     python_only = Tracker(TrackerConfig(prefix=PREFIX), LISTENERS, resolve, lambda: 4)
     restore(python_only, state, box.now)
     left = KernelSim()
     left.entries = dict(box.kernel.entries)
-    up_key = next(k for k in left.entries if k[0] == 4)
-    flow = left.peek(up_key)
-    flow.packets += 1000
-    left.entries[up_key] = flow.pack()
-    assert python_only.take_back(left, box.now) == 1
+    assert python_only.unpark_all(box.now, left) == 1
     conn = next(iter(python_only.clients.values()))
-    assert conn.kernel == KERNEL_NO and python_only.in_kernel == 0 and left.entries == {}
-    assert conn.packets_to_host == flow.packets
+    assert isinstance(conn, Connection) and python_only.in_kernel == 0 and left.entries == {}
+    assert conn.decision.name == "www.example.com"
+    # ... and without that map, it cannot be.
+    again = Tracker(TrackerConfig(prefix=PREFIX), LISTENERS, resolve, lambda: 4)
+    restore(again, state, box.now)
+    assert again.unpark_all(box.now, None) == 0 and again.clients == {}
 
 
 @pytest.mark.parametrize("client_wscale, host_wscale, host_ts", [(7, 9, 0xFFFFFF00), (None, 9, 0x10), (7, None, None)])
 def test_flows_left_by_a_crashed_process_are_adopted_with_the_same_rewrite(client_wscale, host_wscale, host_ts):
     box = KernelBox()
     walk = Walk(box, client_wscale=client_wscale, host_wscale=host_wscale, host_ts=host_ts)
-    walk.establish(CHROME)
+    walk.handshake()
+    walk.expect_host_syn(walk.send_hello(CHROME))
+    walk.host_synack()
+    # Keep the original: unpark after the splice to see every field the splice set.
+    walk.from_host("A", walk.h + 1, walk.c + 1 + len(CHROME), host_tick=20)
     data = b"d" * 3000
     walk.from_host("PA", walk.h + 1, walk.c + 1 + len(CHROME), data, host_tick=30)
-    original = next(iter(box.tracker.clients.values()))
+    [(key, parked)] = box.tracker.parked()
+    original = box.tracker._unpark(key, parked, box.now)
+    box.tracker._offload(original, box.now)
     # The process dies; the map lives on. A new tracker takes the connection from it.
     fresh = KernelBox()
     fresh.kernel.entries = dict(box.kernel.entries)
     adopted, stale = adopt(fresh.tracker, ((k, Flow.unpack(v)) for k, v in fresh.kernel.entries.items()), box.now + 5)
     assert (adopted, stale) == (1, [])
-    conn = next(iter(fresh.tracker.clients.values()))
+    [(key, parked)] = fresh.tracker.parked()
+    conn = fresh.tracker._unpark(key, parked, box.now + 5)
     for name in ("client_addr", "client_port", "host", "src6", "host_sport", "delta", "ts_off", "c2h_shift",
                  "h2c_shift", "client_wscale", "our_wscale", "client_isn", "our_isn", "host_isn", "client_mss",
                  "host_key", "client_key"):
         assert getattr(conn, name) == getattr(original, name), name
-    rewrite = slice(0, 64)  # everything but what the program tracks
-    fresh.tracker._make_flows(conn)
-    up_key, down_key = fresh.tracker._kernel_keys(conn)
-    assert conn.to_host_flow.pack()[rewrite] == box.kernel.entries[up_key][rewrite]
-    assert conn.to_client_flow.pack()[rewrite] == box.kernel.entries[down_key][rewrite]
-    conn.to_host_flow = conn.to_client_flow = None
+    fresh.tracker._offload(conn, box.now + 5)
     # Its teardown works in the new process, and the record counts the bytes of the old one.
     walk.box = fresh
     walk.from_client("FA", walk.c + 1 + len(CHROME), walk.k + 1 + len(data))

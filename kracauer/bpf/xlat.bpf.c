@@ -29,8 +29,15 @@
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";
 
+/*
+ * A plain hash, not an LRU: an LRU would evict a connection's entry
+ * silently (and early, when small: its free lists are per CPU), losing what
+ * the program counted. kracauer caps its connections and sizes the map for
+ * two entries each, so it never fills; if it did, an update fails and that
+ * connection stays on the Python path.
+ */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, FLOW_MAX_DEFAULT);
 	__type(key, struct flow_key);
 	__type(value, struct flow_value);
