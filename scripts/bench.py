@@ -3,12 +3,22 @@
 
 One run builds a lab of network namespaces (tests/netlab.py: client, box,
 host1), starts on host1 an nginx web server, an upload sink, an iperf3 server
-and (for the memory test) a connection holder, and compares three ways from
+and (for the memory test) a connection holder, and compares four ways from
 the client to host1, alternating between them round after round:
 
-    kernel    client → box (IPv4 forwarding, no proxy) → host1 203.0.113.10
-    nginx     client → box nginx `stream` 192.0.2.11 → host1 [2001:db8::10]
-    kracauer  client → box kracauer 192.0.2.10 (TUN)  → host1 [2001:db8::10]
+    kernel           client → box (IPv4 forwarding, no proxy) → host1 203.0.113.10
+    nginx            client → box nginx `stream` 192.0.2.11 → host1 [2001:db8::10]
+    kracauer         client → box kracauer 192.0.2.10 (TUN kracauer0, [kernel_path]
+                     enabled = true: the BPF program translates established
+                     connections)                            → host1 [2001:db8::10]
+    kracauer-python  client → box kracauer 192.0.2.12 (TUN kracauer1, [kernel_path]
+                     enabled = false: the Python loop translates every packet)
+                                                             → host1 [2001:db8::10]
+
+The two kracauer daemons run side by side in the box, each with its own TUN,
+service address and translation prefix (64:ff9b:1::/96 and 64:ff9b:1:1::/96,
+both routed back to the box by host1), so that one round measures every path
+with nothing restarted in between; the idle one costs next to nothing.
 
 Workloads (``--only``): bulk (curl downloads and uploads, 1 and 4 streams;
 iperf3 -P 1/-P 4, both directions), rate (connections per second with wrk and
@@ -19,6 +29,26 @@ kracauer with py-spy under the bulk and the rate load. It prints a table of
 medians with the ratios kracauer/nginx and kracauer/kernel (medians of the
 per-round ratios), writes JSON and draws a PNG chart. docs/benchmarks.md
 describes it all.
+
+CPU: during every bulk transfer the bench reads the CPU time of the proxy's
+processes (/proc/<pid>/stat) and of the whole machine (/proc/stat: busy and
+softirq time). /proc/stat is not per network namespace: it counts the
+client, box and host1 together, which is the only honest figure for the
+kernel path (its translation runs in softirq context, on whichever process's
+core the packet arrives, and is charged to no kracauer process). The report
+gives both, as cores and as CPU-seconds per Gbit transferred.
+
+Memory: with the kernel path the flow map lives in kernel memory, not in the
+daemon's RSS; the bench reads its size from the daemon's bpf-map descriptors
+(/proc/<pid>/fdinfo, `memlock`), with the map sized for the held connections
+(``[kernel_path] max_flows``), and adds it to the RSS growth.
+
+nginx runs with ``worker_processes auto`` (one per core) for the bulk, rate
+and latency parts. Only the memory part may start more workers: this
+container caps descriptors at RLIMIT_NOFILE's hard limit (20 000 per process,
+not raisable without CAP_SYS_RESOURCE), and nginx needs two descriptors per
+held connection, so 100 000 connections need ~12 workers here
+(``nginx_workers_for``); the number used is in the results.
 
 Needs root, iproute2, nginx with the stream module, curl, iperf3, wrk, and
 matplotlib for the chart (``scripts/bench`` installs them). Every packet stays
@@ -57,7 +87,8 @@ from tests.netlab import CLIENT_ADDRESS, HOSTS, PREFIX, Lab, LabError, wait_unti
 AGENTS = REPO / "scripts" / "bench_agents.py"
 
 # Addresses (documentation ranges only, RFC 5737 / RFC 3849).
-KRACAUER_ADDR = "192.0.2.10"       # routed into kracauer's TUN
+KRACAUER_ADDR = "192.0.2.10"       # routed into kracauer's TUN (kernel path on)
+KRACAUER_PY_ADDR = "192.0.2.12"    # routed into the second kracauer's TUN (kernel path off)
 NGINX_ADDR = "192.0.2.11"          # on the box's lo, nginx listens here
 HOST_V4 = "203.0.113.10"           # host1's IPv4 address (kernel path only)
 BOX_V4_HOSTSIDE = "203.0.113.1"    # the box on the hosts' bridge, IPv4
@@ -69,9 +100,17 @@ TLS_NAME = "bench.example.org"     # matches the lab certificate's *.example.org
 HTTP_PORT, UPLOAD_PORT, TLS_PORT, IPERF_PORT = 80, 81, 443, 5201
 HOLD_PORTS = tuple(range(7001, 7009))  # one holder per port, at most 12 500 connections each
 
-PATHS = ("kernel", "nginx", "kracauer")
-PATH_ADDR = {"kernel": HOST_V4, "nginx": NGINX_ADDR, "kracauer": KRACAUER_ADDR}
-PROXIES = ("kracauer", "nginx")
+PATHS = ("kernel", "nginx", "kracauer", "kracauer-python")
+PATH_ADDR = {"kernel": HOST_V4, "nginx": NGINX_ADDR, "kracauer": KRACAUER_ADDR, "kracauer-python": KRACAUER_PY_ADDR}
+# The two kracauer paths: TUN, translation prefix, and tests/netlab.py's kernel-path mode.
+KRACAUERS = ("kracauer", "kracauer-python")
+KRACAUER_TUN = {"kracauer": "kracauer0", "kracauer-python": "kracauer1"}
+KRACAUER_PREFIX = {"kracauer": PREFIX, "kracauer-python": "64:ff9b:1:1::/96"}  # RFC 8215 local-use
+KERNEL_PATH_MODE = {"kracauer": "on", "kracauer-python": "off"}
+# Flow map entries (two per connection) for the bulk and rate parts: what a
+# default config gets (2 x 100 000); the memory part sizes the map for its count.
+BULK_MAX_FLOWS = 200_000
+PROXIES = ("kracauer", "kracauer-python", "nginx")
 
 NGINX_STREAM_MODULE = "/usr/lib/nginx/modules/ngx_stream_module.so"
 TOOLS = ("ip", "nginx", "curl", "iperf3", "wrk")
@@ -149,36 +188,41 @@ def missing_requirements(parts: set[str] | None = None) -> list[str]:
 # -- configurations ---------------------------------------------------------------
 
 
-def kracauer_config() -> str:
-    """Listeners equivalent to nginx's: tls and http routed by name, tcp for iperf3 and the holders."""
-    hold = "".join(f'[[listen]]\naddress = "{KRACAUER_ADDR}"\nport = {p}\nprotocol = "tcp"\nhost = "{HOST}"\n\n'
+def kracauer_config(path: str = "kracauer") -> str:
+    """Listeners equivalent to nginx's: tls and http routed by name, tcp for iperf3 and the holders.
+
+    ``path`` (kracauer or kracauer-python) chooses the TUN, service address
+    and prefix; [kernel_path] is added by :meth:`Bench.kracauer_config`.
+    """
+    addr = PATH_ADDR[path]
+    hold = "".join(f'[[listen]]\naddress = "{addr}"\nport = {p}\nprotocol = "tcp"\nhost = "{HOST}"\n\n'
                    for p in HOLD_PORTS)
     return f"""\
 [tun]
-name = "kracauer0"
+name = "{KRACAUER_TUN[path]}"
 mtu = 1500
 offload = true
 
 [translate]
-prefix = "{PREFIX}"
+prefix = "{KRACAUER_PREFIX[path]}"
 
 [[listen]]
-address = "{KRACAUER_ADDR}"
+address = "{addr}"
 port = {TLS_PORT}
 protocol = "tls"
 
 [[listen]]
-address = "{KRACAUER_ADDR}"
+address = "{addr}"
 port = {HTTP_PORT}
 protocol = "http"
 
 [[listen]]
-address = "{KRACAUER_ADDR}"
+address = "{addr}"
 port = {UPLOAD_PORT}
 protocol = "http"
 
 [[listen]]
-address = "{KRACAUER_ADDR}"
+address = "{addr}"
 port = {IPERF_PORT}
 protocol = "tcp"
 host = "{HOST}"
@@ -368,12 +412,21 @@ def slab_kib() -> int:
     return 0
 
 
-def machine_busy_ticks() -> int:
-    """Non-idle CPU time of the whole machine (all namespaces share it), in clock ticks."""
+def machine_ticks() -> tuple[int, int]:
+    """(non-idle, softirq) CPU time of the whole machine, in clock ticks.
+
+    /proc/stat is not per network namespace: client, box, host1 and
+    everything else on the machine are in it.
+    """
     with open("/proc/stat") as f:
         fields = [int(x) for x in f.readline().split()[1:]]
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return sum(fields[:8]) - idle
+    return sum(fields[:8]) - idle, (fields[6] if len(fields) > 6 else 0)
+
+
+def machine_busy_ticks() -> int:
+    """Non-idle CPU time of the whole machine (all namespaces share it), in clock ticks."""
+    return machine_ticks()[0]
 
 
 class CpuMeter:
@@ -386,19 +439,66 @@ class CpuMeter:
     def __enter__(self) -> "CpuMeter":
         self.pid_list = self.pids()
         self.c0 = sum(proc_cpu_ticks(p) for p in self.pid_list)
-        self.m0 = machine_busy_ticks()
-        self.proxy_seconds = self.machine_seconds = 0.0
+        self.m0, self.s0 = machine_ticks()
+        self.proxy_seconds = self.machine_seconds = self.softirq_seconds = 0.0
         return self
 
     def __exit__(self, *exc) -> None:
         self.proxy_seconds = (sum(proc_cpu_ticks(p) for p in self.pid_list) - self.c0) / self.hz
-        self.machine_seconds = (machine_busy_ticks() - self.m0) / self.hz
+        m1, s1 = machine_ticks()
+        self.machine_seconds = (m1 - self.m0) / self.hz
+        self.softirq_seconds = (s1 - self.s0) / self.hz
+
+    def per_gbit(self, bits: float) -> dict[str, float | None]:
+        """CPU-seconds per Gbit transferred: the proxy's processes (None: no proxy), the machine, its softirq."""
+        gbit = bits / 1e9
+        if gbit <= 0:
+            return {"proxy": None, "machine": None, "softirq": None}
+        return {"proxy": self.proxy_seconds / gbit if self.pid_list else None,
+                "machine": self.machine_seconds / gbit, "softirq": self.softirq_seconds / gbit}
 
     def cores(self, duration: float) -> tuple[float, float]:
         """(proxy, machine) CPU in cores (1.0 = one core busy) over a transfer of ``duration`` s."""
         if duration <= 0:
             return 0.0, 0.0
         return self.proxy_seconds / duration, self.machine_seconds / duration
+
+
+def bpf_maps(pid: int) -> list[dict]:
+    """The BPF maps ``pid`` holds descriptors of, from /proc/<pid>/fdinfo (no bpftool needed).
+
+    Each: fd, map_id, map_type, key_size, value_size, max_entries and
+    memlock (bytes the kernel charges for the map; for a preallocated LRU
+    hash, the whole table). A map held by two descriptors counts once.
+    """
+    out: dict[str, dict] = {}
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except (FileNotFoundError, PermissionError):
+        return []
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") != "anon_inode:bpf-map":
+                continue
+            with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                text = f.read()
+        except OSError:
+            continue
+        info: dict[str, Any] = {"fd": int(fd)}
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            value = value.strip()
+            if key in ("map_type", "key_size", "value_size", "max_entries", "memlock", "map_id", "map_flags"):
+                try:
+                    info[key] = int(value, 0)
+                except ValueError:
+                    info[key] = value
+        if "memlock" in info:
+            out.setdefault(str(info.get("map_id", fd)), info)
+    return sorted(out.values(), key=lambda m: -m["memlock"])
+
+
+BPF_MAP_TYPE_LRU_HASH = 9
 
 
 @dataclasses.dataclass
@@ -435,7 +535,7 @@ class Bench:
         self.log = log
         self.lab = Lab(hosts=False, log=log)
         self.python = sys.executable
-        self.kracauer: netlab.Kracauer | None = None
+        self.kracauers: dict[str, netlab.Kracauer] = {}
         self.proxy_nginx: Nginx | None = None
         self.host_nginx: Nginx | None = None
         self.files: dict[str, pathlib.Path] = {}
@@ -464,6 +564,8 @@ class Bench:
         self._ip("box", "addr", "add", f"{BOX_V4_HOSTSIDE}/24", "dev", "br0")
         self._ip("host1", "addr", "add", f"{HOST_V4}/24", "dev", "eth0")
         self._ip("host1", "route", "add", "198.51.100.0/24", "via", BOX_V4_HOSTSIDE)
+        # The second kracauer's prefix (the lab routes the first one).
+        self._ip("host1", "-6", "route", "add", KRACAUER_PREFIX["kracauer-python"], "via", netlab.BOX_HOST_ADDRESS)
         # nginx's service address is local to the box; kracauer's is routed into its TUN.
         self._ip("box", "addr", "add", f"{NGINX_ADDR}/32", "dev", "lo")
         # More client addresses, so that 100 000 connections do not run out of ports.
@@ -494,7 +596,8 @@ class Bench:
         self.wait_listening("host1", {UPLOAD_PORT} | ({IPERF_PORT} if "bulk" in self.parts else set()))
 
         self.start_proxy_nginx()
-        self.start_kracauer()
+        for path in KRACAUERS:
+            self.start_kracauer(path)
 
     def bg(self, role: str, argv: list[str], log_path: pathlib.Path) -> subprocess.Popen:
         out = open(log_path, "ab")
@@ -547,22 +650,41 @@ class Bench:
         wait_until(lambda: len(self.proxy_nginx.workers()) >= want, 10, f"{want} nginx workers")
         return self.proxy_nginx
 
-    def start_kracauer(self) -> netlab.Kracauer:
-        if self.kracauer is not None and self.kracauer.running():
-            self.kracauer.stop()
-        self.kracauer = self.lab.start_kracauer(kracauer_config())
-        return self.kracauer
+    def kracauer_config(self, path: str, max_flows: int = BULK_MAX_FLOWS) -> str:
+        """kracauer_config(path) with [kernel_path] set explicitly: enabled = true (kracauer) or false (kracauer-python)."""
+        text = self.lab.with_kernel_path(kracauer_config(path), KERNEL_PATH_MODE[path])
+        # with_kernel_path appends the [kernel_path] table last: its keys can follow.
+        return text + f"max_flows = {max_flows}\n"
+
+    def start_kracauer(self, path: str, max_flows: int = BULK_MAX_FLOWS) -> netlab.Kracauer:
+        old = self.kracauers.get(path)
+        if old is not None and old.running():
+            old.stop()
+        k = self.lab.start_kracauer(self.kracauer_config(path, max_flows))
+        self.kracauers[path] = k
+        if KERNEL_PATH_MODE[path] == "on":
+            # The TUN and routes are up before the program is loaded: wait for the flow map.
+            try:
+                wait_until(lambda: not k.running() or any(m.get("map_type") == BPF_MAP_TYPE_LRU_HASH
+                                                          for m in bpf_maps(k.pid)), 15, f"{path}'s flow map")
+            except LabError:
+                pass
+            if not k.running() or not any(m.get("map_type") == BPF_MAP_TYPE_LRU_HASH for m in bpf_maps(k.pid)):
+                raise BenchError(f"{path}: [kernel_path] enabled = true, but the daemon holds no flow map "
+                                 f"(running: {k.running()}):\n{k.stderr()[-2000:]}")
+        return k
 
     def proxy_pids(self, path: str) -> list[int]:
-        if path == "kracauer":
-            return [self.kracauer.pid]
+        if path in self.kracauers:
+            return [self.kracauers[path].pid]
         if path == "nginx":
             return self.proxy_nginx.pids()
         return []
 
     def check_alive(self) -> None:
-        if not self.kracauer.running():
-            raise BenchError(f"kracauer died (exit {self.kracauer.popen.poll()}):\n{self.kracauer.stderr()[-3000:]}")
+        for path, k in self.kracauers.items():
+            if not k.running():
+                raise BenchError(f"{path} died (exit {k.popen.poll()}):\n{k.stderr()[-3000:]}")
         if self.proxy_nginx.popen.poll() is not None:
             raise BenchError("the box's nginx died:\n" + (self.proxy_nginx.directory / "error.log").read_text()[-3000:])
 
@@ -587,7 +709,7 @@ class Bench:
 
     # -- bulk --
 
-    def curls(self, path: str, parallel: int, upload: bool) -> tuple[float, tuple[float, float]]:
+    def curls(self, path: str, parallel: int, upload: bool) -> tuple[float, CpuMeter, float, float]:
         addr = PATH_ADDR[path]
         name = "big.bin" if parallel == 1 else "part.bin"
         port = UPLOAD_PORT if upload else HTTP_PORT
@@ -600,9 +722,9 @@ class Bench:
             result = self.agent("client", args, timeout=150)
         if result.get("errors"):
             raise BenchError(f"{path} curl {'upload' if upload else 'download'} x{parallel}: {result['errors']}")
-        return result["bits_per_second"] / 1e9, cpu.cores(result["seconds"])
+        return result["bits_per_second"] / 1e9, cpu, result["seconds"], result["bytes"] * 8
 
-    def iperf(self, path: str, parallel: int, reverse: bool) -> tuple[float, tuple[float, float]]:
+    def iperf(self, path: str, parallel: int, reverse: bool) -> tuple[float, CpuMeter, float, float]:
         argv = ["iperf3", "-c", PATH_ADDR[path], "-p", str(IPERF_PORT), "-t", str(self.s.iperf_seconds),
                 "-P", str(parallel), "-J"] + (["-R"] if reverse else [])
         for attempt in range(3):
@@ -614,24 +736,25 @@ class Bench:
                 data = {"error": proc.stdout[-500:] + proc.stderr[-500:]}
             if "error" not in data:
                 received = data["end"]["sum_received"]
-                return received["bits_per_second"] / 1e9, cpu.cores(received["seconds"])
+                return received["bits_per_second"] / 1e9, cpu, received["seconds"], received["bytes"] * 8
             if "busy" not in str(data["error"]) or attempt == 2:
                 raise BenchError(f"{path} iperf3 {' '.join(argv[1:])}: {data['error']}")
             time.sleep(1)
         raise AssertionError("unreachable")
 
-    def bulk_once(self, key: str, path: str) -> tuple[float, tuple[float, float], int]:
-        """(Gbit/s, (proxy cores, machine cores), TCP segments retransmitted in the lab)."""
+    def bulk_once(self, key: str, path: str) -> tuple[float, tuple[float, float], dict, int]:
+        """(Gbit/s, (proxy cores, machine cores), CPU-seconds per Gbit (proxy, machine, softirq),
+        TCP segments retransmitted in the lab)."""
         before = self.retransmits()
         if key.startswith("download_"):
-            rate, cpu = self.curls(path, int(key[-1]), upload=False)
+            rate, cpu, seconds, bits = self.curls(path, int(key[-1]), upload=False)
         elif key.startswith("upload_"):
-            rate, cpu = self.curls(path, int(key[-1]), upload=True)
+            rate, cpu, seconds, bits = self.curls(path, int(key[-1]), upload=True)
         elif key.startswith("iperf3_"):
-            rate, cpu = self.iperf(path, int(key[-1]), reverse="down" in key)
+            rate, cpu, seconds, bits = self.iperf(path, int(key[-1]), reverse="down" in key)
         else:
             raise ValueError(key)
-        return rate, cpu, self.retransmits() - before
+        return rate, cpu.cores(seconds), cpu.per_gbit(bits), self.retransmits() - before
 
     def retransmits(self) -> int:
         """TcpRetransSegs summed over client, box and host1 (/proc/net/snmp is per namespace)."""
@@ -691,9 +814,11 @@ class Bench:
 
         try:
             wait_until(lambda: all(st.exists() for st in statuses), 10, "the holders on host1")
-            if proxy == "kracauer":
-                self.start_kracauer()
-                pids = lambda: [self.kracauer.pid]  # noqa: E731
+            if proxy in KRACAUERS:
+                # The flow map sized for this count (two entries per connection, a quarter spare):
+                # what a box meant to hold this many connections would configure.
+                daemon = self.start_kracauer(proxy, max_flows=max(2 * count * 5 // 4, 1024))
+                pids = lambda: [daemon.pid]  # noqa: E731
                 workers = 1
             else:
                 workers = nginx_workers_for(count)
@@ -701,6 +826,7 @@ class Bench:
                 pids = self.proxy_nginx.pids
             time.sleep(1.0)
             rss0 = sum(proc_rss_kib(p) for p in pids())
+            maps0 = [m for p in pids() for m in bpf_maps(p)]
             slab0 = slab_kib()
             t0 = time.monotonic()
             window = max(256 // k, 16)
@@ -729,7 +855,13 @@ class Bench:
             established = sum(r["established"] for r in results)
             time.sleep(1.0)
             rss1 = sum(proc_rss_kib(p) for p in pids())
+            maps1 = [m for p in pids() for m in bpf_maps(p)]
             slab1 = slab_kib()
+            map_bytes = sum(m["memlock"] for m in maps1)
+            flow_map = next((m for m in maps1 if m.get("map_type") == BPF_MAP_TYPE_LRU_HASH), None)
+            # All told: what the proxy's own memory grew by, plus the BPF maps (kernel memory, not in
+            # RSS, allocated whole when the daemon starts: it is there for these connections).
+            total_bytes = (rss1 - rss0) * 1024 + map_bytes
             out = {
                 "connections": established,
                 "requested": count,
@@ -742,6 +874,12 @@ class Bench:
                 "rss_after_kib": rss1,
                 "rss_growth_kib": rss1 - rss0,
                 "rss_growth_bytes_per_connection": (rss1 - rss0) * 1024 / max(established, 1),
+                "bpf_map_bytes_before": sum(m["memlock"] for m in maps0),
+                "bpf_map_bytes": map_bytes,
+                "bpf_flow_map": flow_map,
+                "bpf_maps": maps1,
+                "total_growth_kib": total_bytes / 1024,
+                "total_bytes_per_connection": total_bytes / max(established, 1),
                 "machine_slab_growth_kib": slab1 - slab0,
                 "box_tcp_sockets": box_tcp_sockets(self.lab),
             }
@@ -908,30 +1046,31 @@ def py_spy_path() -> str | None:
     return shutil.which("py-spy")
 
 
-def profile_kracauer(bench: Bench, seconds: int, workload: str) -> dict:
-    """Sample kracauer with py-spy under load: ``bulk`` (the big file downloaded in a loop)
-    or ``rate`` (wrk -c8 with Connection: close)."""
+def profile_kracauer(bench: Bench, seconds: int, workload: str, path: str = "kracauer") -> dict:
+    """Sample kracauer (``path``: kracauer or kracauer-python) with py-spy under load: ``bulk``
+    (the big file downloaded in a loop) or ``rate`` (wrk -c8 with Connection: close)."""
     spy = py_spy_path()
     if spy is None:
         return {"error": "py-spy not installed (pip install py-spy)"}
     d = bench.lab.dir
-    raw = d / f"profile-{workload}.txt"
+    raw = d / f"profile-{path}-{workload}.txt"
     run_for = seconds + 3
+    addr = PATH_ADDR[path]
     if workload == "bulk":
-        url = f"http://{KRACAUER_ADDR}:{HTTP_PORT}/big.bin"
+        url = f"http://{addr}:{HTTP_PORT}/big.bin"
         loop = (f"end=$((SECONDS+{run_for})); while [ $SECONDS -lt $end ]; do "
                 f"curl -s -o /dev/null --max-time {run_for} -H 'Host: {NAME}' {url}; done")
         argv = ["bash", "-c", loop]
     else:
         argv = ["wrk", "-t1", "-c8", f"-d{run_for}s", "-H", f"Host: {NAME}", "-H", "Connection: close",
-                f"http://{KRACAUER_ADDR}:{HTTP_PORT}/"]
+                f"http://{addr}:{HTTP_PORT}/"]
     load = bench.lab.popen("client", argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL)
     try:
         time.sleep(1.0)
         # --native shows the C functions (the TUN syscalls) under the Python ones.
         for extra in (["--native"], []):
-            argv = [spy, "record", "-p", str(bench.kracauer.pid), "-d", str(seconds), "-r", "200", "--idle",
+            argv = [spy, "record", "-p", str(bench.kracauers[path].pid), "-d", str(seconds), "-r", "200", "--idle",
                     *extra, "-f", "raw", "-o", str(raw)]
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
             if proc.returncode == 0 and raw.exists():
@@ -942,6 +1081,7 @@ def profile_kracauer(bench: Bench, seconds: int, workload: str) -> dict:
         return {"error": f"py-spy failed ({proc.returncode}): {proc.stderr[-1000:]}"}
     summary = summarize_collapsed(raw.read_text())
     summary["tool"] = "py-spy record --idle -r 200 " + " ".join(extra)
+    summary["path"] = path
     return summary
 
 
@@ -990,6 +1130,14 @@ def summarize_collapsed(text: str, top: int = 12) -> dict:
 
 # -- the run --------------------------------------------------------------------------------
 
+# Profiles: results key, part, path, what runs.
+PROFILES = [
+    ("profile", "bulk", "kracauer", "a bulk download"),
+    ("profile_python", "bulk", "kracauer-python", "a bulk download"),
+    ("profile_rate", "rate", "kracauer", "the connection-rate load"),
+    ("profile_rate_python", "rate", "kracauer-python", "the connection-rate load"),
+]
+
 
 def median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
@@ -1012,9 +1160,12 @@ def run(args: argparse.Namespace) -> dict:
         "meta": machine_info(),
         "settings": dataclasses.asdict(s) | {"parts": sorted(parts), "quick": args.quick},
         "paths": {"kernel": f"client → box IPv4 forwarding → host1 {HOST_V4}",
-                  "nginx": f"client → box nginx stream {NGINX_ADDR} → host1 [{HOST}]",
-                  "kracauer": f"client → box kracauer {KRACAUER_ADDR} (TUN, offload) → host1 [{HOST}]"},
-        "runs": {}, "medians": {}, "proxy_cpu": {}, "machine_cpu": {}, "retransmits": {},
+                  "nginx": f"client → box nginx stream {NGINX_ADDR} (worker_processes auto) → host1 [{HOST}]",
+                  "kracauer": f"client → box kracauer {KRACAUER_ADDR} (TUN, offload, [kernel_path] enabled = true) "
+                              f"→ host1 [{HOST}]",
+                  "kracauer-python": f"client → box kracauer {KRACAUER_PY_ADDR} (TUN, offload, [kernel_path] "
+                                     f"enabled = false) → host1 [{HOST}]"},
+        "runs": {}, "medians": {}, "proxy_cpu": {}, "machine_cpu": {}, "cpu_per_gbit": {}, "retransmits": {},
     }
     # The figures only mean something on an otherwise idle machine: say how busy it was.
     results["meta"]["busy_cores_before"] = background_load()
@@ -1024,6 +1175,7 @@ def run(args: argparse.Namespace) -> dict:
     started = time.monotonic()
     runs: dict[str, dict[str, list[float]]] = collections.defaultdict(lambda: collections.defaultdict(list))
     cpu: dict[str, dict[str, list[tuple[float, float]]]] = collections.defaultdict(lambda: collections.defaultdict(list))
+    per_gbit: dict[str, dict[str, list[dict]]] = collections.defaultdict(lambda: collections.defaultdict(list))
     retrans: dict[str, dict[str, list[int]]] = collections.defaultdict(lambda: collections.defaultdict(list))
 
     if "memory" in parts:
@@ -1038,28 +1190,31 @@ def run(args: argparse.Namespace) -> dict:
         workloads = [w for w in WORKLOADS if w[1] in parts]
         for rnd in range(1, s.rounds + 1 if parts & {"bulk", "rate"} else 1):
             say(f"== round {rnd}/{s.rounds}  ({time.monotonic() - started:.0f}s)")
+            # Each round starts with another path, so that none is always first (or last).
+            order = PATHS[(rnd - 1) % len(PATHS):] + PATHS[:(rnd - 1) % len(PATHS)]
             if "bulk" in parts:
                 for key, *_ in [w for w in workloads if w[1] == "bulk"]:
-                    for path in PATHS:
-                        value, cores, rtx = bench.bulk_once(key, path)
+                    for path in order:
+                        value, cores, pg, rtx = bench.bulk_once(key, path)
                         runs[key][path].append(value)
                         cpu[key][path].append(cores)
+                        per_gbit[key][path].append(pg)
                         retrans[key][path].append(rtx)
                         bench.check_alive()
                     say(f"   {key:24}" + "".join(f"{p} {runs[key][p][-1]:7.2f}  " for p in PATHS) + "Gbit/s")
             if "rate" in parts:
-                for path in PATHS:
+                for path in order:
                     w = bench.wrk(path, 8, s.wrk_seconds, close=True)
                     if w["socket_errors"] or w["non_2xx"]:
                         say(f"   note: {path} wrk errors {w['socket_errors']}, non-2xx {w['non_2xx']}")
                     runs["conn_rate"][path].append(w["requests_per_second"])
                     cpu["conn_rate"][path].append(w["cpu"])
                     bench.check_alive()
-                for path in PATHS:
+                for path in order:
                     lat = bench.latency_new(path)
                     runs["latency_new_p50"][path].append(lat["p50_ms"])
                     runs["latency_new_p99"][path].append(lat["p99_ms"])
-                for path in PATHS:
+                for path in order:
                     w = bench.wrk(path, 1, s.keepalive_seconds, close=False)
                     runs["latency_keepalive_p50"][path].append(w["p50_ms"])
                     runs["latency_keepalive_p99"][path].append(w["p99_ms"])
@@ -1072,11 +1227,10 @@ def run(args: argparse.Namespace) -> dict:
             if busy > 0.25:
                 say(f"   warning: {busy:.2f} cores busy with other processes after this round")
         if not args.no_profile:
-            for part, key, what in (("bulk", "profile", "a bulk download"),
-                                    ("rate", "profile_rate", "the connection-rate load")):
+            for key, part, path, what in PROFILES:
                 if part in parts:
-                    say(f"== profiling kracauer for {s.profile_seconds}s during {what} (py-spy)")
-                    results[key] = profile_kracauer(bench, s.profile_seconds, part)
+                    say(f"== profiling {path} for {s.profile_seconds}s during {what} (py-spy)")
+                    results[key] = profile_kracauer(bench, s.profile_seconds, part, path)
                     bench.check_alive()
         if "memory" in parts:
             results["memory"] = {p: {} for p in PROXIES}
@@ -1085,8 +1239,11 @@ def run(args: argparse.Namespace) -> dict:
                     say(f"== memory: {count} connections through {proxy}  ({time.monotonic() - started:.0f}s)")
                     m = bench.hold(proxy, count)
                     results["memory"][proxy][str(count)] = m
+                    maps = (f", BPF maps {m['bpf_map_bytes'] / MiB:.1f} MiB, all told "
+                            f"{m['total_bytes_per_connection']:.0f} B/conn" if m["bpf_map_bytes"] else "")
                     say(f"   RSS {m['rss_before_kib'] / 1024:.1f} → {m['rss_after_kib'] / 1024:.1f} MiB "
-                        f"(+{m['rss_growth_bytes_per_connection']:.0f} B/conn), opened in {m['seconds_to_open']:.1f}s, "
+                        f"(+{m['rss_growth_bytes_per_connection']:.0f} B/conn{maps}), "
+                        f"opened in {m['seconds_to_open']:.1f}s, "
                         f"box TCP sockets {m['box_tcp_sockets']}, machine slab +{m['machine_slab_growth_kib'] / 1024:.0f} MiB")
 
     for key, per_path in runs.items():
@@ -1095,6 +1252,10 @@ def run(args: argparse.Namespace) -> dict:
     for key, per_path in cpu.items():
         results["proxy_cpu"][key] = {p: median([c[0] for c in v]) for p, v in per_path.items() if p != "kernel"}
         results["machine_cpu"][key] = {p: median([c[1] for c in v]) for p, v in per_path.items()}
+    for key, per_path in per_gbit.items():
+        results["cpu_per_gbit"][key] = {
+            p: {what: median([x[what] for x in v if x[what] is not None]) for what in ("proxy", "machine", "softirq")}
+            for p, v in per_path.items()}
     for key, per_path in retrans.items():
         results["retransmits"][key] = {p: median(v) for p, v in per_path.items()}
     results["ratios"] = ratios(results)
@@ -1122,20 +1283,30 @@ def paired_ratio(a: list[float], b: list[float]) -> float | None:
     return statistics.median(pairs) if pairs else None
 
 
+# Ratios reported for every workload: each kracauer path against nginx and the kernel,
+# and the kernel path's gain over the Python path.
+RATIOS = [(k, other) for k in KRACAUERS for other in ("nginx", "kernel")] + [("kracauer", "kracauer-python")]
+
+
 def ratios(results: dict) -> dict:
     out = {}
     for key, runs in results["runs"].items():
-        k = runs.get("kracauer", [])
-        out[key] = {
-            "kracauer/nginx": paired_ratio(k, runs.get("nginx", [])),
-            "kracauer/kernel": paired_ratio(k, runs.get("kernel", [])),
-        }
+        out[key] = {f"{a}/{b}": paired_ratio(runs.get(a, []), runs.get(b, [])) for a, b in RATIOS}
     mem = results.get("memory")
     if mem:
         out["memory"] = {}
-        for count in mem["kracauer"]:
-            k, n = mem["kracauer"][count]["rss_growth_kib"], mem["nginx"][count]["rss_growth_kib"]
-            out["memory"][count] = {"kracauer/nginx": k / n if n > 0 else None}
+        for count in mem["nginx"]:
+            n = mem["nginx"][count]
+            out["memory"][count] = {}
+            for k in KRACAUERS:
+                if count not in mem.get(k, {}):
+                    continue
+                m = mem[k][count]
+                # RSS alone (as before), and all told: RSS growth plus the BPF maps against nginx's RSS growth.
+                out["memory"][count][f"{k}/nginx"] = (m["rss_growth_kib"] / n["rss_growth_kib"]
+                                                      if n["rss_growth_kib"] > 0 else None)
+                out["memory"][count][f"{k}/nginx all told"] = (m["total_growth_kib"] / n["total_growth_kib"]
+                                                               if n["total_growth_kib"] > 0 else None)
     return out
 
 
@@ -1147,27 +1318,29 @@ def targets(results: dict) -> list[dict]:
     def add(name: str, value: float | None, goal: str, met: bool | None) -> None:
         out.append({"target": name, "value": value, "goal": goal, "met": met})
 
-    for key in ("download_1", "upload_1", "iperf3_up_1", "iperf3_down_1"):
-        if key in r:
-            v = r[key]["kracauer/nginx"]
-            add(f"{key}: kracauer/nginx", v, ">= 1.0", v is not None and v >= 1.0)
-            v = r[key]["kracauer/kernel"]
-            add(f"{key}: kracauer/kernel", v, ">= 0.5", v is not None and v >= 0.5)
-    if "conn_rate" in r:
-        v = r["conn_rate"]["kracauer/nginx"]
-        add("connection rate: kracauer/nginx", v, ">= 0.5", v is not None and v >= 0.5)
-    for key in ("latency_new_p50", "latency_keepalive_p50"):
-        if key in r:
-            v = r[key]["kracauer/nginx"]
-            add(f"{key}: kracauer/nginx", v, "<= 1.0", v is not None and v <= 1.0)
+    for k in KRACAUERS:
+        for key in ("download_1", "upload_1", "iperf3_up_1", "iperf3_down_1"):
+            if key in r:
+                v = r[key][f"{k}/nginx"]
+                add(f"{key}: {k}/nginx", v, ">= 1.0", v is not None and v >= 1.0)
+                v = r[key][f"{k}/kernel"]
+                add(f"{key}: {k}/kernel", v, ">= 0.5", v is not None and v >= 0.5)
+        if "conn_rate" in r:
+            v = r["conn_rate"][f"{k}/nginx"]
+            add(f"connection rate: {k}/nginx", v, ">= 0.5", v is not None and v >= 0.5)
+        for key in ("latency_new_p50", "latency_keepalive_p50"):
+            if key in r:
+                v = r[key][f"{k}/nginx"]
+                add(f"{key}: {k}/nginx", v, "<= 1.0", v is not None and v <= 1.0)
     if "tracker" in results:
         v = results["tracker"]["bytes_per_connection"]
         add("tracker bytes per established connection", v, "<= 1024", v <= 1024)
     if "memory" in r and r["memory"]:
         count = max(r["memory"], key=int)
-        v = r["memory"][count]["kracauer/nginx"]
-        add(f"box RSS growth at {int(count)} connections: kracauer/nginx", v, "<= 0.25",
-            v is not None and v <= 0.25)
+        for k in KRACAUERS:
+            v = r["memory"][count].get(f"{k}/nginx all told")
+            add(f"box RSS growth + BPF maps at {int(count)} connections: {k}/nginx", v, "<= 0.25",
+                v is not None and v <= 0.25)
     return out
 
 
@@ -1227,30 +1400,57 @@ def fmt(v: float | None, unit: str = "") -> str:
     return f"{v:.2f}"
 
 
+SHORT = {"kernel": "kernel", "nginx": "nginx", "kracauer": "kracauer", "kracauer-python": "kr-python"}
+RATIO_SHORT = {"kracauer/nginx": "k/nginx", "kracauer/kernel": "k/kernel", "kracauer-python/nginx": "py/nginx",
+               "kracauer-python/kernel": "py/kernel", "kracauer/kracauer-python": "k/py"}
+RATIO_KEYS = [f"{a}/{b}" for a, b in RATIOS]
+
+
+def _memory_rows(results: dict):
+    """(count, proxy, measurement, ratio all told vs nginx) for the memory tables."""
+    mem = results.get("memory") or {}
+    counts = list(mem.get("nginx", {}))
+    for count in counts:
+        for proxy in PROXIES:
+            if count not in mem.get(proxy, {}):
+                continue
+            ratio = results["ratios"]["memory"][count].get(f"{proxy}/nginx all told") if proxy != "nginx" else None
+            yield count, proxy, mem[proxy][count], ratio
+
+
+def _fmt_opt(v: float | None, spec: str = ".2f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
 def table(results: dict) -> str:
     lines = []
-    head = f"{'workload':46} {'unit':7} {'kernel':>9} {'nginx':>9} {'kracauer':>9} {'k/nginx':>8} {'k/kernel':>8}"
+    head = (f"{'workload':44} {'unit':7} " + " ".join(f"{SHORT[p]:>9}" for p in PATHS) + " "
+            + " ".join(f"{RATIO_SHORT[r]:>9}" for r in RATIO_KEYS))
     lines += [head, "-" * len(head)]
     for key, _, label, unit, _ in WORKLOADS:
         if key not in results["medians"]:
             continue
         m = results["medians"][key]
         r = results["ratios"][key]
-        lines.append(f"{label:46} {unit:7} {fmt(m.get('kernel'), unit):>9} {fmt(m.get('nginx'), unit):>9} "
-                     f"{fmt(m.get('kracauer'), unit):>9} {fmt(r['kracauer/nginx']):>8} {fmt(r['kracauer/kernel']):>8}")
+        lines.append(f"{label:44} {unit:7} " + " ".join(f"{fmt(m.get(p), unit):>9}" for p in PATHS) + " "
+                     + " ".join(f"{fmt(r.get(k)):>9}" for k in RATIO_KEYS))
+    if results["medians"]:
+        lines.append("k = kracauer ([kernel_path] enabled = true), py = kr-python = kracauer-python (enabled = false); "
+                     "ratios: medians of the per-round ratios")
     mem = results.get("memory")
     if mem:
         lines.append("")
-        lines.append(f"{'held connections':20} {'proxy':9} {'RSS before':>11} {'RSS with':>11} {'growth':>11} "
-                     f"{'B/conn':>8} {'k/nginx':>8} {'box sockets':>11} {'slab+ (all)':>11}")
-        for count in mem["kracauer"]:
-            for proxy in PROXIES:
-                m = mem[proxy][count]
-                ratio = results["ratios"]["memory"][count]["kracauer/nginx"] if proxy == "kracauer" else None
-                lines.append(f"{int(count):>20,} {proxy:9} {m['rss_before_kib'] / 1024:>9.1f}Mi "
-                             f"{m['rss_after_kib'] / 1024:>9.1f}Mi {m['rss_growth_kib'] / 1024:>9.1f}Mi "
-                             f"{m['rss_growth_bytes_per_connection']:>8.0f} {fmt(ratio):>8} "
-                             f"{m['box_tcp_sockets']:>11,} {m['machine_slab_growth_kib'] / 1024:>9.0f}Mi")
+        lines.append(f"{'held connections':16} {'proxy':15} {'RSS before':>10} {'RSS with':>10} {'growth':>9} "
+                     f"{'B/conn':>7} {'BPF maps':>9} {'all B/conn':>10} {'/nginx':>7} {'box sockets':>11} "
+                     f"{'slab+ (all)':>11}")
+        for count, proxy, m, ratio in _memory_rows(results):
+            lines.append(f"{int(count):>16,} {proxy:15} {m['rss_before_kib'] / 1024:>8.1f}Mi "
+                         f"{m['rss_after_kib'] / 1024:>8.1f}Mi {m['rss_growth_kib'] / 1024:>7.1f}Mi "
+                         f"{m['rss_growth_bytes_per_connection']:>7.0f} {m['bpf_map_bytes'] / MiB:>7.1f}Mi "
+                         f"{m['total_bytes_per_connection']:>10.0f} {fmt(ratio):>7} "
+                         f"{m['box_tcp_sockets']:>11,} {m['machine_slab_growth_kib'] / 1024:>9.0f}Mi")
+        lines.append("all B/conn: (RSS growth + the BPF maps' memlock, sized for the count) per connection; "
+                     "/nginx: the same against nginx's RSS growth")
     if "tracker" in results:
         t = results["tracker"]
         lines.append("")
@@ -1262,31 +1462,39 @@ def table(results: dict) -> str:
         for t in results["targets"]:
             v = t["value"]
             shown = "-" if v is None else (f"{v:.0f}" if "bytes" in t["target"] else f"{v:.2f}")
-            lines.append(f"  {'MET ' if t['met'] else 'MISS'} {t['target']:52} {shown:>8} (goal {t['goal']})")
+            lines.append(f"  {'MET ' if t['met'] else 'MISS'} {t['target']:70} {shown:>8} (goal {t['goal']})")
     cpu = results.get("proxy_cpu")
     if cpu:
         lines.append("")
         lines.append("CPU during the transfers, in cores (proxy process(es) / whole machine):")
         for key, per_path in cpu.items():
             machine = results["machine_cpu"][key]
-            shown = "  ".join(f"{p} {per_path[p]:.2f}/{machine[p]:.2f}" if p in per_path else f"{p} -/{machine[p]:.2f}"
-                              for p in PATHS)
+            shown = "  ".join(f"{SHORT[p]} {_fmt_opt(per_path.get(p))}/{_fmt_opt(machine.get(p))}" for p in PATHS)
+            lines.append(f"  {key:16} {shown}")
+    per_gbit = results.get("cpu_per_gbit")
+    if per_gbit:
+        lines.append("")
+        lines.append("CPU-seconds per Gbit transferred (proxy process(es) / whole machine, its softirq part):")
+        for key, per_path in per_gbit.items():
+            shown = "  ".join(f"{SHORT[p]} {_fmt_opt(per_path[p]['proxy'], '.3f')}/"
+                              f"{_fmt_opt(per_path[p]['machine'], '.3f')},{_fmt_opt(per_path[p]['softirq'], '.3f')}"
+                              for p in PATHS if p in per_path)
             lines.append(f"  {key:16} {shown}")
     if results.get("retransmits"):
         lines.append("")
         lines.append("TCP segments retransmitted in the lab per transfer (median):")
         for key, per_path in results["retransmits"].items():
-            lines.append(f"  {key:16} " + "  ".join(f"{p} {per_path[p]:>6.0f}" for p in PATHS))
-    for key, what in (("profile", "a bulk download"), ("profile_rate", "the connection-rate load")):
+            lines.append(f"  {key:16} " + "  ".join(f"{SHORT[p]} {per_path[p]:>6.0f}" for p in PATHS if p in per_path))
+    for key, _, path, what in PROFILES:
         prof = results.get(key)
         if prof and "self" in prof:
             lines.append("")
-            lines.append(f"kracauer profile during {what} ({prof['tool']}, {prof['samples']} samples):")
+            lines.append(f"{path} profile during {what} ({prof['tool']}, {prof['samples']} samples):")
             lines.append("  inclusive                                              self")
             for a, b in zip(prof["total"][:10], prof["self"][:10]):
                 lines.append(f"  {a['percent']:5.1f}%  {a['function'][:44]:44}  {b['percent']:5.1f}%  {b['function']}")
         elif prof:
-            lines.append(f"profile ({what}): {prof.get('error')}")
+            lines.append(f"profile ({path}, {what}): {prof.get('error')}")
     return "\n".join(lines)
 
 
@@ -1299,45 +1507,58 @@ def markdown(results: dict) -> str:
            f"Medians of {results['settings']['rounds']} rounds; the run took {results['seconds'] / 60:.1f} minutes. "
            f"Background load (cores kept busy by other processes while the bench idled): "
            f"{meta.get('busy_cores_before', '?')} before, {meta.get('busy_cores_between_rounds', '?')} after each "
-           f"round, {meta.get('busy_cores_after', '?')} at the end. Ratios are medians of the per-round ratios.", ""]
+           f"round, {meta.get('busy_cores_after', '?')} at the end. Ratios are medians of the per-round ratios. "
+           f"kracauer: `[kernel_path] enabled = true` (the BPF program translates established connections); "
+           f"kracauer-python: `enabled = false` (the Python loop translates every packet); "
+           f"nginx: `worker_processes auto`.", ""]
     if results["medians"]:
-        out += ["| workload | unit | kernel | nginx | kracauer | kracauer/nginx | kracauer/kernel |",
-                "|---|---|---:|---:|---:|---:|---:|"]
+        out += ["| workload | unit | " + " | ".join(PATHS) + " | " + " | ".join(RATIO_KEYS) + " |",
+                "|---|---|" + "---:|" * (len(PATHS) + len(RATIO_KEYS))]
         for key, _, label, unit, _ in WORKLOADS:
             if key in results["medians"]:
                 m, r = results["medians"][key], results["ratios"][key]
-                out.append(f"| {label} | {unit} | {fmt(m.get('kernel'), unit)} | {fmt(m.get('nginx'), unit)} | "
-                           f"**{fmt(m.get('kracauer'), unit)}** | {fmt(r['kracauer/nginx'])} | "
-                           f"{fmt(r['kracauer/kernel'])} |")
+                cells = [f"**{fmt(m.get(p), unit)}**" if p in KRACAUERS else fmt(m.get(p), unit) for p in PATHS]
+                out.append(f"| {label} | {unit} | " + " | ".join(cells) + " | "
+                           + " | ".join(fmt(r.get(k)) for k in RATIO_KEYS) + " |")
         out.append("")
     if results.get("proxy_cpu"):
-        out += ["CPU during the transfers, in cores (1.0 = one core busy): the proxy's own processes, and the",
-                "whole machine (client, box, host and kernel together); and TCP segments retransmitted in the lab",
+        proxies = [p for p in PATHS if p != "kernel"]
+        out += ["CPU during the transfers: in cores (1.0 = one core busy) and in CPU-seconds per Gbit transferred;",
+                "the proxy's own processes, and the whole machine (/proc/stat: client, box, host and kernel",
+                "together; the kernel path's translation is softirq time charged to no process, so the machine",
+                "figure is the one to compare), with its softirq part; and TCP segments retransmitted in the lab",
                 "(median per transfer).", "",
-                "| workload | nginx CPU | kracauer CPU | machine: kernel / nginx / kracauer | retransmits: kernel / nginx / kracauer |",
-                "|---|---:|---:|---:|---:|"]
+                f"| workload | proxy cores: {' / '.join(proxies)} | machine cores: {' / '.join(PATHS)} | "
+                f"proxy CPU-s/Gbit: {' / '.join(proxies)} | machine CPU-s/Gbit: {' / '.join(PATHS)} | "
+                f"softirq CPU-s/Gbit: {' / '.join(PATHS)} | retransmits: {' / '.join(PATHS)} |",
+                "|---|---:|---:|---:|---:|---:|---:|"]
         for key, per_path in results["proxy_cpu"].items():
             mc = results["machine_cpu"][key]
+            pg = results.get("cpu_per_gbit", {}).get(key)
             rt = results.get("retransmits", {}).get(key)
-            rts = " / ".join(f"{rt[p]:.0f}" for p in PATHS) if rt else "-"
-            out.append(f"| {key} | {per_path.get('nginx', 0):.2f} | {per_path.get('kracauer', 0):.2f} | "
-                       f"{' / '.join(f'{mc[p]:.2f}' for p in PATHS)} | {rts} |")
+            rts = " / ".join(f"{rt[p]:.0f}" for p in PATHS if p in rt) if rt else "-"
+
+            def gbit(what: str, paths) -> str:
+                return " / ".join(_fmt_opt(pg[p][what], ".3f") for p in paths if p in pg) if pg else "-"
+            out.append(f"| {key} | {' / '.join(_fmt_opt(per_path.get(p)) for p in proxies)} | "
+                       f"{' / '.join(_fmt_opt(mc.get(p)) for p in PATHS)} | {gbit('proxy', proxies)} | "
+                       f"{gbit('machine', PATHS)} | {gbit('softirq', PATHS)} | {rts} |")
         out.append("")
-    mem = results.get("memory")
-    if mem:
-        out += ["| held connections | proxy | RSS before | RSS with | RSS growth | per connection | kracauer/nginx | "
-                "TCP sockets in the box | kernel slab growth (whole machine) |",
-                "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-        for count in mem["kracauer"]:
-            for proxy in PROXIES:
-                m = mem[proxy][count]
-                ratio = results["ratios"]["memory"][count]["kracauer/nginx"] if proxy == "kracauer" else None
-                workers = f" ({m['nginx_workers']} workers)" if m.get("nginx_workers") else ""
-                out.append(f"| {int(count):,} | {proxy}{workers} | {m['rss_before_kib'] / 1024:.1f} MiB | "
-                           f"{m['rss_after_kib'] / 1024:.1f} MiB | {m['rss_growth_kib'] / 1024:.1f} MiB | "
-                           f"{m['rss_growth_bytes_per_connection']:,.0f} B | {fmt(ratio)} | "
-                           f"{m['box_tcp_sockets']:,} | {m['machine_slab_growth_kib'] / 1024:,.0f} MiB |")
-        out.append("")
+    if results.get("memory"):
+        out += ["| held connections | proxy | RSS before | RSS with | RSS growth | RSS per connection | BPF maps "
+                "(memlock) | all told per connection | all told /nginx | TCP sockets in the box | "
+                "kernel slab growth (whole machine) |",
+                "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for count, proxy, m, ratio in _memory_rows(results):
+            workers = f" ({m['nginx_workers']} workers)" if m.get("nginx_workers") else ""
+            out.append(f"| {int(count):,} | {proxy}{workers} | {m['rss_before_kib'] / 1024:.1f} MiB | "
+                       f"{m['rss_after_kib'] / 1024:.1f} MiB | {m['rss_growth_kib'] / 1024:.1f} MiB | "
+                       f"{m['rss_growth_bytes_per_connection']:,.0f} B | {m['bpf_map_bytes'] / MiB:.1f} MiB | "
+                       f"**{m['total_bytes_per_connection']:,.0f} B** | {fmt(ratio)} | "
+                       f"{m['box_tcp_sockets']:,} | {m['machine_slab_growth_kib'] / 1024:,.0f} MiB |")
+        out += ["", "All told: the proxy's RSS growth plus its BPF maps (kernel memory, not in RSS; the flow map, "
+                "an LRU hash allocated whole at start, is sized for the count: `max_flows` = 2.5 × connections). "
+                "nginx's workers are `auto` unless the descriptor limit needs more.", ""]
     if "tracker" in results:
         t = results["tracker"]
         out += [f"The tracker alone (tracemalloc, {t['connections']:,} connections): "
@@ -1354,10 +1575,10 @@ def markdown(results: dict) -> str:
             shown = "-" if v is None else (f"{v:,.0f} B" if "bytes" in t["target"] else f"{v:.2f}")
             out.append(f"| {t['target']} | {shown} | {t['goal']} | {'met' if t['met'] else '**missed**'} |")
         out.append("")
-    for key, what in (("profile", "a bulk download"), ("profile_rate", "the connection-rate load")):
+    for key, _, path, what in PROFILES:
         prof = results.get(key)
         if prof and "self" in prof:
-            out += [f"Profile of kracauer during {what} ({prof['tool']}, {prof['samples']} samples of the packet "
+            out += [f"Profile of {path} during {what} ({prof['tool']}, {prof['samples']} samples of the packet "
                     "loop's thread):", "",
                     "| inclusive | function | | self | function |", "|---:|---|---|---:|---|"]
             for a, b in zip(prof["total"][:12], prof["self"][:12]):
@@ -1367,15 +1588,17 @@ def markdown(results: dict) -> str:
 
 
 def chart(results: dict, path: pathlib.Path) -> None:
-    """Four panels: bulk, connection rate, latency, memory. Bars are medians, whiskers min..max."""
+    """Five panels: bulk, connection rate, latency, memory, CPU per Gbit. Bars are medians, whiskers min..max."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {"kernel": "#9e9e9e", "nginx": "#2e7d32", "kracauer": "#1565c0"}
+    colors = {"kernel": "#9e9e9e", "nginx": "#2e7d32", "kracauer": "#1565c0", "kracauer-python": "#64b5f6"}
+    labels_of = {"kernel": "kernel", "nginx": "nginx", "kracauer": "kracauer (kernel path)",
+                 "kracauer-python": "kracauer-python (no kernel path)"}
     meta = results["meta"]
     rounds = results["settings"]["rounds"]
-    fig, axes = plt.subplots(2, 2, figsize=(14, 9), gridspec_kw={"width_ratios": [2.2, 1]})
+    fig, axes = plt.subplots(3, 2, figsize=(15, 13), gridspec_kw={"width_ratios": [2.2, 1]})
     fig.suptitle(f"kracauer benchmark, {meta['date']}: {meta['nproc']} cores {meta['cpu']}, Linux {meta['kernel']}, "
                  f"Python {meta['python']}; median of {rounds} round{'s' if rounds != 1 else ''} (whiskers: min–max)",
                  fontsize=10)
@@ -1387,30 +1610,31 @@ def chart(results: dict, path: pathlib.Path) -> None:
             runs = [results["runs"][k].get(p) or [0] for k in keys]
             err = [[v - min(r) for v, r in zip(values, runs)], [max(r) - v for v, r in zip(values, runs)]]
             xs = [x + (i - (len(PATHS) - 1) / 2) * width for x in range(len(keys))]
-            ax.bar(xs, values, width, label=p, color=colors[p], yerr=err, capsize=2,
+            ax.bar(xs, values, width, label=labels_of[p], color=colors[p], yerr=err, capsize=2,
                    error_kw={"elinewidth": 0.8, "alpha": 0.6})
-            if p == "kracauer":
+            if p in KRACAUERS:
                 for x, k, v in zip(xs, keys, values):
-                    ratio = results["ratios"][k]["kracauer/nginx"]
+                    ratio = results["ratios"][k][f"{p}/nginx"]
                     if ratio is not None:
                         ax.annotate(fmt_ratio.format(ratio), (x, v), xytext=(0, 2), textcoords="offset points",
-                                    ha="center", va="bottom", fontsize=7, color=colors["kracauer"])
+                                    ha="center", va="bottom", fontsize=6, color=colors[p], rotation=90)
         ax.set_xticks(range(len(keys)))
         ax.set_xticklabels(labels, fontsize=8)
         ax.set_xlim(-0.6, len(keys) - 0.4)
         ax.set_ylabel(unit)
+        ax.margins(y=0.12)  # room for the ratio labels
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
 
     med = results["medians"]
     bulk = [k for k in ("download_1", "download_4", "upload_1", "upload_4", "iperf3_up_1", "iperf3_up_4",
                         "iperf3_down_1", "iperf3_down_4") if k in med]
+    bulk_labels = [k.replace("iperf3_up", "iperf3 up").replace("iperf3_down", "iperf3 down").replace("_", "\n×")
+                   for k in bulk]
     ax = axes[0][0]
     if bulk:
-        labels = [k.replace("iperf3_up", "iperf3 up").replace("iperf3_down", "iperf3 down").replace("_", "\n×")
-                  for k in bulk]
-        bars(ax, bulk, labels, "Gbit/s")
-        ax.set_title("bulk throughput (higher is better; blue labels: kracauer/nginx)", fontsize=10)
+        bars(ax, bulk, bulk_labels, "Gbit/s")
+        ax.set_title("bulk throughput (higher is better; blue labels: each kracauer path / nginx)", fontsize=10)
     else:
         ax.set_axis_off()
     ax = axes[0][1]
@@ -1433,26 +1657,56 @@ def chart(results: dict, path: pathlib.Path) -> None:
     ax = axes[1][1]
     mem = results.get("memory")
     if mem:
-        counts = list(mem["kracauer"])
-        width = 0.35
-        for i, proxy in enumerate(PROXIES):
-            values = [mem[proxy][c]["rss_growth_kib"] / 1024 for c in counts]
-            xs = [x + (i - 0.5) * width for x in range(len(counts))]
-            ax.bar(xs, values, width, label=proxy, color=colors[proxy])
-            for x, v, c in zip(xs, values, counts):
-                ax.annotate(f"{mem[proxy][c]['rss_growth_bytes_per_connection']:.0f} B/conn", (x, v),
-                            xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=7)
+        counts = list(mem["nginx"])
+        proxies = [p for p in PROXIES if p in mem]
+        width = 0.8 / len(proxies)
+        for i, proxy in enumerate(proxies):
+            rss = [mem[proxy][c]["rss_growth_kib"] / 1024 for c in counts]
+            maps = [mem[proxy][c]["bpf_map_bytes"] / MiB for c in counts]
+            xs = [x + (i - (len(proxies) - 1) / 2) * width for x in range(len(counts))]
+            ax.bar(xs, rss, width, label=f"{proxy} RSS growth", color=colors[proxy])
+            if any(maps):
+                ax.bar(xs, maps, width, bottom=rss, color=colors[proxy], alpha=0.45, hatch="//",
+                       label=f"{proxy} BPF maps")
+            for x, r, m, c in zip(xs, rss, maps, counts):
+                ax.annotate(f"{mem[proxy][c]['total_bytes_per_connection']:.0f} B/conn", (x, r + m),
+                            xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=6,
+                            rotation=90)
         ax.set_xticks(range(len(counts)))
         ax.set_xticklabels([f"{int(c):,}\nconnections" for c in counts], fontsize=8)
-        ax.set_ylabel("proxy RSS growth on the box, MiB")
+        ax.set_ylabel("box memory growth (RSS + BPF maps), MiB")
+        ax.margins(y=0.15)  # room for the labels
         title = "memory with held connections (lower is better)"
         if "tracker" in results:
             title += f"\ntracker alone: {results['tracker']['bytes_per_connection']:.0f} B per connection"
         ax.set_title(title, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     else:
         ax.set_axis_off()
+    ax = axes[2][0]
+    pg = results.get("cpu_per_gbit") or {}
+    cpu_keys = [k for k in bulk if k in pg]
+    if cpu_keys:
+        width = 0.8 / len(PATHS)
+        for i, p in enumerate(PATHS):
+            machine = [(pg[k].get(p) or {}).get("machine") or 0 for k in cpu_keys]
+            proxy = [(pg[k].get(p) or {}).get("proxy") or 0 for k in cpu_keys]
+            xs = [x + (i - (len(PATHS) - 1) / 2) * width for x in range(len(cpu_keys))]
+            ax.bar(xs, machine, width, color=colors[p], alpha=0.45, label=f"{labels_of[p]}: machine")
+            if any(proxy):
+                ax.bar(xs, proxy, width, color=colors[p], label=f"{p}: its processes")
+        ax.set_xticks(range(len(cpu_keys)))
+        ax.set_xticklabels([bulk_labels[bulk.index(k)] for k in cpu_keys], fontsize=8)
+        ax.set_xlim(-0.6, len(cpu_keys) - 0.4)
+        ax.set_ylabel("CPU-seconds per Gbit")
+        ax.set_title("CPU per Gbit transferred (lower is better): whole machine (light), proxy processes (solid)",
+                     fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+    else:
+        ax.set_axis_off()
+    axes[2][1].set_axis_off()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
