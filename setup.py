@@ -4,7 +4,8 @@ Everything else is in pyproject.toml. When clang is on PATH, ``build_py``
 compiles ``kracauer/bpf/*.bpf.c`` into the build directory, so a wheel carries
 the ``*.bpf.o`` objects as package data; without clang it warns and builds
 without them (the kernel data path then stays off). Editable installs do not
-run this: ``scripts/setup-env`` runs ``python -m kracauer.bpf.build`` instead.
+run this: ``scripts/setup-env`` runs ``scripts/build_bpf.py`` instead (it lives
+outside the package: the daemon never compiles, and never runs a program).
 """
 
 import importlib.util
@@ -23,7 +24,7 @@ BPF_DIR = HERE / "kracauer" / "bpf"
 def _load_build_module():
     # Loaded by path: importing the kracauer package at build time would need
     # its dependencies in the build environment.
-    spec = importlib.util.spec_from_file_location("_kracauer_bpf_build", BPF_DIR / "build.py")
+    spec = importlib.util.spec_from_file_location("_kracauer_bpf_build", HERE / "scripts" / "build_bpf.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -468,8 +468,8 @@ def bpf_maps(pid: int) -> list[dict]:
     """The BPF maps ``pid`` holds descriptors of, from /proc/<pid>/fdinfo (no bpftool needed).
 
     Each: fd, map_id, map_type, key_size, value_size, max_entries and
-    memlock (bytes the kernel charges for the map; for a preallocated LRU
-    hash, the whole table). A map held by two descriptors counts once.
+    memlock (bytes the kernel charges for the map; for a preallocated hash
+    map, the whole table). A map held by two descriptors counts once.
     """
     out: dict[str, dict] = {}
     try:
@@ -498,7 +498,10 @@ def bpf_maps(pid: int) -> list[dict]:
     return sorted(out.values(), key=lambda m: -m["memlock"])
 
 
-BPF_MAP_TYPE_LRU_HASH = 9
+def flow_map(maps: list[dict], max_flows: int) -> dict | None:
+    """The flow map among ``maps``: the one with ``max_entries`` = the configured ``max_flows``
+    (its type, hash or LRU hash, is the program's business)."""
+    return next((m for m in maps if m.get("max_entries") == max_flows), None)
 
 
 @dataclasses.dataclass
@@ -665,11 +668,11 @@ class Bench:
         if KERNEL_PATH_MODE[path] == "on":
             # The TUN and routes are up before the program is loaded: wait for the flow map.
             try:
-                wait_until(lambda: not k.running() or any(m.get("map_type") == BPF_MAP_TYPE_LRU_HASH
-                                                          for m in bpf_maps(k.pid)), 15, f"{path}'s flow map")
+                wait_until(lambda: not k.running() or flow_map(bpf_maps(k.pid), max_flows), 15,
+                           f"{path}'s flow map")
             except LabError:
                 pass
-            if not k.running() or not any(m.get("map_type") == BPF_MAP_TYPE_LRU_HASH for m in bpf_maps(k.pid)):
+            if not k.running() or not flow_map(bpf_maps(k.pid), max_flows):
                 raise BenchError(f"{path}: [kernel_path] enabled = true, but the daemon holds no flow map "
                                  f"(running: {k.running()}):\n{k.stderr()[-2000:]}")
         return k
@@ -817,7 +820,8 @@ class Bench:
             if proxy in KRACAUERS:
                 # The flow map sized for this count (two entries per connection, a quarter spare):
                 # what a box meant to hold this many connections would configure.
-                daemon = self.start_kracauer(proxy, max_flows=max(2 * count * 5 // 4, 1024))
+                max_flows = max(2 * count * 5 // 4, 1024)
+                daemon = self.start_kracauer(proxy, max_flows=max_flows)
                 pids = lambda: [daemon.pid]  # noqa: E731
                 workers = 1
             else:
@@ -858,7 +862,7 @@ class Bench:
             maps1 = [m for p in pids() for m in bpf_maps(p)]
             slab1 = slab_kib()
             map_bytes = sum(m["memlock"] for m in maps1)
-            flow_map = next((m for m in maps1 if m.get("map_type") == BPF_MAP_TYPE_LRU_HASH), None)
+            flows = flow_map(maps1, max_flows) if proxy in KRACAUERS else None
             # All told: what the proxy's own memory grew by, plus the BPF maps (kernel memory, not in
             # RSS, allocated whole when the daemon starts: it is there for these connections).
             total_bytes = (rss1 - rss0) * 1024 + map_bytes
@@ -876,7 +880,7 @@ class Bench:
                 "rss_growth_bytes_per_connection": (rss1 - rss0) * 1024 / max(established, 1),
                 "bpf_map_bytes_before": sum(m["memlock"] for m in maps0),
                 "bpf_map_bytes": map_bytes,
-                "bpf_flow_map": flow_map,
+                "bpf_flow_map": flows,
                 "bpf_maps": maps1,
                 "total_growth_kib": total_bytes / 1024,
                 "total_bytes_per_connection": total_bytes / max(established, 1),
@@ -1557,7 +1561,7 @@ def markdown(results: dict) -> str:
                        f"**{m['total_bytes_per_connection']:,.0f} B** | {fmt(ratio)} | "
                        f"{m['box_tcp_sockets']:,} | {m['machine_slab_growth_kib'] / 1024:,.0f} MiB |")
         out += ["", "All told: the proxy's RSS growth plus its BPF maps (kernel memory, not in RSS; the flow map, "
-                "an LRU hash allocated whole at start, is sized for the count: `max_flows` = 2.5 × connections). "
+                "is sized for the count: `max_flows` = 2.5 × connections). "
                 "nginx's workers are `auto` unless the descriptor limit needs more.", ""]
     if "tracker" in results:
         t = results["tracker"]

@@ -24,7 +24,8 @@ from typing import TypeVar
 
 import pytest
 
-from kracauer.bpf import bpffs, build, libbpf, tc
+from kracauer.bpf import bpffs, libbpf, tc
+from tests.bpf_build import build
 from kracauer.bpf.libbpf import BpfError, BpfObject, BpfUnavailable, Map, MapInfo
 
 T = TypeVar("T")

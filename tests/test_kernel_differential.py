@@ -122,7 +122,7 @@ def _option_running_past_the_header() -> bytes:
 
 def test_flow_record_layout_matches_the_c_header(tmp_path):
     """Every offset and size of struct flow_key/flow_value, compiled from flow.h, against the struct.Structs."""
-    from kracauer.bpf import build
+    from tests.bpf_build import build
 
     try:
         clang = build.find_clang()

@@ -1,7 +1,7 @@
 """Compile kracauer's BPF programs (``*.bpf.c`` → ``*.bpf.o``) with clang.
 
 A build-time tool, run by packaging (setup.py) and ``scripts/setup-env`` or by
-hand (``python -m kracauer.bpf.build``); the daemon never imports it, it only
+hand (``scripts/build_bpf.py``); the daemon never imports it, it only
 loads the objects. The flags are the kernel selftests' usual ones: ``-g`` for
 the BTF that libbpf needs for ``.maps`` definitions, ``-mcpu=v3`` for the
 32-bit jumps and ALU ops every kernel kracauer supports has, and Debian's
@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SOURCE_DIR = Path(__file__).resolve().parent
+SOURCE_DIR = Path(__file__).resolve().parent.parent / "kracauer" / "bpf"
 SOURCE_SUFFIX = ".bpf.c"
 OBJECT_SUFFIX = ".bpf.o"
 CFLAGS = ["-O2", "-g", "-target", "bpf", "-mcpu=v3", "-Wall", "-Werror"]
@@ -91,7 +91,7 @@ def compile_all(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kracauer.bpf.build", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="scripts/build_bpf.py", description=__doc__.splitlines()[0])
     parser.add_argument(
         "src_dir", nargs="?", default=str(SOURCE_DIR), help="directory of *.bpf.c (default: %(default)s)"
     )
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         objects = compile_all(args.src_dir, args.out_dir, args.clang)
     except BuildError as exc:
-        print(f"kracauer.bpf.build: {exc}", file=sys.stderr)
+        print(f"build_bpf: {exc}", file=sys.stderr)
         return 1
     if not args.quiet:
         for obj in objects:
