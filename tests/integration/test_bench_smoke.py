@@ -89,7 +89,7 @@ def test_bench_memory_counts_the_kernel_paths_bpf_maps(results):
     data, stdout = results
     for count in COUNTS:
         k = data["memory"]["kracauer"][str(count)]
-        # The flow map (an LRU hash), sized for the count, is in the kernel path's figure.
+        # The flow map, sized for the count, is in the kernel path's figure.
         flow = k["bpf_flow_map"]
         assert flow is not None and flow["max_entries"] == max(2 * count * 5 // 4, 1024), k
         assert flow["memlock"] > 0 and k["bpf_map_bytes"] >= flow["memlock"]
