@@ -64,6 +64,12 @@ KERNEL_NO, KERNEL_NEVER = 0, 2
 SWEEP_BATCH = 1024
 SWEEP_STEP = 0.05
 SWEEP_INTERVAL = 60.0
+# An established connection goes into the kernel after this many packets
+# translated here, or OFFLOAD_DELAY seconds after the splice, whichever is
+# first: a short request and answer would end before the two map updates
+# and the rebuild at its FIN paid for themselves.
+OFFLOAD_PACKETS = 16
+OFFLOAD_DELAY = 1.0
 
 # The window scale kracauer announces to clients. Linux hosts with default
 # buffers announce 7 as well, so their windows usually pass unchanged.
@@ -193,7 +199,7 @@ class Connection:
         "client_nxt", "host_nxt", "client_max_win", "host_max_win",
         "hello_segments", "connect_time",
         # the established rewrite, one Flow per direction (netstack.flow), and who applies it
-        "to_host_flow", "to_client_flow", "kernel",
+        "to_host_flow", "to_client_flow", "kernel", "unparked",
     )
 
     def __init__(self, listener: Listener, client_addr: bytes, client_port: int, client_key: bytes) -> None:
@@ -235,6 +241,7 @@ class Connection:
         self.to_host_flow: Flow | None = None
         self.to_client_flow: Flow | None = None
         self.kernel = KERNEL_NO
+        self.unparked = False
 
 
 class Tracker:
@@ -832,7 +839,8 @@ class Tracker:
         conn.state = ESTABLISHED
         conn.peeker = None
         self._make_flows(conn)
-        self._set_timer(conn, now + self.config.idle_timeout)
+        # With a kernel path, the timer first says when the connection is old enough for it.
+        self._set_timer(conn, now + (OFFLOAD_DELAY if self.flows is not None else self.config.idle_timeout))
 
     def _make_flows(self, conn: Connection) -> None:
         """The two directions' rewrites (netstack.flow), from what the splice recorded."""
@@ -878,6 +886,9 @@ class Tracker:
         only while no FIN or RST is in play, since teardown stays here.
         """
         if conn.hello is not None or conn.client_fin >= 0 or conn.host_fin >= 0 or conn.rst_at or conn.closing:
+            return
+        if conn.packets_to_host + conn.packets_to_client < OFFLOAD_PACKETS and now < conn.connect_start + OFFLOAD_DELAY \
+                and not conn.unparked:
             return
         up, down = conn.to_host_flow, conn.to_client_flow
         # What the program tracks starts from what this tracker knows.
@@ -979,6 +990,7 @@ class Tracker:
         conn.host_max_win = max(down.window_max << conn.host_wscale, 0xFFFF)
         conn.packets_to_host, conn.packets_to_client = up.packets, down.packets
         conn.to_host_flow, conn.to_client_flow = up, down
+        conn.unparked = True  # it was in the kernel: back with its next plain segment
         return conn
 
     def parked(self) -> list[tuple[bytes, tuple]]:
@@ -1119,11 +1131,12 @@ class Tracker:
         tsval = U32.unpack_from(segment, tcp.ts_at)[0]
         if seq_lt(conn.client_tsval, tsval):
             conn.client_tsval = tsval
-        at = t + tcp.ts_at + 4
-        old = ones_sum(buf[at:at + 4])
-        U32.pack_into(buf, at, (conn.host_tsval - conn.ts_off) & MOD32)
+        # The whole header is summed: an option may sit at an odd offset, off the 16-bit words.
+        header = memoryview(buf)[t:t + tcp.header_len]
+        old = ones_sum(header)
+        U32.pack_into(buf, t + tcp.ts_at + 4, (conn.host_tsval - conn.ts_off) & MOD32)
         if not partial:
-            tcp.checksum = update(tcp.checksum, old, ones_sum(buf[at:at + 4]))
+            tcp.checksum = update(tcp.checksum, old, ones_sum(header))
             U16.pack_into(buf, t + 16, tcp.checksum)
 
     def _host_established(self, conn: Connection, ip: IPv6Header, segment: memoryview, tcp: TcpHeader,
@@ -1445,6 +1458,10 @@ class Tracker:
         if conn.closing:
             self._finish(conn, conn.outcome, now)
             return []
+        if self.flows is not None and conn.kernel == KERNEL_NO:
+            self._offload(conn, now)
+            if conn.state == GONE:
+                return []  # parked: the sweep watches its idle time now
         if conn.rst_at:
             if conn.last_seen <= conn.rst_at:
                 # Nothing followed the RST: the endpoint took it.

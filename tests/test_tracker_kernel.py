@@ -18,7 +18,7 @@ from netstack.flow import Flow, flow_key, to_client, to_host
 from netstack.ip import IPv4Header, IPv6Header
 from netstack.state import adopt, restore, snapshot
 from netstack.tcp import ACK, FIN, RST, SYN, TcpHeader, seq_lt
-from netstack.tracker import ESTABLISHED, KERNEL_NEVER, Connection, Tracker, TrackerConfig
+from netstack.tracker import ESTABLISHED, KERNEL_NEVER, OFFLOAD_DELAY, OFFLOAD_PACKETS, Connection, Tracker, TrackerConfig
 from tests.test_tracker import CHROME, LISTENERS, PREFIX, Box, Walk, parse, resolve
 
 M32 = 0xFFFFFFFF
@@ -101,8 +101,10 @@ class KernelBox(Box):
 
 
 def established(box: KernelBox) -> Walk:
+    """A connection spliced and old enough for the kernel (OFFLOAD_DELAY after the splice)."""
     walk = Walk(box)
     walk.establish(CHROME)
+    box.wait(OFFLOAD_DELAY)
     return walk
 
 
@@ -130,6 +132,24 @@ def test_a_connection_enters_the_kernel_once_the_host_has_the_hello_and_is_parke
     assert box.carried == before + 2
 
 
+def test_a_short_exchange_stays_in_python_and_a_longer_one_enters_the_kernel_early():
+    box = KernelBox()
+    walk = Walk(box)
+    walk.establish(CHROME)
+    # A request and its answer, within a second: the map is not worth two updates and a rebuild.
+    walk.from_host("PA", walk.h + 1, walk.c + 1 + len(CHROME), b"a" * 100, host_tick=30)
+    walk.from_client("A", walk.c + 1 + len(CHROME), walk.k + 101)
+    assert isinstance(the_connection(box), Connection) and box.kernel.entries == {}
+    # A transfer goes in as soon as it has OFFLOAD_PACKETS packets, without waiting for the delay.
+    conn = the_connection(box)
+    sent = 100
+    while conn.packets_to_host + conn.packets_to_client < OFFLOAD_PACKETS:
+        walk.from_host("PA", walk.h + 1 + sent, walk.c + 1 + len(CHROME), b"b" * 100, host_tick=31)
+        sent += 100
+    walk.from_host("PA", walk.h + 1 + sent, walk.c + 1 + len(CHROME), b"b" * 100, host_tick=31)
+    assert the_connection(box).__class__ is tuple and len(box.kernel.entries) == 2
+
+
 def test_nothing_enters_the_kernel_while_a_replayed_byte_is_unacknowledged():
     box = KernelBox()
     walk = Walk(box)
@@ -138,6 +158,7 @@ def test_nothing_enters_the_kernel_while_a_replayed_byte_is_unacknowledged():
     walk.host_synack()
     # The host acknowledges only part of the replay: the copy is still needed.
     walk.from_host("A", walk.h + 1, walk.c + 1 + 100, host_tick=10)
+    box.wait(OFFLOAD_DELAY * 2)
     assert box.kernel.entries == {} and box.tracker.in_kernel == 0
     assert isinstance(the_connection(box), Connection)
 
@@ -264,6 +285,7 @@ def test_flows_left_by_a_crashed_process_are_adopted_with_the_same_rewrite(clien
     walk.host_synack()
     # Keep the original: unpark after the splice to see every field the splice set.
     walk.from_host("A", walk.h + 1, walk.c + 1 + len(CHROME), host_tick=20)
+    box.wait(OFFLOAD_DELAY)
     data = b"d" * 3000
     walk.from_host("PA", walk.h + 1, walk.c + 1 + len(CHROME), data, host_tick=30)
     [(key, parked)] = box.tracker.parked()
