@@ -41,6 +41,7 @@ from kracauer import __version__
 from kracauer.accesslog import AccessLog, NonBlockingQueueHandler
 from kracauer.config import Config, ConfigError, load_config
 from kracauer.kernel_path import BpfFlowTable, KernelPath, KernelPathError, remove_pins
+from netstack.flow import FLOW_KEY, FLOW_VALUE
 from kracauer.metrics import Metrics
 from kracauer.routing import Router
 from kracauer.privileges import PrivilegeError, drop_privileges
@@ -419,7 +420,8 @@ class Daemon:
                     kernel.flows.clear()
                 kernel.attach(self.tun.index)
             except BaseException:
-                kernel.close(keep=False)
+                # A map a previous process left (on a TUN it left) still holds its connections.
+                kernel.close(keep=self.tun.attached)
                 raise
         except (KernelPathError, OSError) as exc:
             if settings.enabled is True:
@@ -432,9 +434,9 @@ class Daemon:
                  "(%d flow entries%s)", self.tun.name, max_flows, f", maps pinned in {pin_dir}" if pin_dir else "")
         return kernel
 
-    def _keep_leftover_flows(self, pin_dir: str) -> None:
+    def _keep_leftover_flows(self, pin_dir: str | None) -> None:
         """No kernel path this time: stop an earlier kracauer's program, keep its flow map for _take_back."""
-        self._leftover_pins = pin_dir
+        self._leftover_pins = pin_dir or self._pin_dir()
         if not self.tun.attached:
             return
         try:
@@ -444,15 +446,31 @@ class Daemon:
             # Nothing may translate behind this process's back.
             if tc.detach(self.tun.index, "egress"):
                 log.info("removed the BPF program an earlier kracauer left on %s", self.tun.name)
-            if os.path.exists(os.path.join(pin_dir, "flows")):
-                self._leftover_flows = BpfFlowTable(Map.from_pin(os.path.join(pin_dir, "flows")))
+            path = os.path.join(self._leftover_pins, "flows")
+            if os.path.exists(path):
+                leftover = Map.from_pin(path)
+                if (leftover.key_size, leftover.value_size) == (FLOW_KEY.size, FLOW_VALUE.size):
+                    self._leftover_flows = BpfFlowTable(leftover)
+                else:
+                    log.warning("the flow map left in %s has another layout (another kracauer version): "
+                                "its connections cannot be taken back", path)
+                    leftover.close()
         except (ImportError, OSError) as exc:
             log.debug("no BPF program or map left on %s: %s", self.tun.name, exc)
 
     def _take_back(self) -> None:
-        """Restored connections the previous process left in the kernel are translated here now."""
+        """Connections the previous process left in the kernel are translated here now.
+
+        Those restored from the state file, and after a crash (no state file)
+        those the map alone holds, adopted first.
+        """
+        now = time.monotonic()
+        if self._leftover_flows is not None:
+            adopted, _ = adopt(self.tracker, self._leftover_flows.items(), now)
+            if adopted:
+                log.info("adopted %s the kernel carried while kracauer was down", _connections(adopted))
         parked = self.tracker.in_kernel
-        taken = self.tracker.unpark_all(time.monotonic(), self._leftover_flows)
+        taken = self.tracker.unpark_all(now, self._leftover_flows)
         if parked > taken:
             log.warning("%s restored as carried by the kernel could not be taken back (their map is gone)",
                         _connections(parked - taken))

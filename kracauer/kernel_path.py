@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from netstack.flow import STATS, XLAT_CONFIG, XLAT_ENABLED, Flow
+from netstack.flow import FLOW_KEY, FLOW_VALUE, LAST_SEEN, LAST_SEEN_OFFSET, STATS, XLAT_CONFIG, XLAT_ENABLED, Flow
 
 log = logging.getLogger("kracauer.kernel")
 
@@ -51,31 +51,54 @@ def object_path() -> Path | None:
 
 
 class BpfFlowTable:
-    """``netstack.flow.FlowTable`` over the pinned flow map."""
+    """``netstack.flow.FlowTable`` over the flow map.
+
+    A failing map operation never reaches the tracker as an exception (it
+    runs inside the packet loop and the timers): it is logged once and
+    answered as "not there" / "refused".
+    """
 
     def __init__(self, flow_map) -> None:
         self.map = flow_map
         self.errors = 0
 
-    def install(self, key: bytes, flow: Flow) -> bool:
-        from kracauer.bpf.libbpf import BpfError
+    def _failed(self, operation: str, exc: OSError) -> None:
+        self.errors += 1
+        if self.errors == 1:
+            log.warning("the kernel's flow map refused a %s (%s); connections it concerns stay on, or go back "
+                        "to, the Python path", operation, exc)
 
+    def install(self, key: bytes, flow: Flow) -> bool:
         try:
             self.map.update(key, flow.pack())
-        except BpfError as exc:
-            self.errors += 1
-            if self.errors == 1:
-                log.warning("the kernel refused a flow (%s); such connections stay on the Python path", exc)
+        except OSError as exc:
+            self._failed("flow", exc)
             return False
         return True
 
     def take(self, key: bytes) -> Flow | None:
-        value = self.map.lookup_and_delete(key)
+        try:
+            value = self.map.lookup_and_delete(key)
+        except OSError as exc:
+            self._failed("lookup", exc)
+            return None
         return None if value is None else Flow.unpack(value)
 
     def peek(self, key: bytes) -> Flow | None:
-        value = self.map.lookup(key)
+        try:
+            value = self.map.lookup(key)
+        except OSError as exc:
+            self._failed("lookup", exc)
+            return None
         return None if value is None else Flow.unpack(value)
+
+    def last_seen(self, key: bytes) -> int | None:
+        try:
+            value = self.map.lookup(key)
+        except OSError as exc:
+            self._failed("lookup", exc)
+            return None
+        return None if value is None else LAST_SEEN.unpack_from(value, LAST_SEEN_OFFSET)[0]
 
     def items(self) -> Iterator[tuple[bytes, Flow]]:
         """Every entry now in the map (for adoption after a crash)."""
@@ -125,6 +148,7 @@ class KernelPath:
             except OSError as exc:
                 raise KernelPathError(f"cannot use {pin_dir} for pinned maps: {exc}") from None
             pins = {name: os.path.join(pin_dir, name) for name in PINNED_MAPS}
+            max_flows = _pinned_size(pins["flows"], max_flows)
         try:
             obj = BpfObject.open(str(path), pin_maps=pins)
             try:
@@ -180,13 +204,37 @@ class KernelPath:
                     tc.detach(self.ifindex, "egress", name=FILTER_NAME)
                 except OSError as exc:
                     log.debug("detaching the BPF program: %s", exc)
-            try:
-                self.flows.clear()
-            except OSError as exc:
-                log.debug("emptying the flow map: %s", exc)
             if self.pin_dir is not None:
+                # An unpinned map goes with its last descriptor; a pinned one is emptied and unpinned.
+                try:
+                    self.flows.clear()
+                except OSError as exc:
+                    log.debug("emptying the flow map: %s", exc)
                 remove_pins(self.pin_dir)
         self.obj.close()
+
+
+def _pinned_size(path: str, wanted: int) -> int:
+    """The flow map a previous kracauer pinned keeps its size (libbpf reuses only a map of the same
+    layout): a new size applies after `kracauer cleanup`."""
+    from kracauer.bpf.libbpf import BpfError, map_fd_info, obj_get
+
+    if not os.path.exists(path):
+        return wanted
+    try:
+        fd = obj_get(path)
+    except BpfError:
+        return wanted
+    try:
+        info = map_fd_info(fd)
+    finally:
+        os.close(fd)
+    if info.key_size != FLOW_KEY.size or info.value_size != FLOW_VALUE.size:
+        return wanted  # another layout: the load says so
+    if info.max_entries != wanted:
+        log.warning("the pinned flow map %s has %d entries, not the %d configured; it is kept with its "
+                    "connections (`kracauer cleanup` and a start make it anew)", path, info.max_entries, wanted)
+    return info.max_entries
 
 
 def remove_pins(pin_dir: str) -> bool:

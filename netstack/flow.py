@@ -69,6 +69,9 @@ F_TIMESTAMPS = 0x10
 F_SACK = 0x20
 NO_WSCALE = 15
 
+LAST_SEEN = struct.Struct("=Q")
+LAST_SEEN_OFFSET = 104
+
 # struct xlat_config and the stats indexes (enum xlat_stat), in flow.h's order.
 XLAT_CONFIG = struct.Struct("=IIII")
 XLAT_ENABLED = 0x01
@@ -165,6 +168,9 @@ class FlowTable(Protocol):
     def peek(self, key: bytes) -> Flow | None:
         """A direction's entry as it is now, left in place."""
 
+    def last_seen(self, key: bytes) -> int | None:
+        """Only the entry's last_seen (ns), the cheap read the idle sweep needs; None: not there."""
+
 
 def rescale(window: int, shift: int) -> int:
     """A window in one scale expressed in another (RFC 7323 §2.3); rounded up so it never closes by rounding."""
@@ -199,6 +205,20 @@ def rewrite_tcp(buf: bytearray, t: int, tcp: TcpHeader, flow: Flow) -> None:
             U32.pack_into(buf, at + 4, (U32.unpack_from(buf, at + 4)[0] + flow.tsecr_add) & MOD32)
     if tcp.sack_at >= 0 and flow.ack_add:
         shift_sack_blocks(buf, t, tcp, flow.ack_add)
+
+
+def track(flow: Flow, tcp: TcpHeader, payload: int, now_ns: int) -> None:
+    """What the program's track() records of a segment before it rewrites it: the highest ACK and
+    sequence end (the sender's space), the window and when. The counts go up after the rewrite."""
+    if tcp.flags & ACK and 0 < ((tcp.ack - flow.ack_max) & MOD32) < 0x80000000:
+        flow.ack_max = tcp.ack
+    end = (tcp.seq + payload) & MOD32
+    if 0 < ((end - flow.seq_next) & MOD32) < 0x80000000:
+        flow.seq_next = end
+    flow.window = tcp.window
+    if tcp.window > flow.window_max:
+        flow.window_max = tcp.window
+    flow.last_seen = now_ns
 
 
 def to_host(buf: bytearray, start: int, ip: IPv4Header, tcp: TcpHeader, tcp_len: int, flow: Flow,

@@ -31,7 +31,9 @@ from typing import Callable, Iterable
 
 from netstack import http, tls
 from netstack.checksum import is_valid, ones_sum, update
-from netstack.flow import F_SACK, F_TIMESTAMPS, F_WSCALE_MASK, NO_WSCALE, Flow, FlowTable, flow_key, to_client, to_host
+from netstack.flow import (
+    F_SACK, F_TIMESTAMPS, F_WSCALE_MASK, NO_WSCALE, Flow, FlowTable, flow_key, to_client, to_host, track,
+)
 from netstack.icmp import (
     ICMP4_ECHO_REPLY, ICMP4_ECHO_REQUEST, ICMP4_ERROR_MAX, ICMP4_ERRORS, ICMP6_ERROR_MAX, ICMP6_ERRORS,
     ICMP6_UNREACHABLE, ICMP_HEADER_LEN, IcmpHeader, build_icmp4, build_icmp6, icmp4_to_icmp6, icmp6_to_icmp4,
@@ -61,7 +63,7 @@ STATE_NAMES = ("PEEKING", "CONNECTING", "ESTABLISHED", "REFUSING", "GONE")
 KERNEL_NO, KERNEL_NEVER = 0, 2
 # Parked connections' idle times are checked this many at a time, every
 # SWEEP_STEP seconds until all were seen, then again after at most SWEEP_INTERVAL.
-SWEEP_BATCH = 1024
+SWEEP_BATCH = 256
 SWEEP_STEP = 0.05
 SWEEP_INTERVAL = 60.0
 # An established connection goes into the kernel after this many packets
@@ -199,7 +201,7 @@ class Connection:
         "client_nxt", "host_nxt", "client_max_win", "host_max_win",
         "hello_segments", "connect_time",
         # the established rewrite, one Flow per direction (netstack.flow), and who applies it
-        "to_host_flow", "to_client_flow", "kernel", "unparked",
+        "to_host_flow", "to_client_flow", "kernel",
     )
 
     def __init__(self, listener: Listener, client_addr: bytes, client_port: int, client_key: bytes) -> None:
@@ -241,7 +243,6 @@ class Connection:
         self.to_host_flow: Flow | None = None
         self.to_client_flow: Flow | None = None
         self.kernel = KERNEL_NO
-        self.unparked = False
 
 
 class Tracker:
@@ -389,6 +390,11 @@ class Tracker:
         key = ip.src + ip.dst + segment[:4].tobytes()
         conn = self.clients.get(key)
         if conn.__class__ is tuple:
+            if not tcp.flags & (SYN | FIN | RST):
+                # A plain segment the program did not take (queued before the flow went in, a
+                # GSO packet too big for the other side, IP options...): rewritten here as the
+                # program would, and the connection stays in the kernel.
+                return self._parked_to_host(key, conn, ip, segment, tcp, now)
             conn = self._unpark(key, conn, now)
         if conn is None:
             if tcp.flags & (SYN | ACK | RST) == ACK:
@@ -419,7 +425,11 @@ class Tracker:
         key = ip.src + ip.dst + segment[:4].tobytes()
         conn = self.hosts.get(key)
         if conn is None and self.in_kernel:
-            conn = self._unpark_from_host(key, now)
+            down = self.flows.peek(flow_key(ip.src, ip.dst, key[32:36]))
+            if down is not None:
+                if not tcp.flags & (SYN | FIN | RST):
+                    return self._parked_to_client(down, ip, segment, tcp, now)
+                conn = self._unpark_from_host(key, now)
         if conn is None:
             return self._drop("no_connection")
         conn.last_seen = now
@@ -867,11 +877,13 @@ class Tracker:
     # the part of its record the flow map does not hold. Everything else
     # (addresses, ports, ISNs, delta, offsets, scales, what each side sent and
     # acknowledged) is in its two map entries, and the Connection is rebuilt
-    # from them ("unparked") when a packet of it reaches this tracker (a FIN,
-    # an RST, an ICMP error, anything the program passes on), when its idle
-    # time is checked, or when the process stops. A parked connection is not
-    # in the host table (a host packet finds it through the map) nor in the
-    # timer heap (the parked ones are swept instead).
+    # from them ("unparked") when a packet of it needs the state machine (a
+    # SYN, FIN or RST, an ICMP error) or when it has been idle too long. A plain
+    # segment of it that reaches this tracker anyway (one queued before the
+    # flow went in, or one the program passed on) is rewritten here with the
+    # map's entry, which stays. A parked connection is not in the host table
+    # (a host packet finds it through the map) nor in the timer heap (the
+    # parked ones are swept instead).
 
     def _kernel_keys(self, conn: Connection) -> tuple[bytes, bytes]:
         """The flow map's keys: the client's packets as they reach the TUN, and the host's."""
@@ -887,8 +899,7 @@ class Tracker:
         """
         if conn.hello is not None or conn.client_fin >= 0 or conn.host_fin >= 0 or conn.rst_at or conn.closing:
             return
-        if conn.packets_to_host + conn.packets_to_client < OFFLOAD_PACKETS and now < conn.connect_start + OFFLOAD_DELAY \
-                and not conn.unparked:
+        if conn.packets_to_host + conn.packets_to_client < OFFLOAD_PACKETS and now < conn.connect_start + OFFLOAD_DELAY:
             return
         up, down = conn.to_host_flow, conn.to_client_flow
         # What the program tracks starts from what this tracker knows.
@@ -899,7 +910,7 @@ class Tracker:
         down.window_max = min(max(conn.host_max_win >> conn.host_wscale, conn.host_win), 0xFFFF)
         down.packets = conn.packets_to_client
         up.start_ns = down.start_ns = int(conn.start * 1e9)
-        up.last_seen = down.last_seen = int(max(conn.last_seen, now) * 1e9)
+        up.last_seen = down.last_seen = int(conn.last_seen * 1e9)
         client_key, host_key = self._kernel_keys(conn)
         if not (self.flows.install(client_key, up) and self.flows.install(host_key, down)):
             self.flows.take(client_key)
@@ -925,13 +936,13 @@ class Tracker:
 
     def _unpark(self, client_key: bytes, parked: tuple, now: float) -> Connection | None:
         """Take a parked connection's entries out of the map and rebuild it here; None if they are gone."""
-        self.in_kernel -= 1
-        del self.clients[client_key]
-        listener = self.listeners.get(client_key[4:8] + client_key[10:12])
         up = self.flows.take(flow_key(client_key[:4], client_key[4:8], client_key[8:12]))
         down = None
         if up is not None:
             down = self.flows.take(flow_key(up.dst, up.src, U16.pack(up.dport) + U16.pack(up.sport)))
+        self.in_kernel -= 1
+        del self.clients[client_key]
+        listener = self.listeners.get(client_key[4:8] + client_key[10:12])
         if listener is None or up is None or down is None:
             # Removed from outside (bpftool, a `kracauer cleanup` while running): nothing to rebuild from.
             self.events["kernel_flow_lost"] += 1
@@ -990,7 +1001,6 @@ class Tracker:
         conn.host_max_win = max(down.window_max << conn.host_wscale, 0xFFFF)
         conn.packets_to_host, conn.packets_to_client = up.packets, down.packets
         conn.to_host_flow, conn.to_client_flow = up, down
-        conn.unparked = True  # it was in the kernel: back with its next plain segment
         return conn
 
     def parked(self) -> list[tuple[bytes, tuple]]:
@@ -1028,10 +1038,16 @@ class Tracker:
             parked = self.clients.get(key)
             if parked.__class__ is not tuple:
                 continue
-            up = self.flows.peek(flow_key(key[:4], key[4:8], key[8:12]))
-            down = self.flows.peek(flow_key(up.dst, up.src, U16.pack(up.dport) + U16.pack(up.sport))) if up else None
-            last = max(up.last_seen if up else 0, down.last_seen if down else 0) / 1e9
-            if up is None or down is None or last + idle <= now:
+            # The client side's entry is read first (its ACKs flow whenever data does);
+            # the host side's only when that one looks idle.
+            up_key = flow_key(key[:4], key[4:8], key[8:12])
+            last = self.flows.last_seen(up_key)
+            if last is not None and last / 1e9 + idle <= now:
+                up = self.flows.peek(up_key)
+                if up is not None:
+                    down = self.flows.last_seen(flow_key(up.dst, up.src, U16.pack(up.dport) + U16.pack(up.sport)))
+                    last = max(last, down or 0)
+            if last is None or last / 1e9 + idle <= now:
                 conn = self._unpark(key, parked, now)
                 if conn is not None:
                     self._finish(conn, "idle_timeout", now)
@@ -1109,16 +1125,75 @@ class Tracker:
             conn.client_fin = (tcp.seq + tcp_len - hl) & MOD32
         conn.packets_to_host += 1
         if self.config.vnet:
-            start -= VNET_HEADER_LEN
-            gso_size = self._rx_gso_size
-            if gso_size:
-                gso_size = min(gso_size, self.config.mtu - IPV6_HEADER_LEN - hl)
-            VNET_HEADER.pack_into(buf, start, partial, gso_type_for(6, self._rx_gso_type), IPV6_HEADER_LEN + hl,
-                                  gso_size, IPV6_HEADER_LEN if partial else 0, TCP_CSUM_OFFSET if partial else 0)
+            start = self._vnet_to_host(buf, start, hl, partial)
         self._check_closed(conn, now)
-        if self.flows is not None and conn.kernel == KERNEL_NO:
+        if self.flows is not None and conn.kernel == KERNEL_NO and conn.hello is None:
             self._offload(conn, now)
         return [memoryview(buf)[start:self._rx_start + ip.header_len + tcp_len]]
+
+    def _vnet_to_host(self, buf: bytearray, start: int, hl: int, partial: int) -> int:
+        """The vnet header before a packet going to a host; where the frame now starts."""
+        start -= VNET_HEADER_LEN
+        gso_size = self._rx_gso_size
+        if gso_size:
+            gso_size = min(gso_size, self.config.mtu - IPV6_HEADER_LEN - hl)
+        VNET_HEADER.pack_into(buf, start, partial, gso_type_for(6, self._rx_gso_type), IPV6_HEADER_LEN + hl,
+                              gso_size, IPV6_HEADER_LEN if partial else 0, TCP_CSUM_OFFSET if partial else 0)
+        return start
+
+    def _vnet_to_client(self, buf: bytearray, start: int, hl: int, partial: int, client_mss: int) -> int:
+        """The vnet header before a packet going to a client; where the frame now starts."""
+        start -= VNET_HEADER_LEN
+        gso_size = self._rx_gso_size
+        if gso_size:
+            # Segments must fit the client's MSS (which counts no options).
+            gso_size = min(gso_size, client_mss + TCP_HEADER_LEN - hl)
+        VNET_HEADER.pack_into(buf, start, partial, gso_type_for(4, self._rx_gso_type), IPV4_HEADER_LEN + hl,
+                              gso_size, IPV4_HEADER_LEN if partial else 0, TCP_CSUM_OFFSET if partial else 0)
+        return start
+
+    def _parked_to_host(self, key: bytes, parked: tuple, ip: IPv4Header, segment: memoryview, tcp: TcpHeader,
+                        now: float) -> list:
+        """A plain client segment of a connection the kernel carries, rewritten with its map entry."""
+        flow_k = flow_key(ip.src, ip.dst, key[8:12])
+        up = self.flows.peek(flow_k)
+        if up is None:
+            self._unpark(key, parked, now)  # its entries are gone: counted as lost
+            return self._drop("no_connection")
+        if ip.ttl <= 1:
+            return self._drop("ttl_exceeded")
+        tcp_len = len(segment)
+        track(up, tcp, tcp_len - tcp.header_len, int(now * 1e9))
+        partial = self._rx_flags & F_NEEDS_CSUM
+        buf = self._rx_buf
+        start = to_host(buf, self._rx_start, ip, tcp, tcp_len, up, partial)
+        up.packets += 1
+        up.bytes += tcp_len - tcp.header_len
+        self.flows.install(flow_k, up)
+        self.events["kernel_segment_here"] += 1
+        if self.config.vnet:
+            start = self._vnet_to_host(buf, start, tcp.header_len, partial)
+        return [memoryview(buf)[start:self._rx_start + ip.header_len + tcp_len]]
+
+    def _parked_to_client(self, down: Flow, ip: IPv6Header, segment: memoryview, tcp: TcpHeader,
+                          now: float) -> list:
+        """A plain host segment of a connection the kernel carries, rewritten with its map entry."""
+        if ip.hop_limit <= 1:
+            return self._drop("ttl_exceeded")
+        tcp_len = len(segment)
+        if tcp_len + IPV4_HEADER_LEN > 0xFFFF:
+            return self._drop("too_big_for_ipv4")
+        track(down, tcp, tcp_len - tcp.header_len, int(now * 1e9))
+        partial = self._rx_flags & F_NEEDS_CSUM
+        buf = self._rx_buf
+        start = to_client(buf, self._rx_start, ip, tcp, tcp_len, down, partial, down.packets)
+        down.packets += 1
+        down.bytes += tcp_len - tcp.header_len
+        self.flows.install(flow_key(ip.src, ip.dst, segment[:4].tobytes()), down)
+        self.events["kernel_segment_here"] += 1
+        if self.config.vnet:
+            start = self._vnet_to_client(buf, start, tcp.header_len, partial, down.mss)
+        return [memoryview(buf)[start:self._rx_start + IPV6_HEADER_LEN + tcp_len]]
 
     def _echo_host_synack_tsval(self, conn: Connection, buf: bytearray, t: int, segment: memoryview, tcp: TcpHeader,
                                 partial: int) -> None:
@@ -1175,15 +1250,9 @@ class Tracker:
             conn.host_fin = (tcp.seq - conn.delta + tcp_len - hl) & MOD32
         conn.packets_to_client += 1
         if self.config.vnet:
-            start -= VNET_HEADER_LEN
-            gso_size = self._rx_gso_size
-            if gso_size:
-                # Segments must fit the client's MSS (which counts no options).
-                gso_size = min(gso_size, conn.client_mss + TCP_HEADER_LEN - hl)
-            VNET_HEADER.pack_into(buf, start, partial, gso_type_for(4, self._rx_gso_type), IPV4_HEADER_LEN + hl,
-                                  gso_size, IPV4_HEADER_LEN if partial else 0, TCP_CSUM_OFFSET if partial else 0)
+            start = self._vnet_to_client(buf, start, hl, partial, conn.client_mss)
         self._check_closed(conn, now)
-        if self.flows is not None and conn.kernel == KERNEL_NO:
+        if self.flows is not None and conn.kernel == KERNEL_NO and conn.hello is None:
             self._offload(conn, now)
         return [memoryview(buf)[start:self._rx_start + IPV6_HEADER_LEN + tcp_len]]
 
@@ -1458,10 +1527,6 @@ class Tracker:
         if conn.closing:
             self._finish(conn, conn.outcome, now)
             return []
-        if self.flows is not None and conn.kernel == KERNEL_NO:
-            self._offload(conn, now)
-            if conn.state == GONE:
-                return []  # parked: the sweep watches its idle time now
         if conn.rst_at:
             if conn.last_seen <= conn.rst_at:
                 # Nothing followed the RST: the endpoint took it.
@@ -1471,6 +1536,10 @@ class Tracker:
             conn.outcome = ""
         idle_until = conn.last_seen + self.config.idle_timeout
         if idle_until > now:
+            if self.flows is not None and conn.kernel == KERNEL_NO:
+                self._offload(conn, now)
+                if conn.state == GONE:
+                    return []  # parked: the sweep watches its idle time now
             self._set_timer(conn, idle_until)
             return []
         self._finish(conn, "idle_timeout", now)

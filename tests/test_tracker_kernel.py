@@ -14,10 +14,10 @@ import struct
 
 import pytest
 
-from netstack.flow import Flow, flow_key, to_client, to_host
+from netstack.flow import Flow, flow_key, to_client, to_host, track
 from netstack.ip import IPv4Header, IPv6Header
 from netstack.state import adopt, restore, snapshot
-from netstack.tcp import ACK, FIN, RST, SYN, TcpHeader, seq_lt
+from netstack.tcp import FIN, RST, SYN, TcpHeader
 from netstack.tracker import ESTABLISHED, KERNEL_NEVER, OFFLOAD_DELAY, OFFLOAD_PACKETS, Connection, Tracker, TrackerConfig
 from tests.test_tracker import CHROME, LISTENERS, PREFIX, Box, Walk, parse, resolve
 
@@ -30,6 +30,7 @@ class KernelSim:
     def __init__(self, refuse: bool = False) -> None:
         self.entries: dict[bytes, bytes] = {}
         self.refuse = refuse
+        self.refuse_carry = False  # pass everything on, as for packets queued before the install
         self.now_ns = 0
 
     # FlowTable
@@ -47,9 +48,15 @@ class KernelSim:
         value = self.entries.get(key)
         return None if value is None else Flow.unpack(value)
 
+    def last_seen(self, key: bytes) -> int | None:
+        flow = self.peek(key)
+        return None if flow is None else flow.last_seen
+
     # the program
     def carry(self, raw: bytes) -> bytes | None:
         """The translated packet if the program takes it, None if it goes on to the tracker."""
+        if self.refuse_carry:
+            return None
         buf = bytearray(64) + bytearray(raw)
         view = memoryview(buf)[64:]
         if raw[0] >> 4 == 4:
@@ -67,12 +74,7 @@ class KernelSim:
             return None
         flow = Flow.unpack(value)
         payload = tcp_len - tcp.header_len
-        if tcp.flags & ACK and seq_lt(flow.ack_max, tcp.ack):
-            flow.ack_max = tcp.ack
-        if seq_lt(flow.seq_next, (tcp.seq + payload) & M32):
-            flow.seq_next = (tcp.seq + payload) & M32
-        flow.window, flow.window_max = tcp.window, max(flow.window_max, tcp.window)
-        flow.last_seen = self.now_ns
+        track(flow, tcp, payload, self.now_ns)
         if raw[0] >> 4 == 4:
             start = to_host(buf, 64, ip, tcp, tcp_len, flow, partial=False)
         else:
@@ -196,17 +198,28 @@ def test_a_host_rst_finds_a_parked_connection_through_the_map():
     assert box.tracker.records[-1].outcome == "reset_by_host"
 
 
-def test_a_packet_the_program_passes_on_unparks_and_reparks():
+def test_a_plain_segment_the_program_passes_on_is_rewritten_here_and_the_connection_stays_parked():
     box = KernelBox()
     walk = established(box)
-    # A TTL of 1 is for the tracker (it drops it as kracauer routes); the connection goes back to the kernel
-    # with its next plain segment the tracker sees.
-    out = walk.from_client("A", walk.c + 1 + len(CHROME), walk.k + 1, ttl=1)
-    assert out == [] and box.tracker.drops["ttl_exceeded"] == 1
-    assert isinstance(the_connection(box), Connection) and box.kernel.entries == {}
-    out = walk.from_client("A", walk.c + 1 + len(CHROME), walk.k + 1)
-    assert len(out) == 1 and not out[0].v4
-    assert the_connection(box).__class__ is tuple and len(box.kernel.entries) == 2
+    before = dict(box.kernel.entries)
+    # As if queued to the TUN before the flow went in: the tracker rewrites it with the map's entry.
+    box.kernel.refuse_carry = True
+    out = walk.from_client("PA", walk.c + 1 + len(CHROME), walk.k + 1, b"late")
+    up = walk.from_host("PA", walk.h + 1, walk.c + 1 + len(CHROME) + 4, b"answer", host_tick=33)
+    box.kernel.refuse_carry = False
+    assert len(out) == 1 and not out[0].v4 and out[0].payload == b"late"
+    assert out[0].tcp.ack == (walk.h + 1) & M32 and out[0].tcp.dport == walk.host_port
+    assert len(up) == 1 and up[0].v4 and up[0].tcp.seq == (walk.k + 1) & M32
+    assert the_connection(box).__class__ is tuple and box.tracker.events["kernel_segment_here"] == 2
+    # What it saw is in the map, as if the program had translated it.
+    up_key = next(k for k in box.kernel.entries if k[0] == 4)
+    assert box.kernel.peek(up_key).seq_next == (walk.c + 1 + len(CHROME) + 4) & M32
+    assert box.kernel.peek(up_key).packets == Flow.unpack(before[up_key]).packets + 1
+    # A TTL of 1 is dropped (kracauer routes), without touching the connection.
+    box.kernel.refuse_carry = True
+    assert walk.from_client("A", walk.c + 5 + len(CHROME), walk.k + 7, ttl=1) == []
+    box.kernel.refuse_carry = False
+    assert box.tracker.drops["ttl_exceeded"] == 1 and the_connection(box).__class__ is tuple
 
 
 def test_idle_timeout_counts_the_kernel_traffic_as_activity():

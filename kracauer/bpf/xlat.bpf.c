@@ -31,13 +31,18 @@ char LICENSE[] SEC("license") = "Dual MIT/GPL";
 
 /*
  * A plain hash, not an LRU: an LRU would evict a connection's entry
- * silently (and early, when small: its free lists are per CPU), losing what
- * the program counted. kracauer caps its connections and sizes the map for
- * two entries each, so it never fills; if it did, an update fails and that
- * connection stays on the Python path.
+ * silently (and early, when small: its free lists are per CPU), losing the
+ * only copy of a parked connection's state. kracauer caps its connections and
+ * sizes the map for two entries each, so it never fills; if it did, an update
+ * fails and that connection stays on the Python path. Not preallocated: the
+ * map takes memory for the connections there are, not for max_entries.
+ * Either kind may hand a deleted element to the next update at once, so a
+ * program still holding it on another CPU could read another connection's
+ * entry: same_client() below checks the entry still names the packet's client.
  */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(max_entries, FLOW_MAX_DEFAULT);
 	__type(key, struct flow_key);
 	__type(value, struct flow_value);
@@ -86,6 +91,13 @@ static __always_inline int pass(__u32 reason)
 {
 	count(reason, 1);
 	return TC_ACT_OK;
+}
+
+/* The entry found for a packet still belongs to its client (see the map's comment):
+ * the client's address is in both directions' rewrite. */
+static __always_inline int same_client(const __u8 *a, const __u8 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3];
 }
 
 /* A helper failed after the packet was changed: it cannot go on half
@@ -336,7 +348,7 @@ static __always_inline int to_host(struct __sk_buff *skb, const struct xlat_conf
 	/* BIG TCP (tot_len 0) and trailing padding are for user space. */
 	if (tot_len != skb->len - l3)
 		return pass(STAT_PASS_LENGTH);
-	/* kracauer routes: a packet that would leave with TTL 0 gets the ICMP error from user space. */
+	/* kracauer routes: a packet that would leave with TTL 0 is user space's to drop. */
 	if (ip.ttl <= 1)
 		return pass(STAT_PASS_TTL);
 	tcp_len = tot_len - sizeof(ip);
@@ -349,7 +361,8 @@ static __always_inline int to_host(struct __sk_buff *skb, const struct xlat_conf
 	__builtin_memcpy(&key.sport, h, 2);
 	__builtin_memcpy(&key.dport, h + 2, 2);
 	f = bpf_map_lookup_elem(&flows, &key);
-	if (!f || f->family != 6)
+	/* Client to host: the new source is prefix::client. */
+	if (!f || f->family != 6 || !same_client(f->src + 12, key.src))
 		return pass(STAT_PASS_NO_FLOW);
 	/* Segments must still fit the IPv6 side once the header grows. */
 	if (skb->gso_size && skb->gso_size + hl > (__u32)f->mss + TCP_MIN)
@@ -420,7 +433,8 @@ static __always_inline int to_client(struct __sk_buff *skb, const struct xlat_co
 	__builtin_memcpy(&key.sport, h, 2);
 	__builtin_memcpy(&key.dport, h + 2, 2);
 	f = bpf_map_lookup_elem(&flows, &key);
-	if (!f || f->family != 4)
+	/* Host to client: the packet goes to prefix::client, and out to the client. */
+	if (!f || f->family != 4 || !same_client(f->dst, key.dst + 12))
 		return pass(STAT_PASS_NO_FLOW);
 	/* Segments must fit the client's MSS, which counts no options. */
 	if (skb->gso_size && skb->gso_size + hl > (__u32)f->mss + TCP_MIN)
