@@ -115,6 +115,7 @@ def tracker_config(config: Config) -> TrackerConfig:
         hello_timeout=limits.hello_timeout,
         hello_max_bytes=limits.hello_max_bytes,
         connect_timeout=limits.connect_timeout,
+        host_try_timeout=limits.host_try_timeout,
         idle_timeout=limits.idle_timeout,
         vnet=config.tun.offload,
         max_connections=limits.max_connections,

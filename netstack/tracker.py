@@ -70,8 +70,6 @@ MIN_MSS = 48
 # How long a connection whose FINs are both acknowledged keeps translating
 # retransmitted FINs and ACKs before its state goes (a short TIME-WAIT).
 CLOSE_LINGER = 10.0
-# With several hosts, how long one host may take to answer before the next is tried.
-HOST_TRY_TIMEOUT = 3.0
 # How long state waits after an in-window but inexact RST (RFC 5961 §3.2):
 # the endpoint answers a blind RST with a challenge ACK, which revives it.
 RST_LINGER = 5.0
@@ -138,6 +136,7 @@ class TrackerConfig:
     syn_backlog: int = 1024  # half-open handshakes kept with state; past it SYN cookies
     max_fails: int = 3  # consecutive failed connects before a host is skipped
     fail_timeout: float = 30.0  # seconds a failing host is skipped
+    host_try_timeout: float = 3.0  # with several hosts, seconds one may take to answer before the next is tried
 
     @property
     def mss(self) -> int:
@@ -749,10 +748,10 @@ class Tracker:
         return [self._syn_to_host(conn)]
 
     def _host_deadline(self, conn: Connection) -> float:
-        """When the current host has had its chance: HOST_TRY_TIMEOUT if others wait, never past connect_timeout."""
+        """When the current host has had its chance: host_try_timeout if others wait, never past connect_timeout."""
         overall = conn.connect_start + self.config.connect_timeout
         if conn.candidates:
-            return min(conn.host_start + HOST_TRY_TIMEOUT, overall)
+            return min(conn.host_start + self.config.host_try_timeout, overall)
         return overall
 
     def _connect_timer(self, conn: Connection, now: float) -> list[bytearray]:
