@@ -478,7 +478,7 @@ class Daemon:
             log.error("could not save the state to %s: %s; the TUN is removed and the %d connections are lost",
                       path, exc, len(self.tracker))
             return None
-        return len(data["connections"])
+        return data["count"]
 
     # -- signals -------------------------------------------------------------
 
