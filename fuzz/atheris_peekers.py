@@ -36,7 +36,7 @@ from netstack.buffer import Buffer, BufferReadError  # noqa: E402
 from netstack.http import HttpPeeker  # noqa: E402
 from netstack.icmp import IcmpHeader, icmp4_to_icmp6, icmp6_to_icmp4  # noqa: E402
 from netstack.ip import IPv4Header, IPv6Header, PacketError  # noqa: E402
-from netstack.peek import NEED_DATA, Decision, NotProtocol  # noqa: E402
+from netstack.peek import NEED_DATA, BadRequest, Decision, NotProtocol  # noqa: E402
 from netstack.reassembly import StreamBuffer  # noqa: E402
 from netstack.syncookie import MSS_TABLE, SynCookies, decode_options, encode_options  # noqa: E402
 from netstack.tcp import MAX_WSCALE, TcpHeader  # noqa: E402
@@ -73,13 +73,13 @@ def fuzz_peeker(p: c.Provider, peeker_class, stream: bytes) -> None:
     max_bytes = p.pick([16384, 600, 64, 5])
     cuts = sorted({0, len(stream), *(p.int(0, len(stream)) for _ in range(p.int(0, 8)))})
     whole = peeker_class(max_bytes).feed(stream)
-    assert whole is NEED_DATA or isinstance(whole, (Decision, NotProtocol)), whole
+    assert whole is NEED_DATA or isinstance(whole, (Decision, BadRequest, NotProtocol)), whole
     peeker = peeker_class(max_bytes)
     answer = peeker.feed(b"")
     for low, high in zip(cuts, cuts[1:]):
         answer = peeker.feed(memoryview(stream)[low:high])
     assert same(answer, whole), f"{answer!r} in pieces, {whole!r} whole"
-    if isinstance(whole, Decision):
+    if isinstance(whole, (Decision, BadRequest)):
         assert 0 < whole.hello_size <= min(len(stream), max_bytes), whole
     if answer is not NEED_DATA:
         assert peeker.feed(p.bytes(p.int(0, 20))) is answer, "an answer changed"

@@ -129,6 +129,7 @@ class Limits:
     max_connections: int = 100_000   # all tracked connections; new ones past it get an RST
     max_peeking: int = 10_000        # connections still sending their hello; the oldest is reset past it
     syn_backlog: int = 1024          # half-open handshakes kept with state; SYN cookies past it
+    host_try_timeout: float = 3.0    # with several hosts, seconds one may take before the next is tried; <= connect_timeout
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -428,8 +429,8 @@ _TRANSLATE_KEYS = ("prefix",)
 _LISTEN_KEYS = ("address", "port", "protocol", "host", "prefix")
 _ROUTE_KEYS = ("name", "host", "port", "alpn")
 _FALLBACK_KEYS = ("host", "port")
-_LIMITS_KEYS = ("hello_timeout", "hello_max_bytes", "connect_timeout", "idle_timeout", "max_connections",
-                "max_peeking", "syn_backlog")
+_LIMITS_KEYS = ("hello_timeout", "hello_max_bytes", "connect_timeout", "host_try_timeout", "idle_timeout",
+                "max_connections", "max_peeking", "syn_backlog")
 _LIMITS_COUNTS = {"max_connections": (1, 10_000_000), "max_peeking": (1, 10_000_000), "syn_backlog": (0, 10_000_000)}
 
 _MISSING = object()
@@ -841,4 +842,13 @@ class _Validator:
                 values[field.name] = self.integer(table[field.name], path, *_LIMITS_COUNTS[field.name])
             else:
                 values[field.name] = self.seconds(table[field.name], path)
+        connect = values.get("connect_timeout", Limits.connect_timeout)
+        if "host_try_timeout" not in values:
+            # The default never outlasts a short connect_timeout (the tracker caps it there anyway).
+            values["host_try_timeout"] = min(Limits.host_try_timeout, connect)
+        elif values["host_try_timeout"] > connect:
+            raise self.error(("limits", "host_try_timeout"),
+                             f"{_show(values['host_try_timeout'])} seconds is more than connect_timeout "
+                             f"({_show(connect)}): the next host would never be tried; "
+                             f"use at most {_show(connect)} or raise connect_timeout")
         return Limits(**values)

@@ -117,6 +117,7 @@ def tracker_config(config: Config) -> TrackerConfig:
         hello_timeout=limits.hello_timeout,
         hello_max_bytes=limits.hello_max_bytes,
         connect_timeout=limits.connect_timeout,
+        host_try_timeout=limits.host_try_timeout,
         idle_timeout=limits.idle_timeout,
         vnet=config.tun.offload,
         max_connections=limits.max_connections,
@@ -604,7 +605,7 @@ class Daemon:
             log.error("could not save the state to %s: %s; the TUN is removed and the %d connections are lost",
                       path, exc, len(self.tracker))
             return None
-        return len(data["connections"])
+        return data["count"]
 
     # -- signals -------------------------------------------------------------
 

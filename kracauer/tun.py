@@ -4,7 +4,16 @@ The device is opened with the TUNSETIFF ioctl (the only way to get its file
 descriptor); bringing it up, its MTU and the routes go through netlink with
 pyroute2, never by running `ip`. By default the device is not persistent:
 when the descriptor closes the kernel removes it, and its routes with it, so
-even a crash leaves nothing behind.
+even a crash leaves nothing behind. A clean stop does not rely on that alone:
+it deletes the routes and the device through netlink, closes the descriptor
+and waits until the name is gone, so that whoever looks right after the
+process has exited finds nothing.
+
+At start, a device that already has the name is looked at first
+(``inspect_device``): a persistent TUN nobody uses is one an earlier kracauer
+left (stopped with ``[state]``, or crashed) and is taken over; one in use, one
+that is not a TUN, or one that cannot be reused is refused with what it is
+and what to do about it.
 
 With ``persist`` (kracauer's ``[state]`` table), the device is made
 persistent (TUNSETPERSIST): when the process exits the device and its routes
@@ -24,6 +33,7 @@ import os
 import socket
 import struct
 import sys
+import time
 from dataclasses import dataclass, field
 
 from pyroute2 import IPRoute
@@ -51,8 +61,39 @@ RTPROT_KERNEL = 2
 RTPROT_RA = 9
 
 
+# How long a stop waits for the kernel to have removed the device.
+GONE_TIMEOUT = 5.0
+
+
 class TunError(RuntimeError):
     """The TUN device or its routes could not be set up."""
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What a network device of kracauer's name is (``inspect_device``)."""
+
+    name: str
+    index: int
+    kind: str  # IFLA_INFO_KIND: "tun" for TUN and TAP devices, "" if the kernel says none
+    tap: bool = False
+    persistent: bool = False
+    multi_queue: bool = False
+    queues: int | None = None  # multi-queue devices: queues attached to a descriptor now
+
+    @property
+    def is_tun(self) -> bool:
+        return self.kind == "tun" and not self.tap
+
+    def describe(self) -> str:
+        if self.kind != "tun":
+            return f"a {self.kind or 'non-TUN'} device"
+        flags = ["TAP" if self.tap else "TUN"]
+        if self.persistent:
+            flags.append("persistent")
+        if self.multi_queue:
+            flags.append("multi-queue")
+        return "a " + ", ".join(flags) + " device"
 
 
 @dataclass
@@ -94,17 +135,52 @@ class Tun:
                 log.warning("could not make TUN %s non-persistent: %s", self.name, exc)
         if not self.privileged:
             self.routes.clear()
-        with IPRoute() as ipr:
-            for family, dst in reversed(self.routes):
-                try:
-                    ipr.route("del", dst=dst, oif=self.index, family=family)
-                except NetlinkError as exc:
-                    if exc.code not in (errno.ESRCH, errno.ENODEV):
-                        log.warning("could not remove route %s: %s", dst, exc)
-            self.routes.clear()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        try:
+            with IPRoute() as ipr:
+                for family, dst in reversed(self.routes):
+                    try:
+                        ipr.route("del", dst=dst, oif=self.index, family=family)
+                    except NetlinkError as exc:
+                        if exc.code not in (errno.ESRCH, errno.ENODEV):
+                            log.warning("could not remove route %s: %s", dst, exc)
+                self.routes.clear()
+                if self.privileged:
+                    # RTM_DELLINK: the kernel unregisters the device before it
+                    # answers, whatever else still holds the descriptor.
+                    _delete_link(ipr, self.index, self.name)
+        finally:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+        wait_gone(self.name, self.index)
+
+
+def wait_gone(name: str, index: int, timeout: float = GONE_TIMEOUT) -> bool:
+    """Wait until the device `index` called `name` no longer exists; False (logged) if it outlived `timeout`."""
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while _index_of(name) == index:
+        if time.monotonic() >= deadline:
+            log.warning("the TUN %s still exists %.0f s after it was removed", name, timeout)
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+    return True
+
+
+def _delete_link(ipr: IPRoute, index: int, name: str) -> None:
+    try:
+        ipr.link("del", index=index)
+    except NetlinkError as exc:
+        if exc.code not in (errno.ENODEV, errno.ESRCH):
+            log.warning("could not delete the TUN %s: %s", name, exc)
+
+
+def _index_of(name: str) -> int | None:
+    try:
+        return socket.if_nametoindex(name)
+    except OSError:
+        return None
 
 
 def check_forwarding() -> None:
@@ -126,12 +202,104 @@ def check_forwarding() -> None:
         raise TunError(f"forwarding is off: kracauer needs {', '.join(missing)} = 1 (run: sysctl -w {settings})")
 
 
-def _device_exists(name: str) -> bool:
+def inspect_device(name: str) -> DeviceInfo | None:
+    """What the network device `name` is (kind, TUN flags, who has it open), or None if there is none."""
+    index = _index_of(name)
+    if index is None:
+        return None
+    kind, data = "", None
     try:
-        socket.if_nametoindex(name)
+        with IPRoute() as ipr:
+            link = ipr.link("get", index=index)[0]
+        info = link.get_attr("IFLA_LINKINFO")
+        if info is not None:
+            kind = info.get_attr("IFLA_INFO_KIND") or ""
+            data = info.get_attr("IFLA_INFO_DATA")
+    except NetlinkError as exc:
+        if exc.code == errno.ENODEV:
+            return None
+        raise TunError(f"cannot read what the device {name!r} is: {exc}") from exc
+    # include/uapi/linux/if_link.h: IFLA_TUN_TYPE is IFF_TUN (1) or IFF_TAP (2).
+    attr = (lambda key: data.get_attr(key)) if data is not None and not isinstance(data, (str, bytes)) else (lambda key: None)
+    return DeviceInfo(
+        name=name, index=index, kind=kind, tap=attr("IFLA_TUN_TYPE") == 2, persistent=bool(attr("IFLA_TUN_PERSIST")),
+        multi_queue=bool(attr("IFLA_TUN_MULTI_QUEUE")), queues=attr("IFLA_TUN_NUM_QUEUES"),
+    )
+
+
+def tun_holders(name: str, proc: str = "/proc") -> list[tuple[int, str]]:
+    """The processes of this network namespace that have a TUN `name` open: (pid, command).
+
+    drivers/net/tun.c (tun_chr_show_fdinfo) writes ``iff:\t<name>`` in the
+    fdinfo of a descriptor attached to a device. Only for messages: the name
+    says nothing of the namespace, so processes of other namespaces (with
+    their own device of that name) are left out, as are unreadable ones.
+    """
+    wanted = f"iff:\t{name}\n"
+    found = []
+    try:
+        pids = [entry for entry in os.listdir(proc) if entry.isdigit()]
+        ours = os.stat(f"{proc}/self/ns/net")
     except OSError:
-        return False
-    return True
+        return []
+    for pid in pids:
+        fdinfo = f"{proc}/{pid}/fdinfo"
+        try:
+            theirs = os.stat(f"{proc}/{pid}/ns/net")
+            if (theirs.st_dev, theirs.st_ino) != (ours.st_dev, ours.st_ino):
+                continue
+            fds = os.listdir(fdinfo)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                with open(f"{fdinfo}/{fd}") as f:
+                    text = f.read()
+            except OSError:
+                continue
+            if wanted in text:
+                found.append((int(pid), _command(proc, pid)))
+                break
+    return sorted(found)
+
+
+def _command(proc: str, pid: str) -> str:
+    try:
+        with open(f"{proc}/{pid}/cmdline", "rb") as f:
+            words = f.read().split(b"\0")
+    except OSError:
+        return "?"
+    return " ".join(w.decode(errors="replace") for w in words if w)[:120] or "?"
+
+
+def in_use_error(name: str) -> TunError:
+    holders = tun_holders(name)
+    who = ", ".join(f"pid {pid} ({command})" for pid, command in holders) if holders else "another process"
+    return TunError(f"the TUN {name!r} is in use by {who}: is another kracauer running with this device name? "
+                    f"Stop it first")
+
+
+def check_existing(name: str) -> DeviceInfo | None:
+    """Before TUNSETIFF: say clearly what a device that already has our name is, or refuse it.
+
+    None: there is no such device. A DeviceInfo: a persistent TUN that may
+    have been left by an earlier kracauer (whether some process still has it
+    open, TUNSETIFF tells: EBUSY).
+    """
+    device = inspect_device(name)
+    if device is None:
+        return None
+    if not device.is_tun:
+        raise TunError(f"a network device named {name!r} exists and is {device.describe()}, not a TUN that "
+                       f"kracauer could have left: set another [tun] name, or remove it (ip link del {name})")
+    if not device.persistent:
+        # A non-persistent TUN lives only while a descriptor holds it, or while the kernel removes it.
+        if wait_gone(name, device.index, timeout=1.0):
+            return None
+        raise in_use_error(name)
+    if device.multi_queue and device.queues:
+        raise in_use_error(name)
+    return device
 
 
 def _attach(name: str, offload: bool) -> int:
@@ -146,12 +314,8 @@ def _attach(name: str, offload: bool) -> int:
     except OSError as exc:
         os.close(fd)
         if exc.errno == errno.EBUSY:
-            hint = " (is another kracauer running with this device name?)"
-        elif exc.errno == errno.EINVAL and _device_exists(name):
-            hint = " (a network device of that name exists and is not a TUN device)"
-        else:
-            hint = ""
-        raise TunError(f"cannot create TUN device {name!r}: {exc}{hint}") from exc
+            raise in_use_error(name) from exc
+        raise TunError(f"cannot create TUN device {name!r}: {exc}") from exc
     return fd
 
 
@@ -169,8 +333,16 @@ def open_tun(name: str, mtu: int, ipv4_routes: list[ipaddress.IPv4Network],
     `persist`, such a leftover device is attached to and made non-persistent
     again, so that it goes away when this process exits.
     """
-    existed = _device_exists(name)
-    fd = _attach(name, offload)
+    found = check_existing(name)
+    existed = found is not None
+    try:
+        fd = _attach(name, offload)
+    except TunError as exc:
+        if not existed or getattr(exc.__cause__, "errno", None) == errno.EBUSY:
+            raise
+        # A leftover device with settings this process cannot take (multi-queue, another owner...).
+        raise TunError(f"the TUN {name!r} left by an earlier kracauer ({found.describe()}, no process attached) "
+                       f"cannot be reused: {exc.__cause__ or exc}; `kracauer cleanup --config FILE` removes it") from exc
     try:
         if persist or existed:
             try:
@@ -196,8 +368,13 @@ def open_tun(name: str, mtu: int, ipv4_routes: list[ipaddress.IPv4Network],
                 pass
         os.close(fd)
         raise
-    if existed:
+    if existed and persist:
         log.info("attached to the existing TUN %s", name)
+    elif existed:
+        # No [state]: nothing to restore, but the device (and its routes) are taken over and go at exit.
+        log.warning("attached to the existing TUN %s: %s with no process attached, left by an earlier kracauer "
+                    "(stopped with [state], or crashed); it is removed when this process exits "
+                    "(`kracauer cleanup` removes such a device without starting)", name, found.describe())
     try:
         with IPRoute() as ipr:
             ipr.link("set", index=tun.index, mtu=mtu, state="up")
@@ -244,19 +421,30 @@ def _remove_stale_route(ipr: IPRoute, tun: Tun, family: int, dst: str) -> None:
 
 
 def remove_tun(name: str) -> bool:
-    """Remove the persistent TUN `name` left by a kracauer with [state]; False if there is none.
+    """Remove the persistent TUN `name` left by a kracauer (with [state], or crashed); False if there is none.
 
-    TunError if a process still uses it, or if it is not a TUN device.
+    TunError if a process still uses it, or if it is not a TUN device. The
+    device goes through netlink (RTM_DELLINK), whatever flags it was made
+    with, and its routes with it; this returns once it is gone.
     """
-    if not _device_exists(name):
+    device = inspect_device(name)
+    if device is None:
         return False
-    fd = _attach(name, offload=False)
-    try:
-        fcntl.ioctl(fd, TUNSETPERSIST, 0)
-    except OSError as exc:
-        raise TunError(f"cannot make TUN device {name!r} non-persistent: {exc}") from exc
-    finally:
-        os.close(fd)  # the last descriptor of a non-persistent device: the kernel removes it and its routes
+    if not device.is_tun:
+        raise TunError(f"{name!r} is {device.describe()}, not a TUN kracauer could have left; not removing it")
+    if not device.persistent or (device.multi_queue and device.queues):
+        raise in_use_error(name)
+    if not device.multi_queue:
+        # A single-queue TUN is in use exactly when attaching to it fails with EBUSY.
+        os.close(_attach(name, offload=False))
+    with IPRoute() as ipr:
+        try:
+            ipr.link("del", index=device.index)
+        except NetlinkError as exc:
+            if exc.code not in (errno.ENODEV, errno.ESRCH):
+                raise TunError(f"cannot remove the TUN {name!r}: {exc}") from exc
+    if not wait_gone(name, device.index):
+        raise TunError(f"the TUN {name!r} was removed but still exists after {GONE_TIMEOUT:.0f} s")
     return True
 
 

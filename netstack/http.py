@@ -1,7 +1,8 @@
 """Peek at an HTTP/1.x request head for the host it is meant for, incrementally.
 
 ``HttpPeeker.feed`` answers ``NEED_DATA`` until the blank line that ends the
-request head, then a ``Decision`` carrying the host. Bytes that cannot start an
+request head, then a ``Decision`` carrying the host, or a ``BadRequest`` for a
+head whose Host is missing or broken (RFC 9112 §3.2: a 400). Bytes that cannot start an
 HTTP request (TLS, SSH banners, binary noise) are ``NotProtocol`` at the first
 byte that cannot belong to a method.
 
@@ -18,7 +19,7 @@ from __future__ import annotations
 import ipaddress
 import re
 
-from .peek import NEED_DATA, Decision, NotProtocol, PeekResult
+from .peek import NEED_DATA, BadRequest, Decision, NotProtocol, PeekResult
 
 # RFC 9110 §5.6.2: token = 1*tchar. Methods (§9.1) and field names (§5.1) are tokens.
 _TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
@@ -53,6 +54,17 @@ MISDIRECTED_REQUEST: bytes = (
     b"\r\n" % len(_MISDIRECTED_BODY)
 ) + _MISDIRECTED_BODY
 
+# RFC 9110 §15.5.1: 400, the request is malformed; here it names no host, or
+# names it wrongly (RFC 9112 §3.2). As nginx does, a short body and a close.
+_BAD_REQUEST_BODY = b"400 Bad Request: the request names no valid host.\n"
+BAD_REQUEST: bytes = (
+    b"HTTP/1.1 400 Bad Request\r\n"
+    b"Content-Type: text/plain\r\n"
+    b"Content-Length: %d\r\n"
+    b"Connection: close\r\n"
+    b"\r\n" % len(_BAD_REQUEST_BODY)
+) + _BAD_REQUEST_BODY
+
 
 class HttpPeeker:
     """Feed the client's bytes in order; get NEED_DATA, a Decision or NotProtocol."""
@@ -71,6 +83,8 @@ class HttpPeeker:
         self._version = b""
         self._target_name: str | None = None  # from an absolute-form target
         self._host: str | None = None
+        self._host_lines = 0
+        self._bad_host = ""  # why the Host field is unusable, if it is
 
     def feed(self, data: bytes | memoryview) -> PeekResult:
         """Take the next bytes of the client's stream (each byte exactly once)."""
@@ -134,13 +148,16 @@ class HttpPeeker:
         if match[1].lower() != b"host":
             return NEED_DATA
         # RFC 9112 §3.2: more than one Host field line, or an invalid Host
-        # value, is a 400 (Bad Request); we reset instead.
-        if self._host is not None:
-            return NotProtocol("more than one Host header")
+        # value, MUST get a 400 (Bad Request). The answer waits for the end of
+        # the head, so that it consumes the whole request.
+        self._host_lines += 1
+        if self._host_lines > 1:
+            self._bad_host = self._bad_host or "more than one Host header"
+            return NEED_DATA
         try:
             self._host = _parse_host(match[2].strip(_OWS))
         except ValueError as exc:
-            return NotProtocol(f"invalid Host header: {exc}")
+            self._bad_host = f"invalid Host header: {exc}"
         return NEED_DATA
 
     def _on_request_line(self, line: bytes) -> PeekResult:
@@ -165,13 +182,23 @@ class HttpPeeker:
         return NEED_DATA
 
     def _on_head_end(self) -> PeekResult:
+        size = self._line_start
+        if self._bad_host:
+            return BadRequest(self._bad_host, hello_size=size)
+        # RFC 9112 §3.2: a server MUST answer an HTTP/1.1 request without Host
+        # with a 400 (Bad Request), even when its target is in absolute-form
+        # (the client MUST send Host then too; nginx answers 400 as well).
+        if self._host_lines == 0 and self._version == b"1.1":
+            return BadRequest("HTTP/1.1 request without Host header", hello_size=size)
         # RFC 9112 §3.2.2: the authority of an absolute-form target wins over Host.
         name = self._target_name or self._host
-        # RFC 9112 §3.2: an HTTP/1.1 request without Host is a 400; HTTP/1.0
-        # may omit it, and then routes by no name.
-        if self._host is None and self._version == b"1.1":
-            return NotProtocol("HTTP/1.1 request without Host header")
-        return Decision(name=name, hello_size=self._line_start)
+        if name is None:
+            # HTTP/1.0 (RFC 1945) has no Host field; RFC 9112 §3.2 requires
+            # it (RFC 9110 §7.2) of HTTP/1.1 requests only.
+            # Such a request goes to the fallback; with none, a 400 (there is
+            # no host to have been misdirected from, so not a 421).
+            return Decision(name=None, hello_size=size, unrouted="refused_bad_request")
+        return Decision(name=name, hello_size=size)
 
     def _check_preface(self) -> PeekResult:
         if not HTTP2_PREFACE.startswith(self._head[: len(HTTP2_PREFACE)]):

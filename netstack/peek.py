@@ -1,4 +1,4 @@
-"""What a peeker answers after each ``feed``: wait, route, or refuse.
+"""What a peeker answers after each ``feed``: wait, route, answer with an error, or reset.
 
 Both peekers (``netstack.tls.TlsPeeker`` and ``netstack.http.HttpPeeker``) look
 at the first bytes a client sends and return one of these. Like h11's events
@@ -40,12 +40,27 @@ class Decision:
     ``hello_size``: TLS: bytes of the ClientHello handshake message including
     its 4-byte header; HTTP: bytes of the request head including the blank line.
     ``records``: TLS: how many TLS records the ClientHello spanned; HTTP: 0.
+    ``unrouted``: the outcome when no route takes the connection; the tracker
+    answers by it: "refused_unknown_name" (TLS alert, HTTP 421), or
+    "refused_bad_request" (HTTP 400) for a request that names no host at all.
     """
 
     name: str | None
     alpn: tuple[str, ...] = ()
     hello_size: int = 0
     records: int = 0
+    unrouted: str = "refused_unknown_name"
+
+
+@dataclass(frozen=True, slots=True)
+class BadRequest:
+    """A complete request of this protocol that must be answered with an error (HTTP 400) and a close.
+
+    ``hello_size``: bytes of the request head including the blank line.
+    """
+
+    reason: str
+    hello_size: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,4 +70,4 @@ class NotProtocol:
     reason: str
 
 
-PeekResult = NeedData | Decision | NotProtocol
+PeekResult = NeedData | Decision | BadRequest | NotProtocol

@@ -12,7 +12,8 @@ One connection, as ../shared/DESIGN.md describes it:
                 prefix::client with the client's ISN c and options.
     ESTABLISHED the host answered (ISN h): delta = h - k; the buffered bytes
                 were replayed and every packet is translated both ways.
-    REFUSING    no route: an alert (TLS) or a 421 (HTTP) and a FIN were sent.
+    REFUSING    no route, or a bad request: an alert (TLS), a 421 or a 400
+                (HTTP) and a FIN were sent.
     GONE        removed from the tables.
 
 State changes happen in the ``_client_*`` and ``_host_*`` handlers named after
@@ -42,7 +43,7 @@ from netstack.ip import (
     IPV4_HEADER_LEN, IPV6_HEADER, IPV6_HEADER_LEN, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, IPv4Header, IPv6Header, PacketError,
     build_ipv4_header, build_ipv6_header,
 )
-from netstack.peek import NEED_DATA, Decision, NotProtocol
+from netstack.peek import NEED_DATA, BadRequest, Decision, NotProtocol
 from netstack.reassembly import StreamBuffer
 from netstack.syncookie import SynCookies, decode_options, encode_options
 from netstack.vnet import (
@@ -88,13 +89,21 @@ MIN_MSS = 48
 # How long a connection whose FINs are both acknowledged keeps translating
 # retransmitted FINs and ACKs before its state goes (a short TIME-WAIT).
 CLOSE_LINGER = 10.0
-# With several hosts, how long one host may take to answer before the next is tried.
-HOST_TRY_TIMEOUT = 3.0
 # How long state waits after an in-window but inexact RST (RFC 5961 §3.2):
 # the endpoint answers a blind RST with a challenge ACK, which revives it.
 RST_LINGER = 5.0
 
 LISTENER_PROTOCOLS = ("tls", "http", "tcp")
+
+# What a refused connection is told before the FIN, by (listener protocol, outcome).
+REFUSALS = {
+    # RFC 8446 §6.2, RFC 6066 §3: a fatal unrecognized_name alert.
+    ("tls", "refused_unknown_name"): tls.UNRECOGNIZED_NAME_ALERT,
+    # RFC 9110 §15.5.20: 421 Misdirected Request, this server does not serve that host.
+    ("http", "refused_unknown_name"): http.MISDIRECTED_REQUEST,
+    # RFC 9110 §15.5.1, RFC 9112 §3.2: 400 Bad Request, the request names no (valid) host.
+    ("http", "refused_bad_request"): http.BAD_REQUEST,
+}
 
 # Bytes a frame buffer must leave free before a packet: an IPv4 header of 20
 # bytes becomes an IPv6 header of 40, and a vnet header goes before it.
@@ -146,6 +155,7 @@ class TrackerConfig:
     syn_backlog: int = 1024  # half-open handshakes kept with state; past it SYN cookies
     max_fails: int = 3  # consecutive failed connects before a host is skipped
     fail_timeout: float = 30.0  # seconds a failing host is skipped
+    host_try_timeout: float = 3.0  # with several hosts, seconds one may take to answer before the next is tried
 
     @property
     def mss(self) -> int:
@@ -699,13 +709,17 @@ class Tracker:
         if isinstance(result, NotProtocol):
             self._finish(conn, "not_" + conn.listener.protocol, now)
             return [self._rst_to_client(conn, end)]
+        if isinstance(result, BadRequest):
+            # A request that cannot be routed by any route: answered, not reset.
+            conn.decision = Decision(name=None, hello_size=result.hello_size)
+            return self._refuse(conn, now, "refused_bad_request")
         conn.decision = result
         return self._route(conn, now)
 
     def _route(self, conn: Connection, now: float) -> list[bytearray]:
         target = self.resolve(conn.listener, conn.decision)
         if target is None:
-            return self._refuse(conn, now)
+            return self._refuse(conn, now, conn.decision.unrouted)
         return self._bind(conn, target, now)
 
     # ------------------------------------------------------------ host: bind
@@ -782,10 +796,10 @@ class Tracker:
         return [self._syn_to_host(conn)]
 
     def _host_deadline(self, conn: Connection) -> float:
-        """When the current host has had its chance: HOST_TRY_TIMEOUT if others wait, never past connect_timeout."""
+        """When the current host has had its chance: host_try_timeout if others wait, never past connect_timeout."""
         overall = conn.connect_start + self.config.connect_timeout
         if conn.candidates:
-            return min(conn.host_start + HOST_TRY_TIMEOUT, overall)
+            return min(conn.host_start + self.config.host_try_timeout, overall)
         return overall
 
     def _connect_timer(self, conn: Connection, now: float) -> list[bytearray]:
@@ -855,17 +869,15 @@ class Tracker:
     def _make_flows(self, conn: Connection) -> None:
         """The two directions' rewrites (netstack.flow), from what the splice recorded."""
         flags = (F_TIMESTAMPS if conn.client_ts and conn.host_ts else 0) | (F_SACK if conn.client_sack else 0)
-        start_ns = int(conn.start * 1e9)
         conn.to_host_flow = Flow(
             src=conn.src6, dst=conn.host, sport=conn.host_sport, dport=conn.target.port,
             ack_add=conn.delta, tsecr_add=conn.ts_off, wscale_shift=conn.c2h_shift, mss=self.config.mss,
             flags=flags | (NO_WSCALE if conn.client_wscale is None else conn.client_wscale),
-            seq_base=conn.client_isn + 1, start_ns=start_ns)
+            seq_base=conn.client_isn + 1)
         conn.to_client_flow = Flow(
             src=conn.listener.address, dst=conn.client_addr, sport=conn.listener.port, dport=conn.client_port,
             seq_add=-conn.delta, tsval_add=-conn.ts_off, wscale_shift=conn.h2c_shift, mss=conn.client_mss,
-            flags=flags | conn.host_wscale, seq_base=conn.host_isn + 1,
-            start_ns=start_ns)
+            flags=flags | conn.host_wscale, seq_base=conn.host_isn + 1)
 
     # ------------------------------------------------------ the kernel path
     #
@@ -1319,18 +1331,22 @@ class Tracker:
 
     # ------------------------------------------------------------- refusals
 
-    def _refuse(self, conn: Connection, now: float) -> list[bytearray]:
-        """No route for the name: a fatal alert (TLS) or a 421 (HTTP), then FIN (DESIGN.md)."""
+    def _refuse(self, conn: Connection, now: float, outcome: str) -> list[bytearray]:
+        """No route for the name, or a bad request: the answer ``REFUSALS`` has for `outcome`, then FIN (DESIGN.md)."""
         self._leave_peeking(conn)
         conn.state = REFUSING
-        conn.outcome = "refused_unknown_name"
+        conn.outcome = outcome
         conn.tries = 1
         conn.connect_start = now  # when the refusal began (no host is ever connected)
         self._set_timer(conn, now + SYN_RETRY_FIRST)
         return [self._refusal_segment(conn, now)]
 
+    @staticmethod
+    def _refusal_payload(conn: Connection) -> bytes:
+        return REFUSALS[(conn.listener.protocol, conn.outcome)]
+
     def _refusal_segment(self, conn: Connection, now: float) -> bytearray:
-        payload = tls.UNRECOGNIZED_NAME_ALERT if conn.listener.protocol == "tls" else http.MISDIRECTED_REQUEST
+        payload = self._refusal_payload(conn)
         # The hello bytes are acknowledged (consumed) and answered in one segment with FIN.
         ack = conn.client_isn + 1 + conn.hello.contiguous
         return self._segment_to_client(conn, conn.our_isn + 1, ack, ACK | PSH | FIN, now, payload)
@@ -1340,7 +1356,7 @@ class Tracker:
         if tcp.flags & RST:
             self._finish(conn, conn.outcome, now)
             return self._absorb("reset_after_refusal")
-        payload = tls.UNRECOGNIZED_NAME_ALERT if conn.listener.protocol == "tls" else http.MISDIRECTED_REQUEST
+        payload = self._refusal_payload(conn)
         our_fin = (conn.our_isn + 1 + len(payload)) & MOD32
         if tcp.flags & FIN:
             # The client closes too: acknowledge its FIN and forget the connection.

@@ -1037,7 +1037,28 @@ def tracker_bytes_per_connection(n: int) -> dict:
         "connections": n,
         "bytes_per_connection": (after - before) / n,
         "top_allocations": top,
+        "state_file": state_file_timing(tracker),
     }
+
+
+def state_file_timing(tracker) -> dict:
+    """The [state] file for these connections: seconds to save (snapshot + JSON) and to load (JSON + restore)."""
+    import random
+
+    from netstack.state import restore, snapshot
+    from netstack.tracker import Tracker
+
+    started = time.perf_counter()
+    text = json.dumps(snapshot(tracker, 2.0), separators=(",", ":"))
+    saved = time.perf_counter() - started
+    rng = random.Random(8)
+    fresh = Tracker(tracker.config, list(tracker.listeners.values()), tracker.resolve, lambda: rng.getrandbits(32))
+    started = time.perf_counter()
+    count = restore(fresh, json.loads(text), 3.0)
+    loaded = time.perf_counter() - started
+    if count != len(tracker.clients):
+        raise BenchError(f"state file: restored {count} of {len(tracker.clients)} connections")
+    return {"connections": count, "bytes": len(text), "save_seconds": saved, "load_seconds": loaded}
 
 
 # -- profile -----------------------------------------------------------------------------
@@ -1460,6 +1481,10 @@ def table(results: dict) -> str:
         lines.append("")
         lines.append(f"tracker alone: {t['bytes_per_connection']:.0f} bytes per established connection "
                      f"({t['connections']} connections, tracemalloc)")
+        if "state_file" in t:
+            f = t["state_file"]
+            lines.append(f"state file: {f['connections']} connections, {f['bytes'] / f['connections']:.0f} bytes each, "
+                         f"saved in {f['save_seconds']:.3f} s, loaded in {f['load_seconds']:.3f} s")
     if results.get("targets"):
         lines.append("")
         lines.append("targets:")
@@ -1572,6 +1597,11 @@ def markdown(results: dict) -> str:
             code = a["code"].replace("|", "\\|")
             out.append(f"| {a['where']} | `{code}` | {a['bytes_per_connection']:.0f} |")
         out.append("")
+        if "state_file" in t:
+            f = t["state_file"]
+            out += [f"The `[state]` file for them: {f['bytes'] / f['connections']:,.0f} bytes per connection, "
+                    f"saved in {f['save_seconds']:.3f} s and loaded in {f['load_seconds']:.3f} s "
+                    f"(snapshot or restore, and JSON).", ""]
     if results.get("targets"):
         out += ["| target | measured | goal | |", "|---|---:|---:|---|"]
         for t in results["targets"]:

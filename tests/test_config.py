@@ -84,6 +84,7 @@ def test_example_file_documents_the_optional_limits_commented_out():
     text = EXAMPLE.read_text()
     assert re.search(r"^# connect_timeout = 10\.0$", text, re.M)
     assert re.search(r"^# idle_timeout = 7440\.0$", text, re.M)
+    assert re.search(r"^# host_try_timeout = 3\.0$", text, re.M)
 
 
 # -- defaults and types ---------------------------------------------------------
@@ -158,7 +159,7 @@ def test_toml_duplicate_key_is_a_syntax_error_with_its_line():
     (MINIMAL + route("a.example", extra="weight = 2\n"), "route[0].weight", '"name", "host", "port"'),
     (MINIMAL.replace("[fallback]\n", "[fallback]\nhosts = 1\n"), "fallback.hosts", '"host", "port"'),
     (MINIMAL + "[limits]\nhello_bytes = 1\n", "limits.hello_bytes",
-     '"hello_timeout", "hello_max_bytes", "connect_timeout", "idle_timeout"'),
+     '"hello_timeout", "hello_max_bytes", "connect_timeout", "host_try_timeout", "idle_timeout"'),
 ])
 def test_unknown_keys_are_errors_naming_the_key_and_the_allowed_keys(text, key, allowed):
     message = error(text)
@@ -543,7 +544,7 @@ def test_tcp_only_config_needs_no_routes():
 
 # -- [limits] ----------------------------------------------------------------------
 
-@pytest.mark.parametrize("key", ["hello_timeout", "connect_timeout", "idle_timeout"])
+@pytest.mark.parametrize("key", ["hello_timeout", "connect_timeout", "host_try_timeout", "idle_timeout"])
 @pytest.mark.parametrize("value,expected", [
     ("0", "got 0"),
     ("-1.5", "got -1.5"),
@@ -555,6 +556,30 @@ def test_tcp_only_config_needs_no_routes():
 def test_bad_timeouts_are_rejected(key, value, expected):
     message = error(MINIMAL + f"[limits]\n{key} = {value}\n")
     assert f"limits.{key}: expected a number of seconds greater than 0, {expected}" in message
+
+
+def test_host_try_timeout_is_read_and_defaults_to_3_seconds():
+    assert parse(MINIMAL).limits.host_try_timeout == 3.0
+    limits = parse(MINIMAL + "[limits]\nhost_try_timeout = 1\n").limits
+    assert limits.host_try_timeout == 1.0 and type(limits.host_try_timeout) is float
+    assert parse(MINIMAL + "[limits]\nconnect_timeout = 5\nhost_try_timeout = 5\n").limits.host_try_timeout == 5.0
+
+
+def test_host_try_timeout_default_is_capped_by_a_short_connect_timeout():
+    assert parse(MINIMAL + "[limits]\nconnect_timeout = 2\n").limits.host_try_timeout == 2.0
+
+
+@pytest.mark.parametrize("limits,shown", [
+    ("host_try_timeout = 10.5\n", "10.5 seconds is more than connect_timeout (10.0)"),
+    ("connect_timeout = 2\nhost_try_timeout = 3\n", "3.0 seconds is more than connect_timeout (2.0)"),
+    ("host_try_timeout = 4\nconnect_timeout = 2.5\n", "4.0 seconds is more than connect_timeout (2.5)"),
+])
+def test_host_try_timeout_longer_than_connect_timeout_is_refused_at_its_line(limits, shown):
+    text = MINIMAL + "[limits]\n" + limits
+    line = text.splitlines().index(next(x for x in text.splitlines() if x.startswith("host_try_timeout"))) + 1
+    message = error(text)
+    assert message.startswith(f"k.toml:{line}: limits.host_try_timeout: {shown}"), message
+    assert "raise connect_timeout" in message
 
 
 @pytest.mark.parametrize("value,expected", [

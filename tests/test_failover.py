@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 
-from netstack.tracker import HOST_TRY_TIMEOUT, Listener, Target, Tracker, TrackerConfig
+import pytest
+
+from netstack.tracker import Listener, Target, Tracker, TrackerConfig
 from tests.test_tracker import CHROME, CLIENT, SERVICE, Box, Walk, host_packet
 
 V6 = ipaddress.IPv6Address
@@ -64,14 +66,52 @@ def test_host_refusal_fails_over_to_the_next_host_without_telling_the_client():
 
 
 def test_silent_host_is_given_up_after_its_try_and_the_next_is_tried():
-    box = pool_box()
+    box = pool_box()  # host_try_timeout 3 s by default
     walk = Walk(box)
     first = hello_to_host(walk)
     retry = box.wait(1.0)
     assert [o.ip.dst for o in retry] == [first], "first a retransmitted SYN to the same host"
-    moved = box.wait(HOST_TRY_TIMEOUT - 1.0)
+    moved = box.wait(2.0)
     assert len(moved) == 1 and moved[0].flags == "S" and moved[0].ip.dst != first
     assert all(o.v4 is False for o in retry + moved)
+
+
+def syn_times(box: Box, until: float) -> list[tuple[float, str]]:
+    """Run the fake clock tick by tick (10 ms) up to `until`; when each SYN left, and to which host."""
+    sent = []
+    end = box.now + until
+    while box.now < end - 1e-9:
+        sent += [(round(box.now, 2), o.ip.dst) for o in box.wait(0.01) if not o.v4 and o.flags == "S"]
+    return sent
+
+
+@pytest.mark.parametrize("try_timeout", [0.5, 1.5, 5.0])
+def test_host_try_timeout_sets_when_the_next_host_is_tried(try_timeout):
+    box = pool_box(host_try_timeout=try_timeout, connect_timeout=20.0)
+    walk = Walk(box)
+    start = box.now
+    first = hello_to_host(walk)
+    sent = syn_times(box, try_timeout + 0.5)
+    moves = [(at, host) for at, host in sent if host != first]
+    assert moves, sent
+    # The first other host gets its SYN exactly when the first host's try is over,
+    # and the first host's own retransmissions (1 s, 2 s...) all come before that.
+    assert moves[0][0] == pytest.approx(start + try_timeout, abs=0.011)
+    assert all(at < start + try_timeout for at, host in sent if host == first)
+
+
+def test_host_try_timeout_never_outlasts_connect_timeout():
+    box = pool_box(host_try_timeout=3.0, connect_timeout=4.0)
+    walk = Walk(box)
+    start = box.now
+    hello_to_host(walk)
+    sent = syn_times(box, 5.0)
+    hosts = [host for _, host in sent]
+    assert len(set(hosts)) == 2, sent  # the second host had until 4 s, no time for a third
+    assert box.connections == 0 and [r.outcome for r in box.tracker.records] == ["host_unreachable"]
+    record = box.tracker.records[0]
+    assert record.start + record.duration == pytest.approx(start + 4.0, abs=0.011)  # the client reset at 4 s
+    assert max(at for at, _ in sent) < start + 4.0
 
 
 def test_every_host_refusing_resets_the_client():

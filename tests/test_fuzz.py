@@ -46,7 +46,7 @@ from netstack.checksum import checksum, finish, is_valid, ones_sum, update
 from netstack.http import HttpPeeker
 from netstack.icmp import IcmpHeader, icmp4_to_icmp6, icmp6_to_icmp4
 from netstack.ip import IPv4Header, IPv6Header, PacketError
-from netstack.peek import NEED_DATA, Decision, NotProtocol
+from netstack.peek import NEED_DATA, BadRequest, Decision, NotProtocol
 from netstack.reassembly import StreamBuffer
 from netstack.syncookie import MSS_TABLE, TICK, SynCookies, decode_options, encode_options
 from netstack.tcp import MAX_WSCALE, TcpHeader
@@ -335,15 +335,16 @@ def _mutations(seeds):
 @fuzz(250)
 @given(data=st.data())
 def test_peekers_answer_the_same_however_the_stream_is_cut(peeker_class, seeds, data):
-    """Arbitrary or mutated bytes: never an exception, one of the three answers, independent of the cuts."""
+    """Arbitrary or mutated bytes: never an exception, one of the four answers, independent of the cuts."""
     stream = data.draw(st.one_of(st.binary(max_size=300), _mutations(seeds)))
     max_bytes = data.draw(st.sampled_from([16384, 600, 64, 5]))
     cuts = data.draw(st.lists(st.integers(0, 5000), max_size=8))
     whole = peeker_class(max_bytes).feed(stream)
-    assert whole is NEED_DATA or isinstance(whole, (Decision, NotProtocol))
+    assert whole is NEED_DATA or isinstance(whole, (Decision, BadRequest, NotProtocol))
     assert _same_answer(_feed_in_pieces(peeker_class(max_bytes), stream, cuts), whole)
-    if isinstance(whole, Decision):
+    if isinstance(whole, (Decision, BadRequest)):
         assert 0 < whole.hello_size <= min(len(stream), max_bytes)
+    if isinstance(whole, Decision):
         assert whole.name is None or (whole.name and whole.name == whole.name.lower())
     # An answer, once given, stays.
     peeker = peeker_class(max_bytes)

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from netstack.http import MISDIRECTED_REQUEST, HttpPeeker
-from netstack.peek import NEED_DATA, Decision, NotProtocol
+from netstack.http import BAD_REQUEST, MISDIRECTED_REQUEST, HttpPeeker
+from netstack.peek import NEED_DATA, BadRequest, Decision, NotProtocol
 
 CURL_HELLO = (pathlib.Path(__file__).resolve().parent / "data" / "curl_tls13_alpn.bin").read_bytes()
 HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -49,7 +49,6 @@ HEADS = {
     "absolute-form-without-path": (b"GET http://a.example HTTP/1.1\r\nHost: a.example\r\n\r\n", "a.example"),
     "absolute-form-ipv6": (b"GET https://[2001:db8::1]/ HTTP/1.1\r\nHost: x\r\n\r\n", "2001:db8::1"),
     "absolute-form-http10-without-host": (b"GET http://old.example/ HTTP/1.0\r\n\r\n", "old.example"),
-    "http10-without-host": (b"GET / HTTP/1.0\r\nUser-Agent: old\r\n\r\n", None),
     "http10-with-host": (b"GET / HTTP/1.0\r\nHost: ten.example\r\n\r\n", "ten.example"),
     "bare-lf-line-ends": (b"GET / HTTP/1.1\nHost: lf.example\n\n", "lf.example"),
     "mixed-line-ends": (b"GET / HTTP/1.1\r\nHost: mix.example\nAccept: */*\r\n\n", "mix.example"),
@@ -135,6 +134,61 @@ def test_an_empty_feed_needs_data():
     assert HttpPeeker().feed(b"") is NEED_DATA
 
 
+# --- a request answered with 400 --------------------------------------------
+
+# RFC 9112 §3.2: an HTTP/1.1 request without Host, or any with more than one
+# Host line or an invalid Host value, gets a 400. (head, the reason, what follows)
+BAD_REQUESTS = {
+    "http11-without-host": (b"GET / HTTP/1.1\r\nAccept: */*\r\n\r\n", "HTTP/1.1 request without Host header", b"body"),
+    "http11-nothing-but-the-request-line": (b"GET / HTTP/1.1\r\n\r\n", "HTTP/1.1 request without Host header", b""),
+    "absolute-form-http11-without-host": (b"GET http://a.example/ HTTP/1.1\r\n\r\n", "HTTP/1.1 request without Host header", b""),
+    "two-host-headers": (b"GET / HTTP/1.1\r\nHost: a.example\r\nhost: b.example\r\n\r\n", "more than one Host header", b"x"),
+    "two-equal-host-headers": (b"GET / HTTP/1.1\r\nHost: a.example\r\nHost: a.example\r\n\r\n", "more than one Host header", b""),
+    "two-host-headers-in-http10": (b"GET / HTTP/1.0\r\nHost: a\r\nHost: b\r\n\r\n", "more than one Host header", b""),
+    "bad-host-then-second-host": (b"GET / HTTP/1.1\r\nHost: a b\r\nHost: c\r\n\r\n", "invalid Host header", b""),
+    "empty-host": (b"GET / HTTP/1.1\r\nHost: \r\n\r\n", "invalid Host header", b""),
+    "host-only-a-dot": (b"GET / HTTP/1.1\r\nHost: .\r\n\r\n", "invalid Host header", b""),
+    "space-inside-host": (b"GET / HTTP/1.1\r\nHost: a b.example\r\n\r\n", "invalid Host header", b""),
+    "letters-in-port": (b"GET / HTTP/1.1\r\nHost: a.example:abc\r\n\r\n", "invalid Host header", b""),
+    "port-out-of-range": (b"GET / HTTP/1.1\r\nHost: a.example:99999\r\n\r\n", "invalid Host header", b""),
+    "empty-port": (b"GET / HTTP/1.1\r\nHost: a.example:\r\n\r\n", "invalid Host header", b""),
+    "two-ports": (b"GET / HTTP/1.1\r\nHost: a.example:80:81\r\n\r\n", "invalid Host header", b""),
+    "bad-ipv6-literal": (b"GET / HTTP/1.1\r\nHost: [2001:db8:::1:2:3:4:5]\r\n\r\n", "invalid Host header", b""),
+    "unclosed-ipv6-literal": (b"GET / HTTP/1.1\r\nHost: [2001:db8::1\r\n\r\n", "invalid Host header", b""),
+    "host-with-userinfo": (b"GET / HTTP/1.1\r\nHost: user@a.example\r\n\r\n", "invalid Host header", b""),
+    "bad-host-in-http10": (b"GET / HTTP/1.0\r\nHost: a b\r\n\r\n", "invalid Host header", b""),
+}
+
+
+@pytest.mark.parametrize(("head", "reason", "rest"), BAD_REQUESTS.values(), ids=BAD_REQUESTS.keys())
+def test_a_bad_request_is_answered_only_once_its_whole_head_is_in(head, reason, rest):
+    results = feed_bytewise(head + rest)
+    assert all(result is NEED_DATA for result in results[: len(head) - 1])
+    answer = results[len(head) - 1]
+    assert isinstance(answer, BadRequest)
+    assert answer.reason.startswith(reason)
+    assert answer.hello_size == len(head)
+    assert all(result is answer for result in results[len(head) :])
+    assert HttpPeeker().feed(head + rest) == answer
+
+
+@pytest.mark.parametrize(
+    "head", [b"GET / HTTP/1.0\r\nUser-Agent: old\r\n\r\n", b"GET / HTTP/1.0\r\n\r\n", b"HEAD /x HTTP/1.0\n\n"]
+)
+def test_http10_without_host_has_no_name_and_is_a_bad_request_if_nothing_routes_it(head):
+    expected = Decision(name=None, hello_size=len(head), unrouted="refused_bad_request")
+    results = feed_bytewise(head + b"body")
+    assert all(result is NEED_DATA for result in results[: len(head) - 1])
+    assert results[len(head) - 1] == expected
+    assert HttpPeeker().feed(head) == expected
+
+
+def test_a_named_request_is_misdirected_if_nothing_routes_it():
+    head, name = HEADS["curl"]
+    assert HttpPeeker().feed(head).unrouted == "refused_unknown_name"
+    assert HttpPeeker().feed(HTTP2_PREFACE).unrouted == "refused_unknown_name"
+
+
 # --- not HTTP, or a request we reset -----------------------------------------
 
 # (stream whose last byte is the one that decides, what follows it)
@@ -154,20 +208,6 @@ REFUSALS = {
     "two-spaces-after-method": (b"GET  / HTTP/1.1\r\n", b"Host: a\r\n\r\n"),
     "words-after-version": (b"GET / HTTP/1.1 please\r\n", b"Host: a\r\n\r\n"),
     "bare-cr-in-request-line": (b"GET / HTTP/1.1\r\r\n", b"Host: a\r\n\r\n"),
-    "two-host-headers": (b"GET / HTTP/1.1\r\nHost: a.example\r\nhost: b.example\r\n", b"\r\n"),
-    "two-equal-host-headers": (b"GET / HTTP/1.1\r\nHost: a.example\r\nHost: a.example\r\n", b"\r\n"),
-    "empty-host": (b"GET / HTTP/1.1\r\nHost: \r\n", b"\r\n"),
-    "host-only-a-dot": (b"GET / HTTP/1.1\r\nHost: .\r\n", b"\r\n"),
-    "space-inside-host": (b"GET / HTTP/1.1\r\nHost: a b.example\r\n", b"\r\n"),
-    "letters-in-port": (b"GET / HTTP/1.1\r\nHost: a.example:abc\r\n", b"\r\n"),
-    "port-out-of-range": (b"GET / HTTP/1.1\r\nHost: a.example:99999\r\n", b"\r\n"),
-    "empty-port": (b"GET / HTTP/1.1\r\nHost: a.example:\r\n", b"\r\n"),
-    "two-ports": (b"GET / HTTP/1.1\r\nHost: a.example:80:81\r\n", b"\r\n"),
-    "bad-ipv6-literal": (b"GET / HTTP/1.1\r\nHost: [2001:db8:::1:2:3:4:5]\r\n", b"\r\n"),
-    "unclosed-ipv6-literal": (b"GET / HTTP/1.1\r\nHost: [2001:db8::1\r\n", b"\r\n"),
-    "host-with-userinfo": (b"GET / HTTP/1.1\r\nHost: user@a.example\r\n", b"\r\n"),
-    "http11-without-host": (b"GET / HTTP/1.1\r\nAccept: */*\r\n\r\n", b"body"),
-    "absolute-form-http11-without-host": (b"GET http://a.example/ HTTP/1.1\r\n\r\n", b""),
     "userinfo-in-absolute-form": (b"GET http://user:pw@a.example/ HTTP/1.1\r\n", b"Host: a.example\r\n\r\n"),
     "empty-authority-in-absolute-form": (b"GET http:///x HTTP/1.1\r\n", b"Host: a.example\r\n\r\n"),
     "bad-port-in-absolute-form": (b"GET http://a.example:x/ HTTP/1.1\r\n", b"Host: a.example\r\n\r\n"),
@@ -200,9 +240,9 @@ def test_obsolete_line_folding_is_refused_with_a_reason():
     assert HttpPeeker().feed(stream) == NotProtocol("obsolete line folding in the request head")
 
 
-def test_multiple_host_headers_are_refused_with_a_reason():
+def test_multiple_host_headers_are_a_bad_request_with_a_reason():
     stream = b"GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n"
-    assert HttpPeeker().feed(stream) == NotProtocol("more than one Host header")
+    assert HttpPeeker().feed(stream) == BadRequest("more than one Host header", hello_size=len(stream))
 
 
 def test_a_head_larger_than_the_cap_is_refused_at_the_first_byte_past_it():
@@ -225,17 +265,22 @@ def test_a_request_line_without_end_is_refused_at_the_cap():
     assert HttpPeeker(max_bytes=100).feed(b"GET /" + b"a" * 200) == NotProtocol("request head larger than 100 bytes")
 
 
-# --- the 421 answer ----------------------------------------------------------
+# --- the 421 and 400 answers -------------------------------------------------
 
 
-def test_misdirected_request_is_a_complete_421_response_that_closes():
-    head, _, body = MISDIRECTED_REQUEST.partition(b"\r\n\r\n")
-    status_line, *field_lines = head.split(b"\r\n")
+@pytest.mark.parametrize(
+    ("response", "status_line"),
+    [(MISDIRECTED_REQUEST, b"HTTP/1.1 421 Misdirected Request"), (BAD_REQUEST, b"HTTP/1.1 400 Bad Request")],
+    ids=["421", "400"],
+)
+def test_the_refusal_is_a_complete_response_that_closes(response, status_line):
+    head, _, body = response.partition(b"\r\n\r\n")
+    status_line_seen, *field_lines = head.split(b"\r\n")
     fields = {}
     for line in field_lines:
         field_name, _, value = line.partition(b":")
         fields[field_name.lower()] = value.strip()
-    assert status_line == b"HTTP/1.1 421 Misdirected Request"
+    assert status_line_seen == status_line
     assert fields[b"content-type"] == b"text/plain"
     assert fields[b"connection"] == b"close"
     assert int(fields[b"content-length"]) == len(body)

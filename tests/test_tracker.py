@@ -1362,6 +1362,95 @@ def test_unknown_http_host_gets_421_with_fin():
     assert box.connections == 0
 
 
+def _bad_request_walk(request: bytes, resolver=resolve) -> tuple[Box, Walk, list[Out]]:
+    box = Box()
+    box.tracker.resolve = resolver
+    walk = Walk(box, dport=80)
+    walk.handshake()
+    return box, walk, walk.send_hello(request, split(request, 7))
+
+
+def _assert_400_with_fin(walk: Walk, out: list[Out], request: bytes) -> Out:
+    """RFC 9110 §15.5.1: a whole 400 response in one segment with FIN, the request consumed."""
+    assert len(out) == 1
+    answer = out[0]
+    assert answer.v4 and answer.has("FA") and not answer.has("R")
+    assert answer.tcp.sport == 80
+    head, _, body = answer.payload.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 400 Bad Request"
+    fields = {name.lower(): value.strip() for name, _, value in (line.partition(b":") for line in lines[1:])}
+    assert fields[b"connection"] == b"close"
+    assert int(fields[b"content-length"]) == len(body) > 0
+    assert answer.tcp.seq == (walk.k + 1) & M32
+    assert answer.tcp.ack == (walk.c + 1 + len(request)) & M32
+    return answer
+
+
+def test_http11_request_without_host_gets_400_with_fin_and_the_client_fin_is_acknowledged():
+    request = b"GET / HTTP/1.1\r\nUser-Agent: curl/7.88.1\r\nAccept: */*\r\n\r\n"
+    box, walk, out = _bad_request_walk(request)
+    answer = _assert_400_with_fin(walk, out, request)
+    assert box.tracker.hosts == {}
+    # The client acknowledges the 400 and its FIN, and closes too (as curl does).
+    hello_end = (walk.c + 1 + len(request)) & M32
+    our_fin = (walk.k + 1 + len(answer.payload)) & M32
+    assert walk.from_client("A", hello_end, our_fin + 1) == []
+    out = walk.from_client("FA", hello_end, our_fin + 1)
+    assert len(out) == 1 and out[0].flags == "A"
+    assert out[0].tcp.ack == (hello_end + 1) & M32 and out[0].tcp.seq == (our_fin + 1) & M32
+    assert box.connections == 0
+    record = box.tracker.records[0]
+    assert (record.outcome, record.name, record.route, record.host) == ("refused_bad_request", None, None, None)
+    assert record.hello_size == len(request)
+
+
+def test_unacknowledged_400_is_retransmitted_then_given_up():
+    request = b"GET / HTTP/1.1\r\n\r\n"
+    box, walk, out = _bad_request_walk(request)
+    first = _assert_400_with_fin(walk, out, request)
+    resent = []
+    while box.tracker.next_timer() is not None:
+        resent += box.next_timer()
+    assert resent and all(r.payload == first.payload and r.tcp.seq == first.tcp.seq and r.has("F") for r in resent)
+    assert [r.outcome for r in box.tracker.records] == ["refused_bad_request"]
+
+
+def test_http11_request_with_two_host_headers_gets_400_even_if_both_have_a_route():
+    request = b"GET / HTTP/1.1\r\nHost: www.example.com\r\nHost: www.example.com\r\n\r\n"
+    box, walk, out = _bad_request_walk(request)
+    _assert_400_with_fin(walk, out, request)
+    assert box.tracker.hosts == {}
+
+
+def _with_fallback(listener: Listener, decision: Decision) -> Target | None:
+    return resolve(listener, decision) or Target(V6(HOST_ORG).packed, 80, "fallback")
+
+
+def test_http10_request_without_host_gets_400_when_there_is_no_fallback():
+    request = b"GET / HTTP/1.0\r\nUser-Agent: old\r\n\r\n"
+    box, walk, out = _bad_request_walk(request)
+    _assert_400_with_fin(walk, out, request)
+    assert box.tracker.hosts == {}
+    box.wait(30.0)
+    assert [r.outcome for r in box.tracker.records] == ["refused_bad_request"]
+
+
+def test_http10_request_without_host_goes_to_the_fallback():
+    request = b"GET / HTTP/1.0\r\nUser-Agent: old\r\n\r\n"
+    box, walk, out = _bad_request_walk(request, _with_fallback)
+    syn = walk.expect_host_syn(out)
+    assert (syn.ip.dst, syn.tcp.dport, syn.tcp.seq) == (HOST_ORG, 80, walk.c)
+    assert b"".join(r.payload for r in walk.host_synack()) == request
+
+
+def test_http11_request_without_host_gets_400_even_with_a_fallback():
+    request = b"GET / HTTP/1.1\r\n\r\n"
+    box, walk, out = _bad_request_walk(request, _with_fallback)
+    _assert_400_with_fin(walk, out, request)
+    assert box.tracker.hosts == {}
+
+
 def test_known_http_host_is_routed_to_its_host():
     box = Box()
     walk = Walk(box, dport=80)

@@ -112,6 +112,8 @@ def test_bench_memory_reports_the_tracker_and_the_targets(results):
         for what in ("", " all told"):
             ratio = data["ratios"]["memory"]["1000"][f"{k}/nginx{what}"]
             assert ratio is not None and ratio >= 0, (k, what)
+    assert data["tracker"]["state_file"]["connections"] >= 500  # with the warm-up ones
+    assert 0 < data["tracker"]["state_file"]["load_seconds"] < 5
     names = [t["target"] for t in data["targets"]]
     assert any("tracker" in n for n in names)
     assert any("RSS growth" in n and "kracauer/nginx" in n for n in names)

@@ -160,6 +160,18 @@ def test_unknown_name_over_http_gets_421_and_reaches_no_host(lab, kracauer):
         assert not [e for e in lab.access_log(host) if e["host"] == "unknown.invalid"]
 
 
+@pytest.mark.parametrize("version", ["--http1.1", "--http1.0"])
+def test_http_request_without_host_gets_400_and_a_clean_close(lab, kracauer, version):
+    # RFC 9112 §3.2: HTTP/1.1 without Host is a 400; HTTP/1.0 without Host has
+    # no fallback to go to in this lab, so it is a 400 too. -H 'Host:' makes
+    # curl leave the header out. curl exits 0: it got a whole response, no reset.
+    r = lab.curl("http://www.example.com/", version, "-H", "Host:", "-o", "/dev/null", "-w", "%{http_code}")
+    assert r.returncode == 0 and r.stdout == "400", seen(r, kracauer)
+    r = lab.curl("http://www.example.com/", version, "-H", "Host:", "-i")
+    assert r.returncode == 0, seen(r, kracauer)
+    assert r.stdout.startswith("HTTP/1.1 400 Bad Request\n") and "Connection: close" in r.stdout, seen(r, kracauer)
+
+
 GARBAGE_CLIENT = f"""
 import socket
 s = socket.create_connection(("{SERVICE_ADDRESS}", 443), timeout=5)

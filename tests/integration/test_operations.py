@@ -172,6 +172,20 @@ def test_access_log_metrics_and_status(lab, clean_box):
     assert rc == 0, stderr
 
 
+def test_http_without_host_is_400_in_http11_and_goes_to_the_fallback_in_http10(lab, clean_box):
+    (lab.dir / "access.log").unlink(missing_ok=True)
+    k = start(lab, config(lab, fallback=HOSTS["host2"]))
+    r = lab.curl("http://www.example.com/", "--http1.1", "-H", "Host:", "-o", "/dev/null", "-w", "%{http_code}")
+    assert r.returncode == 0 and r.stdout == "400", (r.stdout, r.stderr, k.stderr())
+    r = lab.curl("http://www.example.com/", "--http1.0", "-H", "Host:")
+    assert r.returncode == 0 and r.stdout == "host2\n", (r.stdout, r.stderr, k.stderr())
+    entries = wait_until(lambda: len(access_entries(lab)) >= 2 and access_entries(lab), 20,
+                         "two access-log lines", lambda: k.stderr())
+    assert sorted((e["outcome"], e["route"]) for e in entries) == [("closed", "fallback"), ("refused_bad_request", None)]
+    rc, stderr = k.stop()
+    assert rc == 0, stderr
+
+
 def test_status_without_a_running_daemon_exits_1(lab):
     r = lab.run("box", [*lab.kracauer_cmd, "status", "--metrics", "http://127.0.0.1:9/metrics"], timeout=20)
     assert r.returncode == 1 and "cannot read" in r.stderr
