@@ -605,7 +605,7 @@ class Daemon:
             log.error("could not save the state to %s: %s; the TUN is removed and the %d connections are lost",
                       path, exc, len(self.tracker))
             return None
-        return data["count"]
+        return data["count"] + len(data["parked"])  # parked: carried by the kernel, their numbers in its map
 
     # -- signals -------------------------------------------------------------
 
