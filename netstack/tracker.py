@@ -1246,9 +1246,11 @@ class Tracker:
                 return self._drop("ack_out_of_window")
             if seq_lt(conn.host_ack, ack):
                 conn.host_ack = ack
-                if conn.hello is not None and seq_le((conn.client_isn + 1 + conn.hello.contiguous) & MOD32, ack):
-                    # The host has every replayed byte: the copy is no longer needed.
-                    conn.hello = None
+            if conn.hello is not None and seq_le((conn.client_isn + 1 + conn.hello.contiguous) & MOD32, ack):
+                # The host has every replayed byte (and is past SYN-RECEIVED, even when
+                # there were none, as on a tcp listener whose client waits for the host to
+                # speak first): the copy is no longer needed.
+                conn.hello = None
             conn.host_win = window = tcp.window
             if window << conn.host_wscale > conn.host_max_win:
                 conn.host_max_win = window << conn.host_wscale

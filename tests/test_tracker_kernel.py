@@ -338,3 +338,19 @@ def test_adoption_drops_half_flows_and_flows_of_listeners_that_are_gone():
     adopted, stale = adopt(gone, ((k, Flow.unpack(v)) for k, v in entries.items()), box.now)
     assert adopted == 0 and sorted(stale) == sorted([client_key, host_key])
     assert struct.unpack_from("!H", client_key, 38)[0] == 443
+
+
+def test_a_connection_whose_client_sent_nothing_goes_in_once_the_host_speaks():
+    # A tcp listener: no hello; the host speaks first (SSH, SMTP, the benchmark's holders).
+    box = KernelBox()
+    walk = Walk(box, dport=22)
+    synack = walk.syn()[0]
+    walk.k = synack.tcp.seq
+    walk.synack_ts = synack.ts[0] if synack.ts else 0
+    walk.expect_host_syn(walk.from_client("A", walk.c + 1, walk.k + 1))
+    replay = walk.host_synack()
+    assert len(replay) == 1 and replay[0].payload == b""
+    out = walk.from_host("PA", walk.h + 1, walk.c + 1, b"S", host_tick=5)
+    assert out[0].v4 and out[0].payload == b"S"
+    box.wait(OFFLOAD_DELAY)
+    assert the_connection(box).__class__ is tuple and len(box.kernel.entries) == 2
