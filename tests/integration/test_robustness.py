@@ -860,6 +860,9 @@ SLOW_HELLO_TIMEOUT = 3.0
 EXTRA_SOURCES = [f"198.51.100.{i}" for i in range(3, 8)]  # .3-.6 silent, .7 trickle
 
 
+# Timing-bound like the flood test above: one legitimate connection caught by an
+# eviction on a stalled core fails the 99% bound; a failure is run once more before it counts.
+@pytest.mark.flaky(reruns=1)
 def test_silent_and_trickling_clients_are_reset_oldest_first_while_others_are_served(lab, start, record_property):
     k = start(config(hello_timeout=SLOW_HELLO_TIMEOUT, max_peeking=MAX_PEEKING))
     pid = daemon_pid(k)
