@@ -84,20 +84,19 @@ class BpfFlowTable:
             return None
         return None if value is None else Flow.unpack(value)
 
-    def peek(self, key: bytes) -> Flow | None:
+    def _lookup(self, key: bytes) -> bytes | None:
         try:
-            value = self.map.lookup(key)
+            return self.map.lookup(key)
         except OSError as exc:
             self._failed("lookup", exc)
             return None
+
+    def peek(self, key: bytes) -> Flow | None:
+        value = self._lookup(key)
         return None if value is None else Flow.unpack(value)
 
     def last_seen(self, key: bytes) -> int | None:
-        try:
-            value = self.map.lookup(key)
-        except OSError as exc:
-            self._failed("lookup", exc)
-            return None
+        value = self._lookup(key)
         return None if value is None else LAST_SEEN.unpack_from(value, LAST_SEEN_OFFSET)[0]
 
     def items(self) -> Iterator[tuple[bytes, Flow]]:
