@@ -49,6 +49,7 @@ from kracauer.systemd import Notifier
 from kracauer.tun import Tun, TunError, check_forwarding, open_tun, remove_tun
 from netstack.peek import Decision
 from netstack.state import StateError, adopt, restore, snapshot
+from netstack.state import decode as decode_state, encode as encode_state
 from netstack.tracker import HEADROOM, ConnectionRecord, Listener, Resolver, Target, Tracker, TrackerConfig
 
 log = logging.getLogger("kracauer")
@@ -186,12 +187,12 @@ def _connections(n: int) -> str:
 # -- the state file -----------------------------------------------------------
 
 def write_state(path: str, data: dict[str, Any]) -> None:
-    """Write `data` as JSON to `path` atomically: a temporary file in the same directory, fsync, rename."""
+    """Write `data` (netstack.state.encode) to `path` atomically: a temporary file in the same directory, fsync, rename."""
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=".kracauer-state-", suffix=".tmp", dir=directory)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, separators=(",", ":"))
+        with os.fdopen(fd, "wb") as f:
+            f.write(encode_state(data))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -210,17 +211,18 @@ def write_state(path: str, data: dict[str, Any]) -> None:
 
 
 def read_state(path: str) -> dict[str, Any] | None:
-    """The saved state at `path`, or None if there is none; StateError if it cannot be read."""
+    """The saved state at `path` (netstack.state.decode), or None if there is none; StateError if it cannot be read."""
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        with open(path, "rb") as f:
+            data = f.read()
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         raise StateError(f"cannot read {path}: {exc}") from exc
-    if not isinstance(data, dict):
-        raise StateError(f"cannot read {path}: not a JSON object")
-    return data
+    try:
+        return decode_state(data)
+    except StateError as exc:
+        raise StateError(f"cannot read {path}: {exc}") from None
 
 
 def _set_aside(path: str, suffix: str) -> str | None:
@@ -605,7 +607,7 @@ class Daemon:
             log.error("could not save the state to %s: %s; the TUN is removed and the %d connections are lost",
                       path, exc, len(self.tracker))
             return None
-        return data["count"] + len(data["parked"])  # parked: carried by the kernel, their numbers in its map
+        return data["count"] + data["parked_count"]  # parked: carried by the kernel, their numbers in its map
 
     # -- signals -------------------------------------------------------------
 

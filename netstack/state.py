@@ -10,35 +10,44 @@ Connections still peeking or connecting are saved with their buffered hello,
 and the peeker is rebuilt by feeding it those bytes again. Times are saved as
 ages ("started 12.5 s ago"), since each process has its own monotonic clock.
 
-The format (version 2) is one JSON-ready object. The connections are a table:
-the field names and their ``struct`` formats once, then one fixed-size
-little-endian row per connection, all rows packed together and base64-encoded
-(numbers in JSON text would cost several times the space and time). Values
-that many connections share (listeners, targets, decisions, outcomes, host
-orders) are kept once in tables that a row refers to by index:
+The format (version 3) is one line of JSON, the header, then binary sections
+whose names and sizes the header lists, in order (``encode``, ``decode``):
 
-    {"version": 2,
+    {"version": 3,
      "fields": [["client_addr", "5p"], ["client_port", "H"], ..., ["listener", "H"], ["decision", "i"], ...],
      "count": 2,
-     "rows": "<base64 of count rows>",
+     "parked_fields": [["key", "12s"], ["decision", "i"], ["target", "i"], ["host", "17p"], ...],
+     "parked_count": 1,
      "listeners": [["c000020a", 443]],
      "targets": [[["20010db8000000000000000000000010"], 443, "www.example.com"]],
      "decisions": [["www.example.com", ["h2", "http/1.1"], 1758, 1, "refused_unknown_name"]],
      "candidates": [[]],
      "outcomes": [""],
-     "hellos": {"1": ["160301...", [[0, 900]]]},
-     "health": [[host, port, fails, seconds left]]}
+     "hellos": [[row, size, [[0, 900]]], ...],
+     "health": [[host, port, fails, seconds left]],
+     "sections": [["rows", 502], ["parked", 49], ["hello_data", 900]]}\n
+    <rows: count fixed-size little-endian rows, one per connection, laid out as "fields" says>
+    <parked: parked_count rows, one per connection the kernel carries, as "parked_fields" says>
+    <hello_data: the buffered hellos, one after the other, as "hellos" says>
 
-Connections the kernel carries (parked, see netstack.tracker) are saved as
-``"parked": [[client key, decision index, target index, host, hello segments,
-connect time], ...]``: their numbers stay in the kernel's flow map, which
-outlives the process, and the next one rebuilds them from it.
+The field names and their ``struct`` formats are written once; the rows are
+raw bytes (numbers as JSON text, or base64, would cost several times the
+space and time: 100 000 connections are some five million values). Values
+that many connections share (listeners, targets, decisions, outcomes, host
+orders) are kept once in tables that a row refers to by index.
+
+Connections the kernel carries (parked, see netstack.tracker) are saved with
+only what the kernel's flow map lacks (decision, target, host, hello segments,
+connect time): their numbers stay in the map, which outlives the process, and
+the next one rebuilds them from it.
 
 In a row, -1 is "none" for an index and a window scale, NaN for a time or the
 connect time. A field the reader does not know or knows with another format,
-a damaged table, or any other version is an error (StateError), never a
-half-restored table; a field the file lacks keeps the value a new connection
-has.
+a damaged table or section, or a version other than 3 and 2 is an error
+(StateError), never a half-restored table; a field the file lacks keeps the
+value a new connection has. Version 2 (kracauer before this format: the same
+rows, base64-encoded inside one JSON object, the parked connections and hellos
+as JSON lists) is still read.
 """
 
 from __future__ import annotations
@@ -47,20 +56,22 @@ import base64
 import binascii
 import gc
 import heapq
+import json
 import math
 import struct
 from typing import Any, Iterable
 
 from netstack import http, tls
-from netstack.flow import Flow, flow_key, split_key
+from netstack.flow import F_SACK, F_TIMESTAMPS, NO_WSCALE, Flow, flow_key, split_key
 from netstack.peek import Decision
 from netstack.reassembly import StreamBuffer
-from netstack.tcp import U16
+from netstack.tcp import MOD32, U16
 from netstack.tracker import (
     CONNECTING, ESTABLISHED, GONE, PEEKING, REFUSING, Connection, Target, Tracker,
 )
 
-VERSION = 2
+VERSION = 3
+READS = (2, 3)  # the versions this kracauer restores
 
 NAN = math.nan
 
@@ -84,7 +95,8 @@ _SLOT_FORMATS = {
 _REBUILT = ("listener", "hello", "peeker", "decision", "target", "candidates", "client_key", "host_key",
             "to_host_flow", "to_client_flow")
 # Indexes into the tables, after the slots.
-_INDEXES = (("listener", "H"), ("decision", "i"), ("target", "i"), ("candidates", "i"))
+# (A decision's hello_size differs from one client to the next: it is in the row, the rest in the table.)
+_INDEXES = (("listener", "H"), ("decision", "i"), ("hello_size", "I"), ("target", "i"), ("candidates", "i"))
 
 _PLAIN = tuple(slot for slot in Connection.__slots__ if slot not in _REBUILT)
 if set(_PLAIN) != set(_SLOT_FORMATS):  # a slot added to Connection must get a format here
@@ -95,10 +107,18 @@ _TIMES = ("start", "last_seen", "timer_at", "connect_start", "host_start", "rst_
 # What a slot that was never set is read as (the host side of a connection still peeking).
 _UNSET = {"5p": b"", "17p": b"", "?": False}
 
+# A parked connection: its client key and what the kernel's flow map does not hold.
+PARKED_FIELDS = (("key", "12s"), ("decision", "i"), ("hello_size", "I"), ("target", "i"), ("host", "17p"),
+                 ("hello_segments", "I"), ("connect_time", "d"))
+_PARKED = struct.Struct("<" + "".join(fmt for _, fmt in PARKED_FIELDS))
+
+# The binary sections of a version 3 file, in the order they are written.
+_SECTIONS = ("rows", "parked", "hello_data")
+
 
 # A row is some fifty slots, a hundred thousand connections five million
 # values: a loop over slots with getattr/setattr costs seconds. Like
-# dataclasses' __init__, the two functions below are generated once, as plain
+# dataclasses' __init__, the functions below are generated once, as plain
 # attribute loads and stores (which the interpreter specialises for slots).
 def _compile(name: str, source: str) -> Any:
     namespace: dict[str, Any] = {"NAN": NAN}
@@ -106,51 +126,53 @@ def _compile(name: str, source: str) -> Any:
     return namespace[name]
 
 
-def _save_expression(slot: str) -> str:
-    """The value saved for `slot` of connection `c` (times as ages, None as -1 or NaN, outcome as an index)."""
+def _save_expression(slot: str, get: str) -> str:
+    """The value saved for `slot` of connection `c`, read as `get` says (times as ages, None as -1 or NaN,
+    outcome as an index)."""
+    value = get.format(slot=slot, default=_UNSET.get(_SLOT_FORMATS[slot], 0))
     if slot in _TIMES:
-        return f"(now - c.{slot}) if c.{slot} else NAN"
+        return f"(now - x) if (x := {value}) else NAN"
     if slot == "client_wscale":
-        return "-1 if c.client_wscale is None else c.client_wscale"
+        return f"-1 if (x := {value}) is None else x"
     if slot == "connect_time":
-        return "NAN if c.connect_time is None else c.connect_time"
+        return f"NAN if (x := {value}) is None else x"
     if slot == "outcome":
-        return "outcome(c.outcome)"
-    return f"c.{slot}"
+        return "oi"
+    return value
 
 
-def _load_statement(slot: str, i: int) -> str:
-    """Set `slot` of connection `c` from value `i` of row `v` (the reverse of _save_expression)."""
+def _load_statement(slot: str) -> str:
+    """Set `slot` of connection `c` from the local of its name (the reverse of _save_expression)."""
     if slot in _TIMES:
-        return f"x = v[{i}]; c.{slot} = now - x if x == x else 0.0"  # NaN: never set
+        return f"c.{slot} = now - {slot} if {slot} == {slot} else 0.0"  # NaN: never set
     if slot == "client_wscale":
-        return f"x = v[{i}]; c.{slot} = None if x == -1 else x"
+        return f"c.{slot} = None if {slot} == -1 else {slot}"
     if slot == "connect_time":
-        return f"x = v[{i}]; c.{slot} = None if x != x else x"
+        return f"c.{slot} = None if {slot} != {slot} else {slot}"
     if slot == "outcome":
-        return f"c.{slot} = outcomes[v[{i}]]"
-    return f"c.{slot} = v[{i}]"
+        return f"c.{slot} = outcomes[{slot}]"
+    return f"c.{slot} = {slot}"
 
 
-_save_values = _compile("_save_values", "def _save_values(c, now, outcome):\n    return (\n"
-                        + "".join(f"        {_save_expression(slot)},\n" for slot in _PLAIN) + "    )\n")
+def _packer(name: str, get: str) -> Any:
+    """A function that packs connection `c` as the row at `off` of `rows` (its outcome and table indexes
+    worked out by the caller): one call with every value an argument, no tuple in between."""
+    values = "".join(f"        {_save_expression(slot, get)},\n" for slot in _PLAIN)
+    return _compile(name, f"def {name}(pack_into, rows, off, c, now, oi, li, di, hs, t, ci):\n"
+                          f"    pack_into(rows, off,\n{values}        li, di, hs, t, ci)\n")
 
 
-def _loader_for(slots: list[str]) -> Any:
-    body = "".join(f"    {_load_statement(slot, i)}\n" for i, slot in enumerate(slots)) or "    pass\n"
-    return _compile("_fill", "def _fill(c, v, now, outcomes):\n" + body)
+_pack_row = _packer("_pack_row", "c.{slot}")
+# For a connection still peeking (its host side never set) or connecting: a slot never set is saved as
+# what it is read as (no address, zero, False).
+_pack_unset_row = _packer("_pack_unset_row", "getattr(c, {slot!r}, {default!r})")
 
 
-class _Unset:
-    """A connection seen with defaults for the slots it never set, for _save_values."""
-
-    __slots__ = ("conn",)
-
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-
-    def __getattr__(self, slot: str) -> Any:
-        return getattr(self.conn, slot, _UNSET.get(_SLOT_FORMATS[slot], 0))
+def _loader_for(names: list[str]) -> Any:
+    """The function that sets a connection's slots from a row with these fields (the file's own list)."""
+    unpack = ", ".join(name if name in _SLOT_FORMATS else "_" for name in names)
+    body = "".join(f"    {_load_statement(name)}\n" for name in names if name in _SLOT_FORMATS)
+    return _compile("_fill", f"def _fill(c, v, now, outcomes):\n    {unpack}, = v\n" + body)
 
 
 class StateError(ValueError):
@@ -172,68 +194,184 @@ class _Table:
         return i
 
 
-def snapshot(tracker: Tracker, now: float) -> dict[str, Any]:
-    """Everything needed to carry on every connection, as JSON-ready data."""
-    conns = [conn for conn in tracker.clients.values() if conn.__class__ is not tuple
-             and conn.state not in (GONE, REFUSING)]
-    # (A refusal is already answered; the client will close. Tuples are parked connections, below.)
-    listeners, decisions, outcomes, candidates = _Table(), _Table(), _Table(), _Table()
-    targets: dict[int, int] = {}  # id(target) -> index: one Target object is shared per route
-    target_list: list[Target] = []
-    hellos = {}
-    rows = bytearray(_ROW.size * len(conns))
-    pack_into, size, values = _ROW.pack_into, _ROW.size, _save_values
-    listener_at: dict[int, int] = {}  # id(listener) -> index (few objects, shared)
-    for n, conn in enumerate(conns):
-        try:
-            row = values(conn, now, outcomes)
-        except AttributeError:
-            row = values(_Unset(conn), now, outcomes)
-        listener = conn.listener
-        li = listener_at.get(id(listener))
-        if li is None:
-            li = listener_at[id(listener)] = listeners(listener)
-        target = conn.target
-        if target is None:
-            t = c = -1
-        else:
-            t = targets.get(id(target))
-            if t is None:
-                t = targets[id(target)] = len(target_list)
-                target_list.append(target)
-            c = candidates(conn.candidates)
-        d = conn.decision
-        # Each connection has its own Decision; equal ones are kept once (a tuple hashes faster than the dataclass).
-        di = -1 if d is None else decisions((d.name, d.alpn, d.hello_size, d.records, d.unrouted))
-        pack_into(rows, n * size, *row, li, di, t, c)
-        if conn.hello is not None:
-            hellos[str(n)] = [bytes(conn.hello.data).hex(), conn.hello.ranges]
-    # Connections the kernel carries (parked): their map entries stay; only what the map lacks is saved.
-    parked = []
-    for key, (d, target, host, hello_segments, connect_time) in tracker.parked():
-        t = targets.get(id(target))
+class _Shared:
+    """The tables of one snapshot; objects many connections share are looked up by identity first."""
+
+    def __init__(self) -> None:
+        self.listeners, self.decisions, self.outcomes, self.candidates = _Table(), _Table(), _Table(), _Table()
+        self.targets: list[Target] = []
+        self.target_at: dict[int, int] = {}  # id(target) -> index: one Target object is shared per route
+        self.decision_at: dict[int, int] = {}  # id(decision) -> index, for the decisions parked ones share
+
+    def target(self, target: Target) -> int:
+        t = self.target_at.get(id(target))
         if t is None:
-            t = targets[id(target)] = len(target_list)
-            target_list.append(target)
-        di = -1 if d is None else decisions((d.name, d.alpn, d.hello_size, d.records, d.unrouted))
-        parked.append([key.hex(), di, t, host.hex(), hello_segments, connect_time])
+            t = self.target_at[id(target)] = len(self.targets)
+            self.targets.append(target)
+        return t
+
+    def decision(self, d: Decision) -> int:
+        # A tuple hashes faster than the dataclass.
+        return self.decisions((d.name, d.alpn, d.records, d.unrouted))
+
+    def shared_decision(self, d: Decision | None) -> int:
+        if d is None:
+            return -1
+        di = self.decision_at.get(id(d))
+        if di is None:
+            di = self.decision_at[id(d)] = self.decision(d)
+        return di
+
+
+def snapshot(tracker: Tracker, now: float) -> dict[str, Any]:
+    """Everything needed to carry on every connection: a header of JSON-ready data and binary sections."""
+    shared = _Shared()
+    sections = _pack(tracker, shared, now)
     return {
         "version": VERSION,
         "fields": [list(field) for field in FIELDS],
-        "count": len(conns),
-        "rows": base64.b64encode(rows).decode("ascii"),
-        "listeners": [[lst.address.hex(), lst.port] for lst in listeners.values],
-        "targets": [[[h.hex() for h in t.hosts], t.port, t.route] for t in target_list],
-        "decisions": [[name, list(alpn), size, records, unrouted]
-                      for name, alpn, size, records, unrouted in decisions.values],
-        "candidates": [[h.hex() for h in hosts] for hosts in candidates.values],
-        "outcomes": outcomes.values,
-        "hellos": hellos,
-        "parked": parked,
+        "count": len(sections["rows"]) // _ROW.size,
+        "parked_fields": [list(field) for field in PARKED_FIELDS],
+        "parked_count": len(sections["parked"]) // _PARKED.size,
+        "listeners": [[lst.address.hex(), lst.port] for lst in shared.listeners.values],
+        "targets": [[[h.hex() for h in t.hosts], t.port, t.route] for t in shared.targets],
+        "decisions": [[name, list(alpn), records, unrouted] for name, alpn, records, unrouted in shared.decisions.values],
+        "candidates": [[h.hex() for h in hosts] for hosts in shared.candidates.values],
+        "outcomes": shared.outcomes.values,
+        "hellos": sections.pop("hellos"),
         "health": [[host.hex(), port, fails, max(until - now, 0.0)]
                    for (host, port), (fails, until) in tracker.health.items()],
+        **sections,
     }
 
+
+def _pack(tracker: Tracker, shared: _Shared, now: float) -> dict[str, Any]:
+    """The rows of the tracker's connections and of its parked ones, and the hellos (row, size, ranges; bytes).
+
+    One pass over the client table: with a hundred thousand connections,
+    each visit of an object costs more than what is done with it.
+    """
+    clients = tracker.clients
+    rows = bytearray(_ROW.size * len(clients))  # room for all; what parked ones leave is cut off below
+    parked_rows = bytearray(_PARKED.size * len(clients))
+    hellos: list[list] = []
+    hello_data: list[bytes] = []
+    pack_into, size, pack = _ROW.pack_into, _ROW.size, _pack_row
+    pack_parked, parked_size = _PARKED.pack_into, _PARKED.size
+    listener_at: dict[int, int] = {}  # id(listener) -> index (few objects, shared)
+    outcome_at, add_outcome = shared.outcomes.index.get, shared.outcomes
+    candidates_at, add_candidates = shared.candidates.index.get, shared.candidates
+    target_at, add_target = shared.target_at.get, shared.target
+    decision, decision_at, shared_decision = shared.decision, shared.decision_at.get, shared.shared_decision
+    n = p = 0
+    for key, conn in clients.items():
+        if conn.__class__ is tuple:
+            # Carried by the kernel: only what its flow map lacks.
+            d, target, host, hello_segments, connect_time = conn
+            t = target_at(id(target))
+            if t is None:
+                t = add_target(target)
+            if d is None:
+                di = -1
+                hs = 0
+            else:
+                di = decision_at(id(d))  # the tracker shares equal ones between parked connections
+                if di is None:
+                    di = shared_decision(d)
+                hs = d.hello_size
+            pack_parked(parked_rows, p * parked_size, key, di, hs, t, host, hello_segments,
+                        NAN if connect_time is None else connect_time)
+            p += 1
+            continue
+        if conn.state in (GONE, REFUSING):
+            continue  # (a refusal is already answered; the client will close)
+        listener = conn.listener
+        li = listener_at.get(id(listener))
+        if li is None:
+            li = listener_at[id(listener)] = shared.listeners(listener)
+        target = conn.target
+        if target is None:
+            t = ci = -1
+        else:
+            t = target_at(id(target))
+            if t is None:
+                t = add_target(target)
+            ci = candidates_at(conn.candidates)
+            if ci is None:
+                ci = add_candidates(conn.candidates)
+        # Each connection has its own Decision (equal ones are kept once).
+        d = conn.decision
+        if d is None:
+            di = -1
+            hs = 0
+        else:
+            di = decision(d)
+            hs = d.hello_size
+        oi = outcome_at(conn.outcome)
+        if oi is None:
+            oi = add_outcome(conn.outcome)
+        try:
+            pack(pack_into, rows, n * size, conn, now, oi, li, di, hs, t, ci)
+        except AttributeError:  # still peeking or connecting: some slots were never set
+            _pack_unset_row(pack_into, rows, n * size, conn, now, oi, li, di, hs, t, ci)
+        if conn.hello is not None:
+            data = bytes(conn.hello.data)
+            hellos.append([n, len(data), conn.hello.ranges])
+            hello_data.append(data)
+        n += 1
+    del rows[n * size:]
+    del parked_rows[p * parked_size:]
+    return {"hellos": hellos, "rows": rows, "parked": parked_rows, "hello_data": b"".join(hello_data)}
+
+
+# ---------------------------------------------------------------- the file
+
+def encode(state: dict[str, Any]) -> bytes:
+    """The file for `state`: its JSON entries as the header line, then its binary ones as sections."""
+    header = {}
+    sections = []
+    for name, value in state.items():
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            sections.append((name, value))
+        else:
+            header[name] = value
+    if sections:
+        header["sections"] = [[name, len(value)] for name, value in sections]
+    return b"".join([json.dumps(header, separators=(",", ":")).encode(), b"\n", *(value for _, value in sections)])
+
+
+def decode(data: bytes) -> dict[str, Any]:
+    """The state in a file's bytes (the reverse of encode; a version 2 file is its JSON object alone)."""
+    end = data.find(b"\n")
+    if end < 0:
+        end = len(data)
+    try:
+        state = json.loads(data[:end])
+    except ValueError as exc:
+        raise StateError(f"not a state file: {exc}") from None
+    if not isinstance(state, dict):
+        raise StateError("not a state file: it does not start with a JSON object")
+    view = memoryview(data)
+    at = end + 1
+    sections = state.pop("sections", [])
+    if not isinstance(sections, list):
+        raise StateError("the state file's section list is damaged")
+    for section in sections:
+        if not (isinstance(section, list) and len(section) == 2 and isinstance(section[0], str)
+                and isinstance(section[1], int) and section[1] >= 0 and section[0] not in state):
+            raise StateError(f"the state file's section list is damaged: {section!r}")
+        name, size = section
+        if at + size > len(data):
+            raise StateError(f"the state file is truncated: its section {name!r} needs {size} bytes, "
+                             f"{max(len(data) - at, 0)} are left")
+        state[name] = view[at:at + size]
+        at += size
+    if at < len(data) and (sections or data[at:].strip()):
+        raise StateError(f"the state file has {len(data) - at} bytes after its last section")
+    return state
+
+
+# ---------------------------------------------------------------- restoring
 
 def restore(tracker: Tracker, state: dict[str, Any], now: float) -> int:
     """Put saved connections back into an empty tracker; return how many were restored.
@@ -244,9 +382,9 @@ def restore(tracker: Tracker, state: dict[str, Any], now: float) -> int:
     if not isinstance(state, dict):
         raise StateError("the saved state is not a JSON object")
     version = state.get("version")
-    if version != VERSION:
-        raise StateError(f"the state file has format version {version!r}, this kracauer reads version {VERSION} "
-                         f"only; its connections cannot be carried over")
+    if version not in READS:
+        raise StateError(f"the state file has format version {version!r}, this kracauer reads versions "
+                         f"{' and '.join(map(str, READS))} only; its connections cannot be carried over")
     if tracker.clients:
         raise StateError("the tracker already has connections")
     # A hundred thousand new objects would set off collections that walk them
@@ -255,7 +393,7 @@ def restore(tracker: Tracker, state: dict[str, Any], now: float) -> int:
     gc.disable()
     try:
         loader = _Loader(tracker, state, now)
-        restored = loader.run() + loader.parked(state.get("parked", []))
+        restored = loader.run() + loader.parked()
         for host, port, fails, left in state.get("health", []):
             tracker.health[(bytes.fromhex(host), int(port))] = (int(fails), now + float(left) if left else 0.0)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, struct.error, binascii.Error) as exc:
@@ -274,6 +412,28 @@ def restore(tracker: Tracker, state: dict[str, Any], now: float) -> int:
     return restored
 
 
+def _check_fields(fields: list[tuple], known: dict[str, str], required: Iterable[str]) -> None:
+    """StateError unless every field is known, with the format this kracauer has, once; and `required` are there."""
+    names = [name for name, _ in fields]
+    if len(set(names)) != len(names):
+        raise StateError("the state file's field list names a field twice")
+    for name, fmt in fields:
+        if name not in known:
+            raise StateError(f"the state file has a field this kracauer does not know: {name}")
+        if fmt != known[name]:
+            raise StateError(f"the state file saves {name} as {fmt!r}, this kracauer as {known[name]!r}")
+    for name in required:
+        if name not in names:
+            raise StateError(f"the state file lacks the field {name!r}")
+
+
+def _rows(data: Any, row: struct.Struct, count: int, what: str) -> Any:
+    if len(data) != count * row.size:
+        raise StateError(f"the state file has {len(data)} bytes of {what} for {count} connections "
+                         f"of {row.size} bytes")
+    return data
+
+
 class _Loader:
     """Rows back into connections, read with the file's own field list."""
 
@@ -281,52 +441,69 @@ class _Loader:
         self.tracker = tracker
         self.now = now
         fields = [tuple(field) for field in state["fields"]]
-        known = dict(FIELDS)
-        names = [name for name, _ in fields]
-        if len(set(names)) != len(names):
-            raise StateError("the state file's field list names a field twice")
-        for name, fmt in fields:
-            if name not in known:
-                raise StateError(f"the state file has a field this kracauer does not know: {name}")
-            if fmt != known[name]:
-                raise StateError(f"the state file saves {name} as {fmt!r}, this kracauer as {known[name]!r}")
-        for name in ("client_addr", "client_port", "state", "listener"):
-            if name not in names:
-                raise StateError(f"the state file lacks the field {name!r}")
-        self.row = struct.Struct("<" + "".join(fmt for _, fmt in fields))
-        self.rows = base64.b64decode(state["rows"], validate=True)
-        self.count = int(state["count"])
-        if len(self.rows) != self.count * self.row.size:
-            raise StateError(f"the state file has {len(self.rows)} bytes of rows for {self.count} connections "
-                             f"of {self.row.size} bytes")
-        self.names = names
+        _check_fields(fields, dict(FIELDS), ("client_addr", "client_port", "state", "listener"))
+        self.names = [name for name, _ in fields]
         self.complete = fields == list(FIELDS)
+        self.row = struct.Struct("<" + "".join(fmt for _, fmt in fields))
+        self.count = int(state["count"])
         self.listeners = [tracker.listeners.get(bytes.fromhex(address) + U16.pack(int(port)))
                           for address, port in state["listeners"]]
         self.targets = []
         for hosts, port, route in state["targets"]:
             packed = tuple(bytes.fromhex(h) for h in hosts)
             self.targets.append(Target(packed[0], int(port), str(route), packed))
-        self.decisions = [Decision(name, tuple(alpn), int(size), int(records), str(unrouted))
-                          for name, alpn, size, records, unrouted in state["decisions"]]
         self.candidates = [tuple(bytes.fromhex(h) for h in hosts) for hosts in state["candidates"]]
         self.outcomes = [str(outcome) for outcome in state["outcomes"]]
-        self.hellos = {int(n): hello for n, hello in state.get("hellos", {}).items()}
+        if state["version"] == 2:
+            self._version_2(state)
+        else:
+            self._version_3(state)
+
+    def _version_3(self, state: dict[str, Any]) -> None:
+        # A decision is made for each (table entry, hello_size) that rows name.
+        self.decisions = [(name, tuple(alpn), int(records), str(unrouted))
+                          for name, alpn, records, unrouted in state["decisions"]]
+        self.made: dict[tuple[int, int | None], Decision] = {}
+        self.rows = _rows(state["rows"], self.row, self.count, "rows")
+        if [tuple(field) for field in state["parked_fields"]] != list(PARKED_FIELDS):
+            raise StateError(f"the state file saves parked connections as {state['parked_fields']!r}, "
+                             f"this kracauer as {[list(f) for f in PARKED_FIELDS]!r}")
+        self.saved_parked = _PARKED.iter_unpack(_rows(state["parked"], _PARKED, int(state["parked_count"]),
+                                                      "parked connections"))
+        data = bytes(state["hello_data"])
+        self.hellos = {}
+        at = 0
+        for n, size, ranges in state["hellos"]:
+            if size < 0 or at + size > len(data):
+                raise StateError("the state file's hellos do not fit its hello_data section")
+            self.hellos[int(n)] = (data[at:at + size], ranges)
+            at += size
+
+    def _version_2(self, state: dict[str, Any]) -> None:
+        """The same rows in base64, the parked connections and hellos as JSON lists (kracauer before version 3)."""
+        # Whole decisions in the table (hello_size too), made once each.
+        self.decisions = []
+        self.made = {(i, None): Decision(name, tuple(alpn), int(size), int(records), str(unrouted))
+                     for i, (name, alpn, size, records, unrouted) in enumerate(state["decisions"])}
+        self.rows = _rows(base64.b64decode(state["rows"], validate=True), self.row, self.count, "rows")
+        self.saved_parked = [(bytes.fromhex(key), d, None, t, bytes.fromhex(host), hello_segments,
+                              NAN if connect_time is None else connect_time)
+                             for key, d, t, host, hello_segments, connect_time in state.get("parked", [])]
+        self.hellos = {int(n): (bytes.fromhex(data), ranges) for n, (data, ranges) in state.get("hellos", {}).items()}
 
     def run(self) -> int:
         tracker, now = self.tracker, self.now
         names = self.names
         at = {name: i for i, name in enumerate(names)}
         slots = [name for name in names if name in _SLOT_FORMATS]
-        n_slots = len(slots)
-        fill = _loader_for(slots)
-        i_addr, i_port, i_state = at["client_addr"], at["client_port"], at["state"]
-        i_listener, i_decision = at["listener"], at.get("decision")
-        i_target, i_candidates = at.get("target"), at.get("candidates")
-        if list(names[:n_slots]) != slots:
+        if list(names[:len(slots)]) != slots:
             raise StateError("the state file's slots must come before its table indexes")
-        listeners, decisions, targets, candidates, outcomes = \
-            self.listeners, self.decisions, self.targets, self.candidates, self.outcomes
+        fill = _loader_for(names)
+        i_addr, i_port, i_state = at["client_addr"], at["client_port"], at["state"]
+        i_listener, i_decision, i_hello_size = at["listener"], at.get("decision"), at.get("hello_size")
+        i_target, i_candidates = at.get("target"), at.get("candidates")
+        listeners, targets, candidates, outcomes = self.listeners, self.targets, self.candidates, self.outcomes
+        made_decision, decision = self.made.get, self.decision
         # What each listener adds to a client key, and each target to a host key.
         listener_ends = [lst.address if lst else b"" for lst in listeners]
         listener_ports = [U16.pack(lst.port) if lst else b"" for lst in listeners]
@@ -335,14 +512,18 @@ class _Loader:
         new = Connection.__new__
         complete = self.complete
         hellos = self.hellos
+        by_row: list[Connection | None] = []  # for the hellos
+        waiting: list[Connection] = []  # still peeking, in the order they came
         clients, hosts, timers = tracker.clients, tracker.hosts, tracker._timers
+        mss = tracker.config.mss
         seq = tracker._timer_seq
         skipped = 0
-        for n, values in enumerate(self.row.iter_unpack(self.rows)):
+        for values in self.row.iter_unpack(self.rows):
             li = values[i_listener]
             listener = listeners[li]
             if listener is None:
                 skipped += 1
+                by_row.append(None)
                 continue
             client_addr, client_port, state = values[i_addr], values[i_port], values[i_state]
             if state not in (PEEKING, CONNECTING, ESTABLISHED):
@@ -357,11 +538,15 @@ class _Loader:
                 conn.client_key = key
                 conn.hello = conn.peeker = None
             else:
-                # An older file of this version: what it lacks keeps a new connection's value.
+                # An older file: what it lacks keeps a new connection's value.
                 conn = Connection(listener, client_addr, client_port, key)
             fill(conn, values, now, outcomes)
             d = values[i_decision] if i_decision is not None else -1
-            conn.decision = decisions[d] if d >= 0 else None
+            if d < 0:
+                conn.decision = None
+            else:
+                hello_size = values[i_hello_size] if i_hello_size is not None else None
+                conn.decision = made_decision((d, hello_size)) or decision(d, hello_size)
             t = values[i_target] if i_target is not None else -1
             clients[key] = conn
             if t >= 0:
@@ -372,51 +557,61 @@ class _Loader:
                 conn.target = None
                 conn.candidates = ()
             if state == ESTABLISHED:
-                tracker._make_flows(conn)
+                _make_flows(conn, mss)
             else:
                 conn.to_host_flow = conn.to_client_flow = None
             if state == PEEKING:
                 conn.host_key = b""
+                waiting.append(conn)
             else:
                 # Bound to a host: its key, as Tracker makes it (host + prefix::client + ports).
                 conn.host_key = host_key = conn.host + conn.src6 + target_ports[t] + pack_port(conn.host_sport)
                 hosts[host_key] = conn
-            if hellos:
-                self._hello(conn, hellos.get(n))
-            if state == PEEKING:
-                self._peeking(conn)
+            by_row.append(conn)
             seq += 1
             timers.append((conn.timer_at, seq, conn))
+        for n, (data, ranges) in hellos.items():
+            conn = by_row[n]
+            if conn is not None:
+                self._hello(conn, data, ranges)
+        for conn in waiting:
+            self._peeking(conn)
         if skipped:
             tracker.events["state_skipped"] += skipped
         tracker._timer_seq = seq
         heapq.heapify(timers)
         return self.count - skipped
 
-    def parked(self, saved: list) -> int:
+    def parked(self) -> int:
         """Connections the kernel carries, back as parked records (rebuilt from the map when needed)."""
         tracker = self.tracker
-        restored = 0
-        for key_hex, d, t, host, hello_segments, connect_time in saved:
-            key = bytes.fromhex(key_hex)
-            if len(key) != 12:
-                raise ValueError(f"parked connection key {key_hex!r}")
-            if key[4:8] + key[10:12] not in tracker.listeners:
-                tracker.events["state_skipped"] += 1
+        clients, listeners = tracker.clients, tracker.listeners
+        made_decision, decision, targets = self.made.get, self.decision, self.targets
+        restored = skipped = 0
+        for key, d, hello_size, t, host, hello_segments, connect_time in self.saved_parked:
+            if len(key) != 12 or t < 0:
+                raise ValueError(f"parked connection {key.hex()!r}")
+            if key[4:8] + key[10:12] not in listeners:
+                skipped += 1
                 continue
-            decision = self.decisions[d] if d >= 0 else None
-            tracker.clients[key] = (decision, self.targets[t], bytes.fromhex(host), int(hello_segments),
-                                    None if connect_time is None else float(connect_time))
-            tracker.in_kernel += 1
+            clients[key] = (None if d < 0 else made_decision((d, hello_size)) or decision(d, hello_size), targets[t],
+                            host, hello_segments, None if connect_time != connect_time else connect_time)
             restored += 1
+        tracker.in_kernel += restored
+        if skipped:
+            tracker.events["state_skipped"] += skipped
         return restored
 
-    def _hello(self, conn: Connection, hello: list | None) -> None:
-        if hello is not None:
-            data, ranges = hello
-            conn.hello = StreamBuffer(self.tracker.config.hello_max_bytes)
-            conn.hello.data = bytearray.fromhex(data)
-            conn.hello.ranges = [[int(a), int(b)] for a, b in ranges]
+    def decision(self, d: int, hello_size: int | None) -> Decision:
+        """Table entry `d` with this hello_size (None: the entry's own, version 2), made once for all rows."""
+        name, alpn, records, unrouted = self.decisions[d]
+        made = self.made[(d, hello_size)] = Decision(name, alpn, int(hello_size), records, unrouted)
+        return made
+
+    def _hello(self, conn: Connection, data: bytes, ranges: list) -> None:
+        conn.hello = StreamBuffer(self.tracker.config.hello_max_bytes)
+        conn.hello.data = bytearray(data)
+        conn.hello.ranges = [[int(a), int(b)] for a, b in ranges]
 
     def _peeking(self, conn: Connection) -> None:
         tracker = self.tracker
@@ -426,6 +621,36 @@ class _Loader:
         tracker.peeking[conn.client_key] = conn
         if not conn.acked:
             tracker.half_open += 1
+
+
+_new_flow = Flow.__new__
+
+
+def _make_flows(conn: Connection, mss: int) -> None:
+    """Tracker._make_flows without keyword arguments: two hundred thousand Flow() calls cost more than the rest.
+
+    The same two rewrites, field by field (a test compares them with Tracker._make_flows').
+    """
+    flags = (F_TIMESTAMPS if conn.client_ts and conn.host_ts else 0) | (F_SACK if conn.client_sack else 0)
+    delta, ts_off, listener = conn.delta, conn.ts_off, conn.listener
+    up = _new_flow(Flow)
+    host = conn.host
+    up.src, up.dst, up.family, up.sport, up.dport = conn.src6, host, 4 if len(host) == 4 else 6, conn.host_sport, \
+        conn.target.port
+    up.seq_add, up.ack_add, up.tsval_add, up.tsecr_add = 0, delta & MOD32, 0, ts_off & MOD32
+    up.wscale_shift, up.mss = conn.c2h_shift, mss
+    up.flags = flags | (NO_WSCALE if conn.client_wscale is None else conn.client_wscale)
+    up.seq_base = (conn.client_isn + 1) & MOD32
+    up.start_ns = up.ack_max = up.seq_next = up.window = up.window_max = up.packets = up.bytes = up.last_seen = 0
+    down = _new_flow(Flow)
+    down.src, down.dst, down.family = listener.address, conn.client_addr, 4
+    down.sport, down.dport = listener.port, conn.client_port
+    down.seq_add, down.ack_add, down.tsval_add, down.tsecr_add = -delta & MOD32, 0, -ts_off & MOD32, 0
+    down.wscale_shift, down.mss, down.flags = conn.h2c_shift, conn.client_mss, flags | conn.host_wscale
+    down.seq_base = (conn.host_isn + 1) & MOD32
+    down.start_ns = down.ack_max = down.seq_next = down.window = down.window_max = 0
+    down.packets = down.bytes = down.last_seen = 0
+    conn.to_host_flow, conn.to_client_flow = up, down
 
 
 def _rebuild_peeker(tracker: Tracker, conn: Connection) -> None:
