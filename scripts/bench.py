@@ -1042,23 +1042,16 @@ def tracker_bytes_per_connection(n: int) -> dict:
 
 
 def state_file_timing(tracker) -> dict:
-    """The [state] file for these connections: seconds to save (snapshot + JSON) and to load (JSON + restore)."""
-    import random
+    """The [state] file for these connections, end to end (scripts/bench_state.py): seconds from the tracker
+    to the file on disk (snapshot, encoding, write, fsync) and back to a tracker (read, decoding, restore)."""
+    import tempfile
 
-    from netstack.state import restore, snapshot
-    from netstack.tracker import Tracker
+    import bench_state
 
-    started = time.perf_counter()
-    text = json.dumps(snapshot(tracker, 2.0), separators=(",", ":"))
-    saved = time.perf_counter() - started
-    rng = random.Random(8)
-    fresh = Tracker(tracker.config, list(tracker.listeners.values()), tracker.resolve, lambda: rng.getrandbits(32))
-    started = time.perf_counter()
-    count = restore(fresh, json.loads(text), 3.0)
-    loaded = time.perf_counter() - started
-    if count != len(tracker.clients):
-        raise BenchError(f"state file: restored {count} of {len(tracker.clients)} connections")
-    return {"connections": count, "bytes": len(text), "save_seconds": saved, "load_seconds": loaded}
+    with tempfile.TemporaryDirectory(prefix="kracauer-bench-state-") as directory:
+        m = bench_state.measure(tracker, 2.0, directory)
+    return {"connections": len(tracker.clients), "bytes": m["bytes"], "save_seconds": m["save_seconds"],
+            "load_seconds": m["load_seconds"]}
 
 
 # -- profile -----------------------------------------------------------------------------
@@ -1601,7 +1594,7 @@ def markdown(results: dict) -> str:
             f = t["state_file"]
             out += [f"The `[state]` file for them: {f['bytes'] / f['connections']:,.0f} bytes per connection, "
                     f"saved in {f['save_seconds']:.3f} s and loaded in {f['load_seconds']:.3f} s "
-                    f"(snapshot or restore, and JSON).", ""]
+                    f"(end to end: tracker to file on disk and back, scripts/bench_state.py).", ""]
     if results.get("targets"):
         out += ["| target | measured | goal | |", "|---|---:|---:|---|"]
         for t in results["targets"]:
@@ -1751,7 +1744,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one round, small sizes (about two minutes)")
     parser.add_argument("--rounds", type=int, help="rounds of alternating measurements (default 5, quick 1)")
-    parser.add_argument("--only", help="comma-separated parts: bulk, rate, memory (default all)")
+    parser.add_argument("--only", help="comma-separated parts: bulk, rate, memory (default all); "
+                                       "or state alone: the [state] file's timing, no lab (scripts/bench_state.py)")
     parser.add_argument("--out", default="bench-results.json", help="JSON results file (default %(default)s)")
     parser.add_argument("--chart", help="PNG chart (default: the --out path with .png)")
     parser.add_argument("--no-chart", action="store_true", help="do not draw the chart")
@@ -1760,6 +1754,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-counts", help="held connections per memory test, e.g. 10000,100000")
     parser.add_argument("--tracker-connections", type=int, help="connections for the in-process tracker test")
     args = parser.parse_args(argv)
+    if args.only == "state":
+        import bench_state
+        return bench_state.main(["--out", args.out] + (["--rounds", str(args.rounds)] if args.rounds else [])
+                                + (["--rounds", "1", "--connections", "20000"] if args.quick else []))
 
     parts = set(args.only.split(",")) if args.only else None
     missing = missing_requirements(parts)

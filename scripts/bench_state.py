@@ -32,6 +32,7 @@ import ipaddress
 import json
 import os
 import random
+import resource
 import statistics
 import sys
 import tempfile
@@ -191,18 +192,21 @@ def measure(tracker: Tracker, now: float, directory: str) -> dict[str, float]:
     size = os.path.getsize(path)
     del data
     gc.collect()
-    fresh = new_tracker(len(tracker.clients) + 10)
+    # The next process's tracker: the same configuration and listeners, no connections.
+    fresh = Tracker(tracker.config, list(tracker.listeners.values()), tracker.resolve, tracker.random32)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t3 = time.perf_counter()
     saved = read_state(path)
     t4 = time.perf_counter()
     count = restore(fresh, saved, now + 5.0)
     t5 = time.perf_counter()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
     if count != len(tracker.clients) or len(fresh.clients) != len(tracker.clients):
         raise SystemExit(f"bench_state: restored {count} of {len(tracker.clients)} connections")
     check_same(tracker, fresh)
     os.unlink(path)
     return {"save_seconds": t2 - t0, "load_seconds": t5 - t3, "bytes": size, "snapshot": t1 - t0,
-            "write": t2 - t1, "read": t4 - t3, "restore": t5 - t4}
+            "write": t2 - t1, "read": t4 - t3, "restore": t5 - t4, "load_page_faults": faults}
 
 
 def check_same(old: Tracker, new: Tracker) -> None:
@@ -228,14 +232,15 @@ def run(connections: int, mixes: list[str], rounds: int, directory: str) -> dict
         tracker, now = build(connections, MIXES[mix])
         runs = [measure(tracker, now, directory) for _ in range(rounds)]
         summary: dict[str, Any] = {"bytes": runs[0]["bytes"], "bytes_per_connection": runs[0]["bytes"] / connections}
-        for what in ("save_seconds", "load_seconds", "snapshot", "write", "read", "restore"):
+        for what in ("save_seconds", "load_seconds", "snapshot", "write", "read", "restore", "load_page_faults"):
             values = [r[what] for r in runs]
             summary[what] = {"best": min(values), "median": statistics.median(values)}
         results["mixes"][mix] = summary
         print(f"{mix:12} save {summary['save_seconds']['best']:.3f} s (median {summary['save_seconds']['median']:.3f}: "
               f"snapshot {summary['snapshot']['median']:.3f}, write {summary['write']['median']:.3f})  "
               f"load {summary['load_seconds']['best']:.3f} s (median {summary['load_seconds']['median']:.3f}: "
-              f"read {summary['read']['median']:.3f}, restore {summary['restore']['median']:.3f})  "
+              f"read {summary['read']['median']:.3f}, restore {summary['restore']['median']:.3f}; "
+              f"{summary['load_page_faults']['median']:.0f} page faults)  "
               f"{summary['bytes'] / 1e6:.1f} MB, {summary['bytes_per_connection']:.0f} B/conn", flush=True)
         del tracker
         gc.collect()
