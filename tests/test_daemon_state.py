@@ -132,6 +132,26 @@ def test_a_damaged_state_file_is_set_aside(tmp_path):
     assert (tmp_path / "state.json.bad").read_text() == '{"version": 99}'
 
 
+def test_a_truncated_state_file_is_set_aside_as_it_was(tmp_path):
+    old = daemon_with_state(tmp_path)
+    box = Box()
+    box.tracker = old.tracker
+    Walk(box).establish()
+    old._save_state(str(tmp_path / "state.json"))
+    cut = (tmp_path / "state.json").read_bytes()[:-10]  # a disk full, a copy cut short
+    (tmp_path / "state.json").write_bytes(cut)
+    daemon = daemon_with_state(tmp_path)
+    assert daemon._read_saved_state() is None
+    assert (tmp_path / "state.json.bad").read_bytes() == cut and not (tmp_path / "state.json").exists()
+
+
+def test_write_state_writes_the_header_line_then_the_sections(tmp_path):
+    path = tmp_path / "state.json"
+    write_state(str(path), {"version": 3, "count": 1, "rows": b"\0\1\n\2"})
+    assert path.read_bytes() == b'{"version":3,"count":1,"sections":[["rows",4]]}\n\0\1\n\2'
+    assert read_state(str(path)) == {"version": 3, "count": 1, "rows": b"\0\1\n\2"}
+
+
 def test_restored_connections_have_aged_by_the_time_between_save_and_start(tmp_path):
     old = daemon_with_state(tmp_path)
     box = Box()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import pathlib
 import random
@@ -417,3 +418,16 @@ def test_a_restored_copy_translates_like_the_original():
                 continue
             assert getattr(copy, slot, None) == getattr(conn, slot, None), slot
         assert copy.timer_at - new.now == pytest.approx(conn.timer_at - box.now)
+
+
+def test_the_state_benchmark_runs(tmp_path):
+    """scripts/bench_state.py, small: every mix saved, loaded and checked (the figures are docs/benchmarks.md's)."""
+    spec = importlib.util.spec_from_file_location("bench_state", pathlib.Path(__file__).parents[1] / "scripts"
+                                                  / "bench_state.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    results = bench.run(300, ["established", "mixed"], 1, str(tmp_path))
+    for mix in ("established", "mixed"):
+        m = results["mixes"][mix]
+        assert m["save_seconds"]["best"] > 0 and m["load_seconds"]["best"] > 0 and m["bytes"] > 300 * 100
+    assert results["mixes"]["mixed"]["bytes"] < results["mixes"]["established"]["bytes"]
