@@ -168,11 +168,123 @@ _pack_row = _packer("_pack_row", "c.{slot}")
 _pack_unset_row = _packer("_pack_unset_row", "getattr(c, {slot!r}, {default!r})")
 
 
-def _loader_for(names: list[str]) -> Any:
-    """The function that sets a connection's slots from a row with these fields (the file's own list)."""
-    unpack = ", ".join(name if name in _SLOT_FORMATS else "_" for name in names)
-    body = "".join(f"    {_load_statement(name)}\n" for name in names if name in _SLOT_FORMATS)
-    return _compile("_fill", f"def _fill(c, v, now, outcomes):\n    {unpack}, = v\n" + body)
+# The loop that turns rows back into connections (_Loader.run), compiled for
+# the file's own field list: each row is unpacked into locals named after its
+# fields ({unpack}), the connection's slots are set from them ({stores}), and
+# the keys, the two rewrites (Tracker._make_flows, slot by slot: Flow()'s
+# keyword call cost more than all the rest) and the timer are made from the
+# same locals. Slots a file lacks ({defaults}) keep a new connection's value.
+_ROWS_BACK = """
+def _rows_back(rows, now, loader, tracker):
+    listeners, targets, candidates, outcomes = loader.listeners, loader.targets, loader.candidates, loader.outcomes
+    made_decision, decision = loader.made.get, loader.decision
+    # What each listener adds to a client key, and each target to a host key.
+    listener_ends = [lst.address if lst else b"" for lst in listeners]
+    listener_ports = [U16.pack(lst.port) if lst else b"" for lst in listeners]
+    target_ports = [U16.pack(t.port) for t in targets]
+    pack_port, new, new_flow = U16.pack, Connection.__new__, Flow.__new__
+    clients, hosts, timers, mss = tracker.clients, tracker.hosts, tracker._timers, tracker.config.mss
+    by_row, waiting = loader.by_row, loader.waiting
+    seq = tracker._timer_seq
+    _decision = _target = _candidates = -1
+    _hello_size = None
+    skipped = 0
+    for {unpack} in rows:
+        listener = listeners[_listener]
+        if listener is None:
+            skipped += 1
+            by_row.append(None)
+            continue
+        if state not in (PEEKING, CONNECTING, ESTABLISHED):
+            raise ValueError(f"state {{state!r}}")
+        if len(client_addr) != 4:
+            raise ValueError(f"client address {{client_addr.hex()!r}}")
+        # As Tracker keys them: bytes 12:20 of the client's IPv4 header and 0:4 of its TCP header.
+        key = client_addr + listener_ends[_listener] + pack_port(client_port) + listener_ports[_listener]
+        if {complete}:
+            c = new(Connection)
+            c.listener = listener
+            c.client_key = key
+            c.hello = c.peeker = None
+        else:
+            c = Connection(listener, client_addr, client_port, key)
+{stores}
+{defaults}
+        c.decision = None if _decision < 0 else made_decision((_decision, _hello_size)) or decision(_decision, _hello_size)
+        clients[key] = c
+        if _target >= 0:
+            target = c.target = targets[_target]
+            c.candidates = candidates[_candidates] if _candidates >= 0 else ()
+        else:
+            c.target = None
+            c.candidates = ()
+        if state == ESTABLISHED:
+            flags = (F_TIMESTAMPS if client_ts and host_ts else 0) | (F_SACK if client_sack else 0)
+            up = new_flow(Flow)
+            up.src = src6
+            up.dst = host
+            up.family = 4 if len(host) == 4 else 6
+            up.sport = host_sport
+            up.dport = target.port
+            up.seq_add = up.tsval_add = up.start_ns = up.ack_max = up.seq_next = up.window = up.window_max = 0
+            up.packets = up.bytes = up.last_seen = 0
+            # delta and ts_off were "I" fields, below 2**32 already: shared, not masked into new ints.
+            up.ack_add = delta
+            up.tsecr_add = ts_off
+            up.wscale_shift = c2h_shift
+            up.mss = mss
+            up.flags = flags | (NO_WSCALE if c.client_wscale is None else c.client_wscale)
+            up.seq_base = (client_isn + 1) & MOD32
+            down = new_flow(Flow)
+            down.src = listener.address
+            down.dst = client_addr
+            down.family = 4
+            down.sport = listener.port
+            down.dport = client_port
+            down.ack_add = down.tsecr_add = down.start_ns = down.ack_max = down.seq_next = down.window = 0
+            down.window_max = down.packets = down.bytes = down.last_seen = 0
+            down.seq_add = -delta & MOD32
+            down.tsval_add = -ts_off & MOD32
+            down.wscale_shift = h2c_shift
+            down.mss = client_mss
+            down.flags = flags | host_wscale
+            down.seq_base = (host_isn + 1) & MOD32
+            c.to_host_flow = up
+            c.to_client_flow = down
+        else:
+            c.to_host_flow = c.to_client_flow = None
+        if state == PEEKING:
+            c.host_key = b""
+            waiting.append(c)
+        else:
+            # Bound to a host: its key, as Tracker makes it (host + prefix::client + ports).
+            c.host_key = host_key = host + src6 + target_ports[_target] + pack_port(host_sport)
+            hosts[host_key] = c
+        by_row.append(c)
+        seq += 1
+        timers.append((c.timer_at, seq, c))
+    tracker._timer_seq = seq
+    return skipped
+"""
+# The locals the loop uses besides the slots it sets.
+_LOOP_LOCALS = ("host", "src6", "host_sport", "delta", "ts_off", "client_ts", "host_ts", "client_sack", "c2h_shift",
+                "h2c_shift", "client_mss", "host_wscale", "client_isn", "host_isn")
+
+
+def _rows_back_for(names: list[str], complete: bool) -> Any:
+    """_ROWS_BACK for a file with these fields (in this order)."""
+    unpack = "(" + ", ".join(name if name in _SLOT_FORMATS else f"_{name}" for name in names) + ",)"
+    stores = "\n".join(f"        {_load_statement(name)}" for name in names if name in _SLOT_FORMATS)
+    # A slot the loop needs that the file lacks: the new connection's value (or AttributeError: damaged).
+    defaults = "\n".join(f"        {name} = c.{name}" for name in _LOOP_LOCALS if name not in names) or "        pass"
+    source = _ROWS_BACK.format(unpack=unpack, complete=complete, stores=stores, defaults=defaults)
+    namespace: dict[str, Any] = {
+        "NAN": NAN, "U16": U16, "MOD32": MOD32, "Connection": Connection, "Flow": Flow, "PEEKING": PEEKING,
+        "CONNECTING": CONNECTING, "ESTABLISHED": ESTABLISHED, "F_TIMESTAMPS": F_TIMESTAMPS, "F_SACK": F_SACK,
+        "NO_WSCALE": NO_WSCALE,
+    }
+    exec(compile(source, "<netstack.state._rows_back>", "exec"), namespace)  # noqa: S102 (our own field names)
+    return namespace["_rows_back"]
 
 
 class StateError(ValueError):
@@ -496,94 +608,23 @@ class _Loader:
         self.hellos = {int(n): (bytes.fromhex(data), ranges) for n, (data, ranges) in state.get("hellos", {}).items()}
 
     def run(self) -> int:
-        tracker, now = self.tracker, self.now
         names = self.names
-        at = {name: i for i, name in enumerate(names)}
         slots = [name for name in names if name in _SLOT_FORMATS]
         if list(names[:len(slots)]) != slots:
             raise StateError("the state file's slots must come before its table indexes")
-        fill = _loader_for(names)
-        i_addr, i_port, i_state = at["client_addr"], at["client_port"], at["state"]
-        i_listener, i_decision, i_hello_size = at["listener"], at.get("decision"), at.get("hello_size")
-        i_target, i_candidates = at.get("target"), at.get("candidates")
-        listeners, targets, candidates, outcomes = self.listeners, self.targets, self.candidates, self.outcomes
-        made_decision, decision = self.made.get, self.decision
-        # What each listener adds to a client key, and each target to a host key.
-        listener_ends = [lst.address if lst else b"" for lst in listeners]
-        listener_ports = [U16.pack(lst.port) if lst else b"" for lst in listeners]
-        target_ports = [U16.pack(t.port) for t in targets]
-        pack_port = U16.pack
-        new = Connection.__new__
-        complete = self.complete
-        hellos = self.hellos
-        by_row: list[Connection | None] = []  # for the hellos
-        waiting: list[Connection] = []  # still peeking, in the order they came
-        clients, hosts, timers = tracker.clients, tracker.hosts, tracker._timers
-        mss = tracker.config.mss
-        seq = tracker._timer_seq
-        skipped = 0
-        for values in self.row.iter_unpack(self.rows):
-            li = values[i_listener]
-            listener = listeners[li]
-            if listener is None:
-                skipped += 1
-                by_row.append(None)
-                continue
-            client_addr, client_port, state = values[i_addr], values[i_port], values[i_state]
-            if state not in (PEEKING, CONNECTING, ESTABLISHED):
-                raise ValueError(f"state {state!r}")
-            if len(client_addr) != 4:
-                raise ValueError(f"client address {client_addr.hex()!r}")
-            # As Tracker keys them: bytes 12:20 of the client's IPv4 header and 0:4 of its TCP header.
-            key = client_addr + listener_ends[li] + pack_port(client_port) + listener_ports[li]
-            if complete:
-                conn = new(Connection)
-                conn.listener = listener
-                conn.client_key = key
-                conn.hello = conn.peeker = None
-            else:
-                # An older file: what it lacks keeps a new connection's value.
-                conn = Connection(listener, client_addr, client_port, key)
-            fill(conn, values, now, outcomes)
-            d = values[i_decision] if i_decision is not None else -1
-            if d < 0:
-                conn.decision = None
-            else:
-                hello_size = values[i_hello_size] if i_hello_size is not None else None
-                conn.decision = made_decision((d, hello_size)) or decision(d, hello_size)
-            t = values[i_target] if i_target is not None else -1
-            clients[key] = conn
-            if t >= 0:
-                conn.target = targets[t]
-                c = values[i_candidates] if i_candidates is not None else -1
-                conn.candidates = candidates[c] if c >= 0 else ()
-            else:
-                conn.target = None
-                conn.candidates = ()
-            if state == ESTABLISHED:
-                _make_flows(conn, mss)
-            else:
-                conn.to_host_flow = conn.to_client_flow = None
-            if state == PEEKING:
-                conn.host_key = b""
-                waiting.append(conn)
-            else:
-                # Bound to a host: its key, as Tracker makes it (host + prefix::client + ports).
-                conn.host_key = host_key = conn.host + conn.src6 + target_ports[t] + pack_port(conn.host_sport)
-                hosts[host_key] = conn
-            by_row.append(conn)
-            seq += 1
-            timers.append((conn.timer_at, seq, conn))
-        for n, (data, ranges) in hellos.items():
-            conn = by_row[n]
+        tracker = self.tracker
+        self.by_row: list[Connection | None] = []  # for the hellos
+        self.waiting: list[Connection] = []  # still peeking, in the order they came
+        skipped = _rows_back_for(names, self.complete)(self.row.iter_unpack(self.rows), self.now, self, tracker)
+        for n, (data, ranges) in self.hellos.items():
+            conn = self.by_row[n]
             if conn is not None:
                 self._hello(conn, data, ranges)
-        for conn in waiting:
+        for conn in self.waiting:
             self._peeking(conn)
         if skipped:
             tracker.events["state_skipped"] += skipped
-        tracker._timer_seq = seq
-        heapq.heapify(timers)
+        heapq.heapify(tracker._timers)
         return self.count - skipped
 
     def parked(self) -> int:
@@ -625,52 +666,6 @@ class _Loader:
         tracker.peeking[conn.client_key] = conn
         if not conn.acked:
             tracker.half_open += 1
-
-
-_new_flow = Flow.__new__
-
-
-def _make_flows(conn: Connection, mss: int) -> None:
-    """Tracker._make_flows without Flow()'s keyword call, which costs more than all the rest of a restore.
-
-    The same two rewrites, slot by slot (a test compares them with
-    Tracker._make_flows'). delta and ts_off come from "I" fields, so they
-    are already below 2**32: the flows share those int objects rather than
-    masking them into new ones (two hundred thousand flows are felt in
-    memory too).
-    """
-    flags = (F_TIMESTAMPS if conn.client_ts and conn.host_ts else 0) | (F_SACK if conn.client_sack else 0)
-    delta, ts_off, listener, host = conn.delta, conn.ts_off, conn.listener, conn.host
-    up = _new_flow(Flow)
-    up.src = conn.src6
-    up.dst = host
-    up.family = 4 if len(host) == 4 else 6
-    up.sport = conn.host_sport
-    up.dport = conn.target.port
-    up.seq_add = up.tsval_add = up.start_ns = up.ack_max = up.seq_next = up.window = up.window_max = 0
-    up.packets = up.bytes = up.last_seen = 0
-    up.ack_add = delta
-    up.tsecr_add = ts_off
-    up.wscale_shift = conn.c2h_shift
-    up.mss = mss
-    up.flags = flags | (NO_WSCALE if conn.client_wscale is None else conn.client_wscale)
-    up.seq_base = (conn.client_isn + 1) & MOD32
-    down = _new_flow(Flow)
-    down.src = listener.address
-    down.dst = conn.client_addr
-    down.family = 4
-    down.sport = listener.port
-    down.dport = conn.client_port
-    down.ack_add = down.tsecr_add = down.start_ns = down.ack_max = down.seq_next = down.window = 0
-    down.window_max = down.packets = down.bytes = down.last_seen = 0
-    down.seq_add = -delta & MOD32
-    down.tsval_add = -ts_off & MOD32
-    down.wscale_shift = conn.h2c_shift
-    down.mss = conn.client_mss
-    down.flags = flags | conn.host_wscale
-    down.seq_base = (conn.host_isn + 1) & MOD32
-    conn.to_host_flow = up
-    conn.to_client_flow = down
 
 
 def _rebuild_peeker(tracker: Tracker, conn: Connection) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from netstack.peek import Decision
 from netstack.reassembly import StreamBuffer
-from netstack.state import FIELDS, PARKED_FIELDS, VERSION, StateError, _make_flows, decode, encode, restore, snapshot
+from netstack.state import FIELDS, PARKED_FIELDS, VERSION, StateError, decode, encode, restore, snapshot
 from netstack.tracker import CONNECTING, ESTABLISHED, PEEKING, Connection, Target, Tracker, TrackerConfig
 from tests.test_tracker import CHROME, CHROME_META, LISTENERS, PREFIX, Box, Walk, resolve
 
@@ -308,13 +308,12 @@ def test_2000_connections_of_every_kind_come_back_as_they_were():
 
 
 def test_the_rewrites_are_made_as_the_tracker_makes_them():
-    box = mixed_box(300, seed=8)
-    for conn in box.tracker.clients.values():
+    new = restart(mixed_box(300, seed=8))
+    for conn in new.tracker.clients.values():
         if conn.__class__ is Connection and conn.state == ESTABLISHED:
-            up, down = conn.to_host_flow, conn.to_client_flow
-            _make_flows(conn, box.tracker.config.mss)
-            assert (conn.to_host_flow, conn.to_client_flow) == (up, down)
-            assert conn.to_host_flow is not up
+            restored = conn.to_host_flow, conn.to_client_flow
+            new.tracker._make_flows(conn)
+            assert (conn.to_host_flow, conn.to_client_flow) == restored
 
 
 def test_a_version_2_file_as_the_previous_kracauer_wrote_it_is_still_read():
@@ -393,10 +392,11 @@ def test_unknown_fields_and_other_formats_are_refused():
         restore(Box().tracker, other, 0.0)
 
 
-def test_a_field_the_file_lacks_keeps_the_new_connections_default():
+@pytest.mark.parametrize("lacking", ["hello_segments", "ts_off"])
+def test_a_field_the_file_lacks_keeps_the_new_connections_default(lacking):
     saved = through_a_file(snapshot(established_box(2).tracker, 1000.0))
     fields = [tuple(field) for field in saved["fields"]]
-    at = fields.index(("hello_segments", "I"))
+    at = [name for name, _ in fields].index(lacking)
     old, new = struct.Struct("<" + "".join(f for _, f in fields)), \
         struct.Struct("<" + "".join(f for i, (_, f) in enumerate(fields) if i != at))
     saved["rows"] = b"".join(new.pack(*(v for i, v in enumerate(values) if i != at))
@@ -404,7 +404,9 @@ def test_a_field_the_file_lacks_keeps_the_new_connections_default():
     saved["fields"] = [list(field) for i, field in enumerate(fields) if i != at]
     fresh = Box().tracker
     assert restore(fresh, saved, 0.0) == 2
-    assert all(conn.hello_segments == 0 and conn.state == ESTABLISHED for conn in fresh.clients.values())
+    assert all(getattr(conn, lacking) == 0 and conn.state == ESTABLISHED for conn in fresh.clients.values())
+    # The rewrites are made with that value too.
+    assert all(conn.to_host_flow.tsecr_add == conn.ts_off for conn in fresh.clients.values())
 
 
 def test_a_restored_copy_translates_like_the_original():
