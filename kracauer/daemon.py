@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import errno
 import ipaddress
-import json
 import logging
 import logging.handlers
 import os

@@ -14,18 +14,20 @@ The format (version 3) is one line of JSON, the header, then binary sections
 whose names and sizes the header lists, in order (``encode``, ``decode``):
 
     {"version": 3,
-     "fields": [["client_addr", "5p"], ["client_port", "H"], ..., ["listener", "H"], ["decision", "i"], ...],
+     "fields": [["client_addr", "5p"], ["client_port", "H"], ..., ["listener", "H"], ["decision", "i"],
+                ["hello_size", "I"], ["target", "i"], ["candidates", "i"]],
      "count": 2,
-     "parked_fields": [["key", "12s"], ["decision", "i"], ["target", "i"], ["host", "17p"], ...],
+     "parked_fields": [["key", "12s"], ["decision", "i"], ["hello_size", "I"], ["target", "i"], ["host", "17p"],
+                       ["hello_segments", "I"], ["connect_time", "d"]],
      "parked_count": 1,
      "listeners": [["c000020a", 443]],
      "targets": [[["20010db8000000000000000000000010"], 443, "www.example.com"]],
-     "decisions": [["www.example.com", ["h2", "http/1.1"], 1758, 1, "refused_unknown_name"]],
+     "decisions": [["www.example.com", ["h2", "http/1.1"], 1, "refused_unknown_name"]],
      "candidates": [[]],
      "outcomes": [""],
      "hellos": [[row, size, [[0, 900]]], ...],
      "health": [[host, port, fails, seconds left]],
-     "sections": [["rows", 502], ["parked", 49], ["hello_data", 900]]}\n
+     "sections": [["rows", 538], ["parked", 53], ["hello_data", 900]]}\n
     <rows: count fixed-size little-endian rows, one per connection, laid out as "fields" says>
     <parked: parked_count rows, one per connection the kernel carries, as "parked_fields" says>
     <hello_data: the buffered hellos, one after the other, as "hellos" says>
@@ -34,7 +36,8 @@ The field names and their ``struct`` formats are written once; the rows are
 raw bytes (numbers as JSON text, or base64, would cost several times the
 space and time: 100 000 connections are some five million values). Values
 that many connections share (listeners, targets, decisions, outcomes, host
-orders) are kept once in tables that a row refers to by index.
+orders) are kept once in tables that a row refers to by index; a decision's
+hello size, which differs from one client to the next, is in the row.
 
 Connections the kernel carries (parked, see netstack.tracker) are saved with
 only what the kernel's flow map lacks (decision, target, host, hello segments,
@@ -45,9 +48,9 @@ In a row, -1 is "none" for an index and a window scale, NaN for a time or the
 connect time. A field the reader does not know or knows with another format,
 a damaged table or section, or a version other than 3 and 2 is an error
 (StateError), never a half-restored table; a field the file lacks keeps the
-value a new connection has. Version 2 (kracauer before this format: the same
-rows, base64-encoded inside one JSON object, the parked connections and hellos
-as JSON lists) is still read.
+value a new connection has. Version 2 (kracauer before this format: rows of the same
+kind, without hello_size, base64-encoded inside one JSON object, the parked
+connections and hellos as JSON lists) is still read.
 """
 
 from __future__ import annotations
