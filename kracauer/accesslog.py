@@ -77,6 +77,9 @@ class JsonRecordFormatter(logging.Formatter):
     """Formats the log records AccessLog makes (they carry a ConnectionRecord) as one JSON line."""
 
     def format(self, record: logging.LogRecord) -> str:
+        line = getattr(record, "line", None)
+        if line is not None:
+            return line  # formatted by a worker (kracauer/worker.py)
         conn = getattr(record, "connection", None)
         if conn is None:
             return json.dumps({"message": record.getMessage()})
@@ -141,6 +144,12 @@ class AccessLog:
         entry = logging.LogRecord("kracauer.access", logging.INFO, "", 0, "", None, None)
         entry.connection = record
         entry.start_wall = record.start + wall_offset
+        self._producer.handle(entry)
+
+    def write_line(self, line: str) -> None:
+        """Queue a line a worker formatted (one JSON object, no newline)."""
+        entry = logging.LogRecord("kracauer.access", logging.INFO, "", 0, "", None, None)
+        entry.line = line
         self._producer.handle(entry)
 
     def close(self) -> None:

@@ -71,6 +71,14 @@ class TunConfig:
     mtu: int = 1500              # MTU of the IPv6 path to the hosts; 1280..65535 (RFC 8200 section 5)
     offload: bool = True         # IFF_VNET_HDR with TSO/checksum offloads: 64 KiB super-packets
     user: str | None = None      # drop to this user (and its group), with no capabilities, once set up
+    # Worker processes, one per TUN queue; None ("auto"): one per CPU this process may run on.
+    workers: int | None = None
+
+    def worker_count(self) -> int:
+        """The number of workers to run: `workers`, or one per usable CPU."""
+        if self.workers is not None:
+            return self.workers
+        return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
 
 
 def _all_hosts(obj) -> None:
@@ -424,7 +432,9 @@ _LOG_KEYS = ("access", "level")
 _METRICS_KEYS = ("listen",)
 _STATE_KEYS = ("file",)
 _HEALTH_KEYS = ("max_fails", "fail_timeout")
-_TUN_KEYS = ("name", "mtu", "offload", "user")
+_TUN_KEYS = ("name", "mtu", "offload", "user", "workers")
+# A TUN has at most 256 queues (drivers/net/tun.c, MAX_TAP_QUEUES).
+MAX_WORKERS = 256
 _TRANSLATE_KEYS = ("prefix",)
 _LISTEN_KEYS = ("address", "port", "protocol", "host", "prefix")
 _ROUTE_KEYS = ("name", "host", "port", "alpn")
@@ -659,7 +669,15 @@ class _Validator:
             user = self.string(table["user"], ("tun", "user"))
             if not user or any(c.isspace() or c == ":" for c in user):
                 raise self.error(("tun", "user"), f"expected a user name, got {_quote(user)}")
-        return TunConfig(name=name, mtu=mtu, offload=offload, user=user)
+        workers = defaults.workers
+        if "workers" in table:
+            value = table["workers"]
+            if value != "auto":
+                if isinstance(value, str):
+                    raise self.error(("tun", "workers"), f'expected "auto" or an integer from 1 to {MAX_WORKERS}, '
+                                                         f"got {_describe(value)}")
+                workers = self.integer(value, ("tun", "workers"), 1, MAX_WORKERS)
+        return TunConfig(name=name, mtu=mtu, offload=offload, user=user, workers=workers)
 
     def translate(self, doc: dict) -> ipaddress.IPv6Network:
         table = self.table(doc, ("translate",), _TRANSLATE_KEYS, required=True)

@@ -311,6 +311,8 @@ class Daemon:
         self._next_sync = 0.0
         self._next_status = 0.0
         self._next_watchdog: float | None = None
+        # Descriptors the loop also waits on, and what to call when one is readable (a worker's channel).
+        self._extra_fds: dict[int, Callable[[], None]] = {}
 
     # -- start and stop ------------------------------------------------------
 
@@ -320,10 +322,7 @@ class Daemon:
         # pyroute2 and asyncio chatter at debug level about every netlink message.
         for noisy in ("pyroute2", "asyncio"):
             logging.getLogger(noisy).setLevel(max(logging.getLogger(noisy).getEffectiveLevel(), logging.INFO))
-        config = self.config
-        check_forwarding()
-        if config.state is not None:
-            check_state_directory(config.state.file, config.tun.user)
+        self._preflight()
         # Signals are taken from here on: one that arrives during set-up (which
         # loads a BPF program and may take a moment) stops the loop before it starts.
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -339,50 +338,17 @@ class Daemon:
 
         try:
             self._start_outputs()
-            saved = self._read_saved_state()
-            addresses = sorted({lst.address for lst in config.listeners})
-            self.tun = open_tun(
-                config.tun.name,
-                config.tun.mtu,
-                [ipaddress.IPv4Network(a) for a in addresses],
-                sorted({config.prefix} | {lst.prefix for lst in config.listeners if lst.prefix}),
-                offload=config.tun.offload,
-                persist=self.persist,
-            )
-            self.kernel = self._start_kernel_path()
-            self._restore(saved)
-            if self.kernel is None:
-                self._take_back()
-            self._adopt_kernel_flows()
-            if config.tun.user:
-                drop_privileges(config.tun.user)
-                self.tun.privileged = False
-            if self._restored_from is not None:
-                try:
-                    os.unlink(self._restored_from)
-                except OSError as exc:
-                    log.warning("could not remove the state file %s after restoring it: %s", self._restored_from, exc)
+            self._set_up()
         except BaseException:
-            if self.kernel is not None:
-                self.kernel.close(keep=self.tun is not None and self.tun.attached and self.persist)
-                self.kernel = None
-            if self.tun is not None and self.tun.fd >= 0:
-                # A device this process made goes; one it found (with connections) stays.
-                self.tun.close(keep=self.tun.attached and self.persist)
+            self._abort_set_up()
             self._stop_outputs()
             restore_signals()
             raise
         try:
-            log.info(
-                "kracauer %s running on %s: %s; prefix %s",
-                __version__,
-                self.tun.name,
-                ", ".join(f"{lst.address}:{lst.port}/{lst.protocol}" for lst in config.listeners),
-                config.prefix,
-            )
+            self._announce()
             if self.metrics is not None:
                 self.metrics.sync(self.tracker, time.monotonic(), kernel=self._kernel_stats())
-            self.notifier.ready(self._status_text())
+            self._ready()
             if self.notifier.watchdog_interval is not None:
                 self._next_watchdog = 0.0
             # Everything made at start-up lives as long as the process: keep the
@@ -393,6 +359,61 @@ class Daemon:
             restore_signals()
             self._shutdown()
         return 0
+
+    def _preflight(self) -> None:
+        """Checks before anything is made: forwarding on, the state directory writable."""
+        check_forwarding()
+        if self.config.state is not None:
+            check_state_directory(self.config.state.file, self.config.tun.user)
+
+    def _set_up(self) -> None:
+        """The TUN, the kernel path, the previous process's connections; then root is dropped."""
+        config = self.config
+        saved = self._read_saved_state()
+        addresses = sorted({lst.address for lst in config.listeners})
+        self.tun = open_tun(
+            config.tun.name,
+            config.tun.mtu,
+            [ipaddress.IPv4Network(a) for a in addresses],
+            sorted({config.prefix} | {lst.prefix for lst in config.listeners if lst.prefix}),
+            offload=config.tun.offload,
+            persist=self.persist,
+        )
+        self.kernel = self._start_kernel_path()
+        self._restore(saved)
+        if self.kernel is None:
+            self._take_back()
+        self._adopt_kernel_flows()
+        if config.tun.user:
+            drop_privileges(config.tun.user)
+            self.tun.privileged = False
+        if self._restored_from is not None:
+            try:
+                os.unlink(self._restored_from)
+            except OSError as exc:
+                log.warning("could not remove the state file %s after restoring it: %s", self._restored_from, exc)
+
+    def _abort_set_up(self) -> None:
+        """A start that failed half way: undo what it made, keep what it found."""
+        if self.kernel is not None:
+            self.kernel.close(keep=self.tun is not None and self.tun.attached and self.persist)
+            self.kernel = None
+        if self.tun is not None and self.tun.fd >= 0:
+            # A device this process made goes; one it found (with connections) stays.
+            self.tun.close(keep=self.tun.attached and self.persist)
+
+    def _announce(self) -> None:
+        config = self.config
+        log.info(
+            "kracauer %s running on %s: %s; prefix %s",
+            __version__,
+            self.tun.name,
+            ", ".join(f"{lst.address}:{lst.port}/{lst.protocol}" for lst in config.listeners),
+            config.prefix,
+        )
+
+    def _ready(self) -> None:
+        self.notifier.ready(self._status_text())
 
     # -- the kernel data path ----------------------------------------------------
 
@@ -525,14 +546,17 @@ class Daemon:
             self.metrics.close()
         self.notifier.close()
 
+    def _state_path(self) -> str:
+        return self.config.state.file
+
     def _read_saved_state(self) -> dict[str, Any] | None:
         state = self.config.state
         if state is None:
             return None
         try:
-            return read_state(state.file)
+            return read_state(self._state_path())
         except StateError as exc:
-            aside = _set_aside(state.file, ".bad")
+            aside = _set_aside(self._state_path(), ".bad")
             log.warning("%s; starting with no connections%s", exc, f" (moved to {aside})" if aside else "")
             return None
 
@@ -540,7 +564,7 @@ class Daemon:
         """Put the previous process's connections back, if it left them and the TUN."""
         if saved is None or self.config.state is None:
             return
-        path = self.config.state.file
+        path = self._state_path()
         if not self.tun.attached:
             # No TUN was left in place (a reboot, or `kracauer cleanup`): those connections are gone.
             aside = _set_aside(path, ".stale")
@@ -574,20 +598,26 @@ class Daemon:
         self._log_records()
         saved = None
         if self.persist and self.config.state is not None:
-            saved = self._save_state(self.config.state.file)
+            saved = self._save_state(self._state_path())
         keep = self.persist and saved is not None
         try:
-            if self.kernel is not None:
-                # Kept: the program stays on the persistent TUN and goes on translating until the next start.
-                self.kernel.close(keep=keep)
-                self.kernel = None
-            self.tun.close(keep=keep)
+            self._release(keep)
         finally:
             self._stop_outputs()
+        self._report_stop(keep, saved)
+
+    def _release(self, keep: bool) -> None:
+        if self.kernel is not None:
+            # Kept: the program stays on the persistent TUN and goes on translating until the next start.
+            self.kernel.close(keep=keep)
+            self.kernel = None
+        self.tun.close(keep=keep)
+
+    def _report_stop(self, keep: bool, saved: int | None) -> None:
         name = self.config.tun.name
         if keep:
             log.info("stopped; saved %s to %s; TUN %s and its routes left in place for the next start "
-                     "(`kracauer cleanup` removes them)", _connections(saved), self.config.state.file, name)
+                     "(`kracauer cleanup` removes them)", _connections(saved), self._state_path(), name)
         else:
             # Connections that already closed but linger for late retransmissions are not "active".
             active = sum(1 for conn in self.tracker.clients.values() if conn.__class__ is tuple or not conn.closing)
@@ -670,6 +700,8 @@ class Daemon:
         poller = select.epoll()
         poller.register(tun_fd, select.EPOLLIN)
         poller.register(wake_fd, select.EPOLLIN)
+        for fd in self._extra_fds:
+            poller.register(fd, select.EPOLLIN)
         max_sleep = MAX_SLEEP
         if self.notifier.watchdog_interval is not None:
             max_sleep = min(max_sleep, self.notifier.watchdog_interval)
@@ -682,8 +714,10 @@ class Daemon:
                 for fd, _ in poller.poll(timeout):
                     if fd == tun_fd:
                         self._read_packets(tun_fd)
-                    else:
+                    elif fd == wake_fd:
                         self._drain(wake_fd)
+                    else:
+                        self._extra_fds[fd]()
                 now = time.monotonic()
                 self._write(tun_fd, tracker.on_timer(now))
                 if tracker.records:
@@ -838,6 +872,20 @@ def _log_directly(listener: logging.handlers.QueueListener | None) -> None:
     _LOG_QUEUE = None
 
 
+def worker_count(config: Config) -> int:
+    """How many workers to run: ``[tun] workers``, or with "auto" one per CPU if the steering program loads."""
+    count = config.tun.worker_count()
+    if count > 1 and config.tun.workers is None:
+        from kracauer.steering import Steering, SteeringError
+
+        try:
+            Steering.load().close()
+        except SteeringError as exc:
+            log.warning("[tun] workers = \"auto\": running one worker, not %d: %s", count, exc)
+            return 1
+    return count
+
+
 def run(config: Config, keep_tun: bool = True) -> int:
     """Run kracauer with `config` in the foreground until SIGTERM or SIGINT; the exit status.
 
@@ -845,6 +893,13 @@ def run(config: Config, keep_tun: bool = True) -> int:
     """
     listener = _log_through_queue()
     try:
+        count = worker_count(config)
+        if count > 1:
+            from kracauer.supervisor import Supervisor
+
+            level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
+            return Supervisor(config, count, keep_tun=keep_tun,
+                              log_level=level if level in LOG_LEVELS else None).run()
         return Daemon(config, keep_tun=keep_tun).run()
     except (TunError, PrivilegeError, DaemonError) as exc:
         log.error("%s", exc)

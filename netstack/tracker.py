@@ -45,6 +45,7 @@ from netstack.ip import (
 )
 from netstack.peek import NEED_DATA, BadRequest, Decision, NotProtocol
 from netstack.reassembly import StreamBuffer
+from netstack.steer import queue_of
 from netstack.syncookie import SynCookies, decode_options, encode_options
 from netstack.vnet import (
     F_DATA_VALID, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6, PLAIN, TCP_CSUM_OFFSET, VNET_HEADER,
@@ -298,6 +299,13 @@ class Tracker:
         self._names: dict[Listener | bytes, str] = {}
         # Passive health per (host, port): consecutive failures and until when to skip it.
         self.health: dict[tuple[bytes, int], tuple[int, float]] = {}
+        # With several workers: each change to `health`, for the daemon to tell the other workers
+        # ((host, port), (fails, until) or None when the host answered again). None: not shared.
+        self.health_changes: list[tuple[tuple[bytes, int], tuple[int, float] | None]] | None = None
+        # With several workers (netstack.steer): this worker's queue and the number of queues.
+        # A source port kracauer picks towards a host must steer back to this worker.
+        self.queue = 0
+        self.queues = 1
         self._timers: list[tuple[float, int, Connection]] = []
         self._timer_seq = 0
         self._stale_timers = 0
@@ -764,7 +772,7 @@ class Tracker:
         for _ in range(64):
             if not self._host_key_taken(key):
                 break
-            sport = 1024 + self.random32() % (65536 - 1024)
+            sport = self._source_port(conn.client_addr)
             key = conn.host + conn.src6 + U16.pack(port) + U16.pack(sport)
         else:
             self._finish(conn, "no_source_port", now)
@@ -776,12 +784,27 @@ class Tracker:
         conn.host_start = now
         return self._connect_attempt(conn, now)
 
+    def _source_port(self, client: bytes) -> int:
+        """A random source port towards a host; with several workers, one that steers back to this one.
+
+        The host's answers steer by (client, destination port) (netstack.steer):
+        1 port in `queues` does, so a few tries find one.
+        """
+        sport = 1024 + self.random32() % (65536 - 1024)
+        for _ in range(16 * self.queues):
+            if self.queues <= 1 or queue_of(client, sport, self.queues) == self.queue:
+                break
+            sport = 1024 + self.random32() % (65536 - 1024)
+        return sport
+
     def _host_failed(self, conn: Connection, outcome: str, now: float) -> list[bytearray]:
         """The current host refused or did not answer: try the next one, or reset the client."""
         key = (conn.host, conn.target.port)
         fails = self.health.get(key, (0, 0.0))[0] + 1
         skip_until = now + self.config.fail_timeout if fails >= self.config.max_fails else 0.0
         self.health[key] = (fails, skip_until)
+        if self.health_changes is not None:
+            self.health_changes.append((key, (fails, skip_until)))
         if skip_until:
             self.events["host_marked_down"] += 1
         if conn.candidates and now < conn.connect_start + self.config.connect_timeout:
@@ -831,7 +854,8 @@ class Tracker:
             return self._drop("bad_checksum")
         self._splice(conn, segment, tcp, now)
         conn.connect_time = now - conn.connect_start
-        self.health.pop((conn.host, conn.target.port), None)
+        if self.health.pop((conn.host, conn.target.port), None) is not None and self.health_changes is not None:
+            self.health_changes.append(((conn.host, conn.target.port), None))
         return self._replay(conn, now)
 
     def _splice(self, conn: Connection, segment: memoryview, tcp: TcpHeader, now: float) -> None:

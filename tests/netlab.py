@@ -259,6 +259,26 @@ def lab_kernel_path() -> str:
     return mode
 
 
+def lab_workers() -> int | None:
+    """KRACAUER_LAB_WORKERS=N: run kracauer with [tun] workers = N where a config does not say (unset: its default)."""
+    value = os.environ.get("KRACAUER_LAB_WORKERS")
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise LabError(f"KRACAUER_LAB_WORKERS must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def with_workers(config_text: str, workers: int) -> str:
+    """``config_text`` with ``[tun] workers = N`` unless it sets workers itself."""
+    config = tomllib.loads(config_text)
+    if "workers" in config.get("tun", {}):
+        return config_text
+    if "tun" not in config:
+        return config_text + f"\n[tun]\nworkers = {workers}\n"
+    return re.sub(r"^\[tun\][ \t]*$", f"[tun]\nworkers = {workers}", config_text, count=1, flags=re.M)
+
+
 def _mount_bpffs(path: pathlib.Path) -> None:
     """A bpffs for kracauer's pinned maps, mounted in the root mount namespace.
 
@@ -809,6 +829,9 @@ class Lab:
             config = None
         if config is not None and "kernel_path" not in config:
             config_text = self.with_kernel_path(config_text)
+            config = tomllib.loads(config_text)
+        if config is not None and lab_workers() is not None:
+            config_text = with_workers(config_text, lab_workers())
             config = tomllib.loads(config_text)
         config_path.write_text(config_text)
         err = open(stderr_path, "wb")
