@@ -237,6 +237,19 @@ def _set_aside(path: str, suffix: str) -> str | None:
         return None
 
 
+def saved_shards(path: str) -> list[str]:
+    """The state files a previous kracauer left: its single file, and its workers' shards (``<path>.<index>``)."""
+    found = [path] if os.path.exists(path) else []
+    prefix = os.path.basename(path) + "."
+    try:
+        names = os.listdir(os.path.dirname(path) or ".")
+    except OSError:
+        return found
+    shards = [name for name in names if name.startswith(prefix) and name[len(prefix):].isdigit()]
+    return found + [os.path.join(os.path.dirname(path), name)
+                    for name in sorted(shards, key=lambda name: int(name[len(prefix):]))]
+
+
 def check_state_directory(path: str, user: str | None) -> None:
     """DaemonError unless the state file's directory exists and is writable by whoever writes it at exit.
 
@@ -303,7 +316,7 @@ class Daemon:
         self.metrics: Metrics | None = Metrics(self.tracker) if config.metrics is not None else None
         self.access_log: AccessLog | None = None
         self.restored = 0
-        self._restored_from: str | None = None
+        self._restored_from: list[str] = []
         self._errors = 0
         self._last_error_log = 0.0
         self._buf = bytearray(HEADROOM + FRAME_MAX)
@@ -369,7 +382,9 @@ class Daemon:
     def _set_up(self) -> None:
         """The TUN, the kernel path, the previous process's connections; then root is dropped."""
         config = self.config
-        saved = self._read_saved_state()
+        # The state file, or the shards a kracauer with several workers left: one worker takes them all.
+        paths = saved_shards(config.state.file) if config.state is not None and self.persist else []
+        saved = [(path, self._read_saved_state(path)) for path in paths]
         addresses = sorted({lst.address for lst in config.listeners})
         self.tun = open_tun(
             config.tun.name,
@@ -380,18 +395,19 @@ class Daemon:
             persist=self.persist,
         )
         self.kernel = self._start_kernel_path()
-        self._restore(saved)
+        for path, data in saved:
+            self._restore(data, path, keep=(lambda addr, port: True) if len(saved) > 1 else None)
         if self.kernel is None:
             self._take_back()
         self._adopt_kernel_flows()
         if config.tun.user:
             drop_privileges(config.tun.user)
             self.tun.privileged = False
-        if self._restored_from is not None:
+        for path in self._restored_from:
             try:
-                os.unlink(self._restored_from)
+                os.unlink(path)
             except OSError as exc:
-                log.warning("could not remove the state file %s after restoring it: %s", self._restored_from, exc)
+                log.warning("could not remove the state file %s after restoring it: %s", path, exc)
 
     def _abort_set_up(self) -> None:
         """A start that failed half way: undo what it made, keep what it found."""
@@ -549,22 +565,24 @@ class Daemon:
     def _state_path(self) -> str:
         return self.config.state.file
 
-    def _read_saved_state(self) -> dict[str, Any] | None:
-        state = self.config.state
-        if state is None:
+    def _read_saved_state(self, path: str | None = None) -> dict[str, Any] | None:
+        """One state file's content (None: there is none, or it is unreadable and set aside)."""
+        if self.config.state is None:
             return None
+        path = path or self._state_path()
         try:
-            return read_state(self._state_path())
+            return read_state(path)
         except StateError as exc:
-            aside = _set_aside(self._state_path(), ".bad")
+            aside = _set_aside(path, ".bad")
             log.warning("%s; starting with no connections%s", exc, f" (moved to {aside})" if aside else "")
             return None
 
-    def _restore(self, saved: dict[str, Any] | None) -> None:
-        """Put the previous process's connections back, if it left them and the TUN."""
+    def _restore(self, saved: dict[str, Any] | None, path: str | None = None,
+                 keep: Callable[[bytes, int], bool] | None = None) -> None:
+        """Put the previous process's connections back (those `keep` accepts), if it left them and the TUN."""
         if saved is None or self.config.state is None:
             return
-        path = self._state_path()
+        path = path or self._state_path()
         if not self.tun.attached:
             # No TUN was left in place (a reboot, or `kracauer cleanup`): those connections are gone.
             aside = _set_aside(path, ".stale")
@@ -576,17 +594,19 @@ class Daemon:
         gap = 0.0
         if isinstance(saved_at, (int, float)):
             gap = min(max(time.time() - saved_at, 0.0), 86400.0)
+        skipped_before = self.tracker.events.get("state_skipped", 0)
         try:
             # The time between the save and now passed for every connection: their ages grow by it.
-            self.restored = restore(self.tracker, saved, now - gap)
+            restored = restore(self.tracker, saved, now - gap, keep)
         except StateError as exc:
             aside = _set_aside(path, ".bad")
             log.warning("state file %s not restored: %s%s", path, exc, f" (moved to {aside})" if aside else "")
             return
+        self.restored += restored
         # Removed once kracauer is up (see run()), so that a failed start leaves it for the next try.
-        self._restored_from = path
-        skipped = self.tracker.events.get("state_skipped", 0)
-        log.info("restored %s from %s (saved %.1f s ago)%s", _connections(self.restored), path, gap,
+        self._restored_from.append(path)
+        skipped = self.tracker.events.get("state_skipped", 0) - skipped_before
+        log.info("restored %s from %s (saved %.1f s ago)%s", _connections(restored), path, gap,
                  f"; {skipped} skipped (their listener is gone)" if skipped else "")
         if self.metrics is not None:
             self.metrics.restored.set(self.restored)

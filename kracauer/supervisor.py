@@ -25,13 +25,11 @@ The supervisor owns
 
 from __future__ import annotations
 
-import glob
 import ipaddress
 import json
 import logging
 import os
 import platform
-import re
 import select
 import signal
 import subprocess
@@ -48,7 +46,7 @@ from kracauer import __version__
 from kracauer.config import Config, ConfigError, parse_config
 from kracauer.daemon import (
     LOG_LEVELS, SYNC_INTERVAL, STATUS_INTERVAL, Daemon, DaemonError, _connections, _set_aside, check_state_directory,
-    restart_needed,
+    restart_needed, saved_shards,
 )
 from kracauer.metrics import _Snapshot, _TrackerCollector
 from kracauer.steering import Steering, SteeringError
@@ -151,13 +149,15 @@ class _SupervisorCollector:
                                    "(at its last report, once a second)", labels=["worker"])
         opened = CounterMetricFamily("kracauer_worker_connections_opened", "Connections the worker accepted "
                                      "since it started", labels=["worker"])
+        pid = GaugeMetricFamily("kracauer_worker_pid", "The worker's process id (0: not running)", labels=["worker"])
         for w in sup.workers:
             label = [str(w.index)]
             up.add_metric(label, 1 if w.ready and w.proc is not None and w.proc.poll() is None else 0)
             restarts.add_metric(label, w.restarts)
             active.add_metric(label, w.status.get("connections", 0))
             opened.add_metric(label, w.status.get("opened", 0))
-        yield from (up, restarts, active, opened)
+            pid.add_metric(label, w.proc.pid if w.proc is not None and w.proc.poll() is None else 0)
+        yield from (up, restarts, active, opened, pid)
 
 
 class _MergedCollector:
@@ -167,14 +167,6 @@ class _MergedCollector:
     def collect(self) -> Iterator[Any]:
         texts = [w.metrics_text for w in self.metrics.supervisor.workers if w.metrics_text]
         yield from merge_expositions(self.metrics.own.collect(), texts)
-
-
-def saved_shards(path: str) -> list[str]:
-    """The state files a previous kracauer left: its single file and its workers' shards."""
-    found = [path] if os.path.exists(path) else []
-    pattern = re.compile(re.escape(os.path.basename(path)) + r"\.\d+$")
-    shards = [p for p in glob.glob(glob.escape(path) + ".*") if pattern.match(os.path.basename(p))]
-    return found + sorted(shards, key=lambda p: int(p.rsplit(".", 1)[1]))
 
 
 class Supervisor(Daemon):

@@ -35,12 +35,12 @@ from typing import Any
 from kracauer import __version__
 from kracauer.accesslog import record_fields
 from kracauer.config import Config, ConfigError, parse_config
-from kracauer.daemon import Daemon, DaemonError, _connections, read_state
+from kracauer.daemon import Daemon, DaemonError, _connections
 from kracauer.privileges import drop_privileges
 from kracauer.systemd import Notifier
 from kracauer.tun import Tun
 from kracauer.workers import HEALTH, LOG, METRICS, READY, RELOAD, RELOADED, STATUS, Channel
-from netstack.state import StateError, adopt, restore
+from netstack.state import adopt
 from netstack.steer import flow_key_owner
 from netstack.syncookie import SynCookies
 
@@ -174,24 +174,8 @@ class Worker(Daemon):
 
     def _restore_shard(self, path: str, now: float) -> None:
         """Restore the connections of one state file that steer to this worker."""
-        try:
-            saved = read_state(path)
-        except StateError as exc:
-            log.warning("worker %d: %s; its connections are not restored", self.setup.index, exc)
-            return
-        if saved is None:
-            return
-        saved_at = saved.get("saved_at")
-        gap = min(max(time.time() - saved_at, 0.0), 86400.0) if isinstance(saved_at, (int, float)) else 0.0
-        try:
-            n = restore(self.tracker, saved, now - gap, keep=self._mine_client)
-        except StateError as exc:
-            log.warning("worker %d: state file %s not restored: %s", self.setup.index, path, exc)
-            return
-        self.restored += n
-        if self.metrics is not None:
-            self.metrics.restored.set(self.restored)
-            self.metrics.skip_existing(now)
+        self._restore(self._read_saved_state(path), path, keep=self._mine_client)
+        self._restored_from = []  # the supervisor removes the files once every worker has read them
 
     def _mine_client(self, client: bytes, port: int) -> bool:
         from netstack.steer import queue_of
