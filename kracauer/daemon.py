@@ -109,8 +109,13 @@ def build_resolver(config: Config) -> Resolver:
     return resolve
 
 
-def tracker_config(config: Config) -> TrackerConfig:
+def tracker_config(config: Config, workers: int = 1) -> TrackerConfig:
+    """The tracker's settings; with several workers, each gets its share of the box-wide limits."""
     limits = config.limits
+
+    def share(limit: int) -> int:
+        return max(1, -(-limit // workers))
+
     return TrackerConfig(
         prefix=config.prefix.network_address.packed[:12],
         mtu=config.tun.mtu,
@@ -120,9 +125,9 @@ def tracker_config(config: Config) -> TrackerConfig:
         host_try_timeout=limits.host_try_timeout,
         idle_timeout=limits.idle_timeout,
         vnet=config.tun.offload,
-        max_connections=limits.max_connections,
-        max_peeking=limits.max_peeking,
-        syn_backlog=limits.syn_backlog,
+        max_connections=share(limits.max_connections),
+        max_peeking=share(limits.max_peeking),
+        syn_backlog=share(limits.syn_backlog),
         max_fails=config.health.max_fails,
         fail_timeout=config.health.fail_timeout,
     )
@@ -372,6 +377,9 @@ class Daemon:
             restore_signals()
             self._shutdown()
         return 0
+
+    def _tracker_config(self, config: Config) -> TrackerConfig:
+        return tracker_config(config)
 
     def _preflight(self) -> None:
         """Checks before anything is made: forwarding on, the state directory writable."""
@@ -694,7 +702,7 @@ class Daemon:
         if new.log.access != self.config.log.access:
             access_log = self._open_access_log(new.log.access) if new.log.access is not None else None
         try:
-            self.tracker.reconfigure(tracker_config(new), build_resolver(new))
+            self.tracker.reconfigure(self._tracker_config(new), build_resolver(new))
         except ValueError as exc:  # the checks above should have caught it
             log.error("reload refused, the running configuration stays: %s", exc)
             if access_log is not self.access_log and access_log is not None:
@@ -708,9 +716,12 @@ class Daemon:
             # Only a changed [log] level applies, so that --log-level stays in force otherwise.
             logging.getLogger().setLevel(LOG_LEVELS[new.log.level])
         self.config = new
+        self._report_reload(new)
+        return True
+
+    def _report_reload(self, new: Config) -> None:
         log.info("reloaded %s: %d routes, fallback %s; connections already bound keep their host",
                  new.source, len(new.routes), "yes" if new.fallback is not None else "no")
-        return True
 
     # -- the loop ------------------------------------------------------------
 
@@ -937,11 +948,12 @@ def cleanup(config: Config) -> list[str]:
     if remove_pins(pin_dir):
         done.append(f"removed the kernel path's pinned maps in {pin_dir}")
     if config.state is not None:
-        try:
-            os.unlink(config.state.file)
-            done.append(f"removed the state file {config.state.file} (its connections are abandoned)")
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise DaemonError(f"cannot remove the state file {config.state.file}: {exc.strerror or exc}") from None
+        for path in saved_shards(config.state.file):
+            try:
+                os.unlink(path)
+                done.append(f"removed the state file {path} (its connections are abandoned)")
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise DaemonError(f"cannot remove the state file {path}: {exc.strerror or exc}") from None
     return done

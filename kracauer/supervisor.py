@@ -481,8 +481,9 @@ class Supervisor(Daemon):
         for w in self.workers:
             if w.channel is not None:
                 w.channel.send_json(RELOAD, {"text": text, "source": str(new.source)})
-        log.info("reloaded %s: %d routes, fallback %s; handed to %d workers", new.source, len(new.routes),
-                 "yes" if new.fallback is not None else "no", self.count)
+        log.info("reloaded %s: %d routes, fallback %s; connections already bound keep their host "
+                 "(handed to %d workers)", new.source, len(new.routes), "yes" if new.fallback is not None else "no",
+                 self.count)
         return True
 
     # -- stop -------------------------------------------------------------------------
@@ -501,9 +502,10 @@ class Supervisor(Daemon):
             self._stop_outputs()
         name = self.config.tun.name
         if keep:
-            log.info("stopped; %d workers saved their connections to %s.<worker>; TUN %s and its routes left in "
-                     "place for the next start (`kracauer cleanup` removes them)", self.count,
-                     self.config.state.file, name)
+            saved = sum(w.status.get("saved") or 0 for w in self.workers)
+            log.info("stopped; saved %s to %s.0 to .%d (one file per worker); TUN %s and its routes left in "
+                     "place for the next start (`kracauer cleanup` removes them)", _connections(saved),
+                     self.config.state.file, self.count - 1, name)
         else:
             log.info("stopped; TUN %s and its routes removed", name)
 

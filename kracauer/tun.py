@@ -359,6 +359,12 @@ def open_tun(name: str, mtu: int, ipv4_routes: list[ipaddress.IPv4Network],
     queue. A single-queue device cannot become multi-queue while it exists.
     """
     found = check_existing(name)
+    if found is not None and queues > 1 and not found.multi_queue and not persist:
+        # Without [state] nothing of it could be carried over anyway: make it anew, multi-queue.
+        remove_tun(name)
+        log.warning("removed the single-queue TUN %s left by an earlier kracauer: %d workers need a multi-queue "
+                    "one", name, queues)
+        found = None
     existed = found is not None
     multi_queue = queues > 1 or (found is not None and found.multi_queue)
     if found is not None and queues > 1 and not found.multi_queue:

@@ -35,7 +35,8 @@ from typing import Any
 from kracauer import __version__
 from kracauer.accesslog import record_fields
 from kracauer.config import Config, ConfigError, parse_config
-from kracauer.daemon import Daemon, DaemonError, _connections
+from kracauer.daemon import Daemon, DaemonError, _connections, tracker_config
+from netstack.tracker import TrackerConfig
 from kracauer.privileges import drop_privileges
 from kracauer.systemd import Notifier
 from kracauer.tun import Tun
@@ -126,6 +127,7 @@ class Worker(Daemon):
         self.channel = channel
         self.persist = setup.persist
         tracker = self.tracker
+        tracker.reconfigure(self._tracker_config(config), tracker.resolve)
         tracker.queue, tracker.queues = setup.index, setup.count
         tracker.health_changes = []
         tracker.cookies = SynCookies(bytes.fromhex(setup.secret))
@@ -133,6 +135,13 @@ class Worker(Daemon):
         self.save_failed = False
 
     # -- the daemon's edges, replaced ------------------------------------------------
+
+    def _tracker_config(self, config: Config) -> TrackerConfig:
+        # [limits] are the box's: each worker holds its share.
+        return tracker_config(config, self.setup.count)
+
+    def _report_reload(self, new: Config) -> None:
+        log.debug("worker %d reloaded %s", self.setup.index, new.source)
 
     def _preflight(self) -> None:
         pass  # the supervisor checked forwarding and the state directory
@@ -221,6 +230,7 @@ class Worker(Daemon):
     def _save_state(self, path: str) -> int | None:
         saved = super()._save_state(path)
         self.save_failed = saved is None
+        self.channel.send_json(STATUS, {"connections": len(self.tracker), "saved": saved, "restored": self.restored})
         return saved
 
     def _release(self, keep: bool) -> None:
