@@ -110,7 +110,8 @@ def build_resolver(config: Config) -> Resolver:
 
 
 def tracker_config(config: Config, workers: int = 1) -> TrackerConfig:
-    """The tracker's settings; with several workers, each gets its share of the box-wide limits."""
+    """The tracker's settings; with several workers, each gets its share of the box-wide peeking and
+    half-open limits (max_connections is checked against every worker's count: Tracker.elsewhere)."""
     limits = config.limits
 
     def share(limit: int) -> int:
@@ -125,7 +126,7 @@ def tracker_config(config: Config, workers: int = 1) -> TrackerConfig:
         host_try_timeout=limits.host_try_timeout,
         idle_timeout=limits.idle_timeout,
         vnet=config.tun.offload,
-        max_connections=share(limits.max_connections),
+        max_connections=limits.max_connections,
         max_peeking=share(limits.max_peeking),
         syn_backlog=share(limits.syn_backlog),
         max_fails=config.health.max_fails,
@@ -749,6 +750,7 @@ class Daemon:
                         self._drain(wake_fd)
                     else:
                         self._extra_fds[fd]()
+                self._after_poll()
                 now = time.monotonic()
                 self._write(tun_fd, tracker.on_timer(now))
                 if tracker.records:
@@ -762,6 +764,9 @@ class Daemon:
                     self._next_watchdog = now + self.notifier.watchdog_interval
         finally:
             poller.close()
+
+    def _after_poll(self) -> None:
+        """After each round of packets (a worker shares its table size here)."""
 
     def _tick(self, now: float) -> None:
         """Once a second: counters for the metrics thread, and the status line for systemd."""

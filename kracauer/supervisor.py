@@ -54,7 +54,7 @@ from kracauer.systemd import Notifier
 from kracauer.tun import add_routes, open_tun
 from kracauer.worker import EXIT_OK, INIT, state_shard
 from kracauer.workers import (
-    HEALTH, LOG, METRICS, READY, RELOAD, RELOADED, STATUS, Channel, channel_pair, merge_expositions,
+    HEALTH, LOG, METRICS, READY, RELOAD, RELOADED, STATUS, Channel, TableCounts, channel_pair, merge_expositions,
 )
 
 log = logging.getLogger("kracauer")
@@ -181,6 +181,7 @@ class Supervisor(Daemon):
         self.workers = [WorkerHandle(i) for i in range(count)]
         # Shared by every worker (and every restart of one): any worker takes any cookie.
         self.secret = os.urandom(32)
+        self.counts = TableCounts.create(count)
         self.steering: Steering | None = None
         self.text = ""
         self._restore_files: list[str] = []
@@ -245,13 +246,14 @@ class Supervisor(Daemon):
         queue_fd = tun.queue_fds[w.index]
         flows_fd = self.kernel.flows.map.fd if self.kernel is not None else -1
         leftover_fd = self._leftover_flows.map.fd if self._leftover_flows is not None else -1
-        fds = [worker_end.fileno(), queue_fd] + [fd for fd in (flows_fd, leftover_fd) if fd >= 0]
+        fds = [worker_end.fileno(), queue_fd, self.counts.fd] + [fd for fd in (flows_fd, leftover_fd) if fd >= 0]
+        self.counts.set(w.index, 0)  # a worker that died held nothing any more
         setup = {
             "index": w.index, "count": self.count, "supervisor": os.getpid(), "text": self.text,
             "source": str(self.config.source), "log_level": self.log_level, "tun_fd": queue_fd,
             "tun_name": tun.name, "tun_index": tun.index, "offload": tun.offload, "persist": self.persist,
             "attached": tun.attached, "flows_fd": flows_fd, "leftover_fd": leftover_fd, "secret": self.secret.hex(),
-            "restore": list(restore), "adopt": adopt,
+            "restore": list(restore), "adopt": adopt, "counts_fd": self.counts.fd,
         }
         try:
             w.proc = subprocess.Popen([sys.executable, "-m", "kracauer.worker", str(worker_end.fileno())],
@@ -289,6 +291,9 @@ class Supervisor(Daemon):
         self._close_rest()
 
     def _close_rest(self) -> None:
+        if self.counts is not None:
+            self.counts.close()
+            self.counts = None
         if self.steering is not None:
             self.steering.close()
             self.steering = None
@@ -490,7 +495,8 @@ class Supervisor(Daemon):
 
     def _shutdown(self) -> None:
         self.notifier.stopping("saving state" if self.persist else "stopping")
-        saved_all = all(w.exit_status == EXIT_OK for w in self.workers)
+        # The return codes, not exit_status: the last SIGCHLD may not have been handled yet.
+        saved_all = all(w.proc is not None and w.proc.poll() == EXIT_OK for w in self.workers)
         keep = self.persist and self.config.state is not None and saved_all
         if self.persist and not saved_all:
             log.error("a worker could not save its state (see its log): the TUN is removed and its "

@@ -40,7 +40,7 @@ from netstack.tracker import TrackerConfig
 from kracauer.privileges import drop_privileges
 from kracauer.systemd import Notifier
 from kracauer.tun import Tun
-from kracauer.workers import HEALTH, LOG, METRICS, READY, RELOAD, RELOADED, STATUS, Channel
+from kracauer.workers import HEALTH, LOG, METRICS, READY, RELOAD, RELOADED, STATUS, Channel, TableCounts
 from netstack.state import adopt
 from netstack.steer import flow_key_owner
 from netstack.syncookie import SynCookies
@@ -82,6 +82,7 @@ class WorkerSetup:
     secret: str               # hex: the SYN-cookie secret shared by every worker
     restore: tuple[str, ...]  # state files to restore from (entries that steer to this worker)
     adopt: bool               # restarted after a crash: adopt the kernel's flows that steer here
+    counts_fd: int            # every worker's table size (workers.TableCounts)
 
     @classmethod
     def from_json(cls, payload: bytes) -> WorkerSetup:
@@ -133,6 +134,7 @@ class Worker(Daemon):
         tracker.cookies = SynCookies(bytes.fromhex(setup.secret))
         self._extra_fds[channel.fileno()] = self._on_channel
         self.save_failed = False
+        self.counts = TableCounts(setup.counts_fd, setup.count)
 
     # -- the daemon's edges, replaced ------------------------------------------------
 
@@ -242,6 +244,7 @@ class Worker(Daemon):
         flows = self.tracker.flows
         if flows is not None and hasattr(flows, "map"):
             flows.map.close()
+        self.counts.set(self.setup.index, 0)
 
     def _report_stop(self, keep: bool, saved: int | None) -> None:
         if saved is not None:
@@ -251,6 +254,11 @@ class Worker(Daemon):
 
     def _kernel_stats(self) -> dict[str, int] | None:
         return None  # the supervisor reads the kernel path's counters
+
+    def _after_poll(self) -> None:
+        index = self.setup.index
+        self.counts.set(index, len(self.tracker.clients))
+        self.tracker.elsewhere = self.counts.others(index)
 
     def _on_signal(self, signum: int, frame: object) -> None:
         if signum != signal.SIGHUP:  # a reload comes from the supervisor, with the checked configuration

@@ -30,14 +30,17 @@ build and uptime) are its own.
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import socket
+import struct
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-__all__ = ["Channel", "channel_pair", "merge_expositions", "MESSAGE_MAX"]
+__all__ = ["Channel", "TableCounts", "channel_pair", "merge_expositions", "MESSAGE_MAX"]
 
 # The largest message (a worker's metrics text with many routes and hosts).
 MESSAGE_MAX = 4 << 20
@@ -105,6 +108,40 @@ def channel_pair() -> tuple[socket.socket, socket.socket]:
                 sock.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER)
     b.set_inheritable(True)
     return a, b
+
+
+class TableCounts:
+    """How many connections each worker holds, in memory all of them share (a memfd, one u64 per worker).
+
+    ``[limits] max_connections`` is the box's: a worker refuses a new client
+    when its own table and the others' reach it. Each worker writes only its
+    own slot (after each round of packets) and reads the others'; a figure a
+    round old is close enough for a limit.
+    """
+
+    SLOT = struct.Struct("=Q")
+
+    def __init__(self, fd: int, workers: int) -> None:
+        self.fd = fd
+        self.workers = workers
+        self.map = mmap.mmap(fd, self.SLOT.size * workers)
+
+    @classmethod
+    def create(cls, workers: int) -> TableCounts:
+        fd = os.memfd_create("kracauer-table-counts", os.MFD_CLOEXEC)
+        os.ftruncate(fd, cls.SLOT.size * workers)
+        return cls(fd, workers)
+
+    def set(self, worker: int, count: int) -> None:
+        self.SLOT.pack_into(self.map, worker * self.SLOT.size, count)
+
+    def others(self, worker: int) -> int:
+        unpack, size = self.SLOT.unpack_from, self.SLOT.size
+        return sum(unpack(self.map, i * size)[0] for i in range(self.workers) if i != worker)
+
+    def close(self) -> None:
+        self.map.close()
+        os.close(self.fd)
 
 
 # -- one /metrics from many ----------------------------------------------------

@@ -306,6 +306,8 @@ class Tracker:
         # A source port kracauer picks towards a host must steer back to this worker.
         self.queue = 0
         self.queues = 1
+        # Connections the other workers hold (the daemon keeps it current): max_connections is the box's.
+        self.elsewhere = 0
         self._timers: list[tuple[float, int, Connection]] = []
         self._timer_seq = 0
         self._stale_timers = 0
@@ -472,7 +474,7 @@ class Tracker:
             return self._drop("bad_checksum")
         conn = Connection(listener, ip.src, tcp.sport, ip.src + ip.dst + segment[:4].tobytes())
         conn.start = conn.last_seen = now
-        if len(self.clients) >= self.config.max_connections:
+        if len(self.clients) + self.elsewhere >= self.config.max_connections:
             # The table is full: refuse the newcomer, disturb nobody.
             self.events["refused_table_full"] += 1
             conn.client_isn = tcp.seq
@@ -531,7 +533,7 @@ class Tracker:
         mss = self.cookies.check(now, our_isn, ip.src, ip.dst, tcp.sport, listener.port, client_isn)
         if mss is None:
             return self._drop("no_connection")
-        if len(self.clients) >= self.config.max_connections:
+        if len(self.clients) + self.elsewhere >= self.config.max_connections:
             return self._drop("table_full")
         conn = Connection(listener, ip.src, tcp.sport, ip.src + ip.dst + segment[:4].tobytes())
         conn.start = conn.last_seen = now

@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from kracauer.config import ConfigError, parse_config
 from kracauer.daemon import saved_shards
 from kracauer.worker import state_shard
-from kracauer.workers import LOG, MESSAGE_MAX, Channel, channel_pair, merge_expositions
+from kracauer.workers import LOG, MESSAGE_MAX, Channel, TableCounts, channel_pair, merge_expositions
 from netstack.state import restore, snapshot
 from netstack.steer import queue_of
 from netstack.tracker import Tracker, TrackerConfig
@@ -88,6 +88,32 @@ def test_health_changes_are_recorded_only_when_shared():
     box.send(host_packet("RA", 0, syn.tcp.seq + 1, src=str(syn.ip.dst), dport=syn.tcp.sport))
     key = (ipaddress.IPv6Address(syn.ip.dst).packed, syn.tcp.dport)
     assert box.tracker.health_changes == [(key, box.tracker.health[key])]
+
+
+def test_max_connections_counts_what_the_other_workers_hold():
+    from tests.test_tracker import Box, Walk
+
+    box = Box(max_connections=3)
+    box.tracker.elsewhere = 2
+    Walk(box).handshake()
+    assert len(box.tracker.clients) == 1
+    # The box holds 3: the next client is refused with an RST, whichever worker it reaches.
+    [out] = Walk(box, c=0x1234, sport=40001).syn()
+    assert out.has("R") and box.tracker.events["refused_table_full"] == 1
+    box.tracker.elsewhere = 1
+    [out] = Walk(box, c=0x5678, sport=40002).syn()
+    assert out.has("SA")
+
+
+def test_table_counts_are_shared_through_one_memory():
+    counts = TableCounts.create(3)
+    other = TableCounts(counts.fd, 3)  # what a worker maps from the inherited descriptor
+    counts.set(0, 10)
+    other.set(1, 5)
+    counts.set(2, 7)
+    assert other.others(1) == 17 and counts.others(0) == 12
+    other.map.close()
+    counts.close()
 
 
 # -- state shards ------------------------------------------------------------------------

@@ -16,6 +16,8 @@ import hashlib
 import ipaddress
 import json
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -143,7 +145,7 @@ def test_a_worker_killed_mid_download_is_started_again_and_the_download_finishes
         "curl", "-sS", "--max-time", "120", "--cacert", str(lab.ca_cert), "--local-port", str(port), "--resolve",
         f"www.example.com:443:{SERVICE_ADDRESS}", "--limit-rate", "40M", "-o", str(out), "-w",
         "%{http_code} %{size_download}", "https://www.example.com/big.bin"],
-        stdout=__import__("subprocess").PIPE, stderr=__import__("subprocess").PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_until(lambda: out.exists() and out.stat().st_size > 60_000_000, 20, "the download to be under way")
         samples = scrape(lab)
@@ -178,7 +180,7 @@ def test_state_saved_by_two_workers_is_restored_by_one_and_by_two_again(lab, box
         "curl", "-sS", "--max-time", "120", "--cacert", str(lab.ca_cert), "--local-port", "44000", "--resolve",
         f"www.example.com:443:{SERVICE_ADDRESS}", "--limit-rate", "15M", "-o", str(out), "-w",
         "%{http_code} %{size_download}", "https://www.example.com/big.bin"],
-        stdout=__import__("subprocess").PIPE, stderr=__import__("subprocess").PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     state = lab.dir / "state" / "state.json"
     try:
         wait_until(lambda: out.exists() and out.stat().st_size > 10_000_000, 20, "the download to be under way")
@@ -201,3 +203,56 @@ def test_state_saved_by_two_workers_is_restored_by_one_and_by_two_again(lab, box
             curl.kill()
     assert hashlib.sha256(out.read_bytes()).hexdigest() == lab.big_sha256
     out.unlink()
+
+
+COLLIDER = r"""
+import socket, ssl, sys, time
+ca, port, first, second = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+context = ssl.create_default_context(cafile=ca)
+conns = []
+for address in (first, second):
+    raw = socket.socket()
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    raw.bind(("0.0.0.0", port))  # one client port towards both service addresses
+    raw.connect((address, 443))
+    tls = context.wrap_socket(raw, server_hostname="www.example.com")
+    tls.sendall(b"GET / HTTP/1.1\r\nHost: www.example.com\r\n\r\n")
+    conns.append(tls)
+for tls in conns:
+    data = b""
+    while b"host1" not in data:
+        chunk = tls.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    print("host1" if b"host1" in data else "other", flush=True)
+time.sleep(4)
+"""
+
+
+def test_a_collision_gets_a_source_port_that_steers_to_the_same_worker(lab, box):
+    # Two service addresses leading to one host and port: one client port towards both
+    # collides on the host side; the port kracauer picks instead must steer back to the worker.
+    second = "192.0.2.11"
+    text = config(lab, 2).replace('[[listen]]\naddress = "192.0.2.10"\nport = 443\nprotocol = "tls"\n',
+                                  '[[listen]]\naddress = "192.0.2.10"\nport = 443\nprotocol = "tls"\n\n'
+                                  f'[[listen]]\naddress = "{second}"\nport = 443\nprotocol = "tls"\n', 1)
+    assert second in text
+    start(lab, text)
+    script = lab.dir / "collider.py"
+    script.write_text(COLLIDER)
+    port = 45000
+    proc = lab.popen("client", [sys.executable, str(script), str(lab.ca_cert), str(port), SERVICE_ADDRESS, second],
+                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "host1"
+        assert proc.stdout.readline().strip() == "host1"
+        embedded = netlab.embed(CLIENT_ADDRESS)
+        ss = lab.run("host1", ["ss", "-Htn", "state", "established", "( sport = :443 )"]).stdout
+        ports = sorted(int(line.split()[-1].rsplit(":", 1)[1]) for line in ss.splitlines() if embedded in line)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert len(ports) == 2 and port in ports, ss
+    other = next(p for p in ports if p != port)
+    assert queue_of(CLIENT, other, 2) == queue_of(CLIENT, port, 2), (port, other)
