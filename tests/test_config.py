@@ -80,6 +80,15 @@ def test_example_file_loads_with_the_documented_values():
     )
 
 
+def test_example_files_commented_out_connect_listener_is_valid_when_uncommented():
+    text = EXAMPLE.read_text()
+    block = re.search(r"^# \[\[listen\]\]\n(?:# \w+ = .*\n)+", text, re.M)
+    assert block is not None and 'protocol = "connect"' in block[0]
+    config = parse(text.replace(block[0], block[0].replace("# ", "")))
+    [proxy] = [lst for lst in config.listeners if lst.protocol == "connect"]
+    assert (proxy.port, proxy.allow, proxy.ports) == (3128, (ipaddress.IPv4Network("198.51.100.0/24"),), (443,))
+
+
 def test_example_file_documents_the_optional_limits_commented_out():
     text = EXAMPLE.read_text()
     assert re.search(r"^# connect_timeout = 10\.0$", text, re.M)
