@@ -23,10 +23,10 @@ until the blank line that ends the head, then
   ClientHello sent to the proxy port directly), reset as on an http listener.
 
 The head is all kracauer reads: fields are checked for syntax and otherwise
-ignored (``Host`` repeats the authority, ``Proxy-Authorization`` is not
-checked: who may use the proxy is decided by the client's address), except
-those named in ``keep``, whose values are collected in ``fields`` for a
-caller that needs them (the bridge peer of ../shared/design/bridge.md reads
+ignored (``Host``, RFC 9110 §7.2, repeats the authority; ``Proxy-Authorization``
+is not checked: who may use the proxy is decided by the client's address),
+except those named in ``keep``, whose values are collected in ``fields`` for
+a caller that needs them (the bridge peer of ../shared/design/bridge.md reads
 ``Forwarded``). The same peeker serves wherever a CONNECT head is read: the
 TUN listener and, later, the bridge's relay and peer.
 

@@ -750,7 +750,8 @@ class Tracker:
     # A connect listener's client sends a CONNECT head, which kracauer reads
     # (netstack.connect) and never passes on, and gets kracauer's own answer.
     # ../shared/design/bridge.md, "CONNECT in the packet splice": with the
-    # client's ISN c, its head takes c+1 .. c+L; the host's SYN carries ISN c+L,
+    # client's ISN c, its head takes c+1 .. c+L (RFC 9293 §3.4: the first data
+    # byte is ISN+1); the host's SYN carries ISN c+L,
     # so client→host sequence numbers need no change. kracauer's answer takes
     # k+1 .. k+R, and the host's ISN h maps to k+R. Both are done by moving the
     # two ISNs the splice is computed from: client_isn becomes c+L when the head
