@@ -47,6 +47,7 @@ from kracauer.routing import Router
 from kracauer.privileges import PrivilegeError, drop_privileges
 from kracauer.systemd import Notifier
 from kracauer.tun import Tun, TunError, check_forwarding, open_tun, remove_tun
+from netstack.connect import ConnectPolicy
 from netstack.peek import Decision
 from netstack.state import StateError, adopt, restore, snapshot
 from netstack.tracker import HEADROOM, ConnectionRecord, Listener, Resolver, Target, Tracker, TrackerConfig
@@ -95,7 +96,9 @@ def build_resolver(config: Config) -> Resolver:
     def resolve(listener: Listener, decision: Decision) -> Target | None:
         if listener.protocol == "tcp":
             return tcp_targets[(listener.address, listener.port)]
-        target = router.lookup(decision.name, listener.port, decision.alpn)
+        # A CONNECT names its port: the host's unless the route gives one.
+        port = decision.port if decision.port is not None else listener.port
+        target = router.lookup(decision.name, port, decision.alpn)
         if target is None:
             return None
         # One Target per (route, port), shared by all its connections: less memory per connection.
@@ -131,6 +134,8 @@ def tracker_config(config: Config, workers: int = 1) -> TrackerConfig:
         syn_backlog=share(limits.syn_backlog),
         max_fails=config.health.max_fails,
         fail_timeout=config.health.fail_timeout,
+        connect_policies={(lst.address.packed, lst.port): ConnectPolicy.of(lst.allow, lst.ports)
+                          for lst in config.listeners if lst.protocol == "connect"},
     )
 
 

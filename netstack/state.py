@@ -51,7 +51,7 @@ import math
 import struct
 from typing import Any, Callable, Iterable
 
-from netstack import http, tls
+from netstack import connect, http, tls
 from netstack.flow import Flow, flow_key, split_key
 from netstack.peek import Decision
 from netstack.reassembly import StreamBuffer
@@ -446,6 +446,8 @@ def _rebuild_peeker(tracker: Tracker, conn: Connection) -> None:
         conn.peeker = tls.TlsPeeker(tracker.config.hello_max_bytes)
     elif protocol == "http":
         conn.peeker = http.HttpPeeker(tracker.config.hello_max_bytes)
+    elif protocol == "connect":
+        conn.peeker = connect.ConnectPeeker(tracker.config.hello_max_bytes)
     if conn.peeker is not None and conn.fed:
         conn.peeker.feed(memoryview(conn.hello.data)[:conn.fed])
 
