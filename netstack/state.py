@@ -22,7 +22,7 @@ whose names and sizes the header lists, in order (``encode``, ``decode``):
      "parked_count": 1,
      "listeners": [["c000020a", 443]],
      "targets": [[["20010db8000000000000000000000010"], 443, "www.example.com"]],
-     "decisions": [["www.example.com", ["h2", "http/1.1"], 1, "refused_unknown_name"]],
+     "decisions": [["www.example.com", ["h2", "http/1.1"], 1, "refused_unknown_name", null]],
      "candidates": [[]],
      "outcomes": [""],
      "hellos": [[row, size, [[0, 900]]], ...],
@@ -62,9 +62,9 @@ import heapq
 import json
 import math
 import struct
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
-from netstack import http, tls
+from netstack import connect, http, tls
 from netstack.flow import F_SACK, F_TIMESTAMPS, NO_WSCALE, Flow, flow_key, split_key
 from netstack.peek import Decision
 from netstack.reassembly import StreamBuffer
@@ -189,9 +189,10 @@ def _rows_back(rows, now, loader, tracker):
     clients, hosts, timers, mss = tracker.clients, tracker.hosts, tracker._timers, tracker.config.mss
     by_row, waiting = loader.by_row, loader.waiting
     seq = tracker._timer_seq
+    keep = loader.keep
     _decision = _target = _candidates = -1
     _hello_size = None
-    skipped = 0
+    skipped = others = 0
     for {unpack} in rows:
         listener = listeners[_listener]
         if listener is None:
@@ -202,6 +203,10 @@ def _rows_back(rows, now, loader, tracker):
             raise ValueError(f"state {{state!r}}")
         if len(client_addr) != 4:
             raise ValueError(f"client address {{client_addr.hex()!r}}")
+        if keep is not None and not keep(client_addr, client_port):
+            others += 1  # another worker's
+            by_row.append(None)
+            continue
         # As Tracker keys them: bytes 12:20 of the client's IPv4 header and 0:4 of its TCP header.
         key = client_addr + listener_ends[_listener] + pack_port(client_port) + listener_ports[_listener]
         if {complete}:
@@ -267,7 +272,7 @@ def _rows_back(rows, now, loader, tracker):
         seq += 1
         timers.append((c.timer_at, seq, c))
     tracker._timer_seq = seq
-    return skipped
+    return skipped, others
 """
 # The locals the loop uses besides the slots it sets.
 _LOOP_LOCALS = ("host", "src6", "host_sport", "delta", "ts_off", "client_ts", "host_ts", "client_sack", "c2h_shift",
@@ -327,7 +332,7 @@ class _Shared:
 
     def decision(self, d: Decision) -> int:
         # A tuple hashes faster than the dataclass.
-        return self.decisions((d.name, d.alpn, d.records, d.unrouted))
+        return self.decisions((d.name, d.alpn, d.records, d.unrouted, d.port))
 
     def shared_decision(self, d: Decision | None) -> int:
         if d is None:
@@ -350,7 +355,8 @@ def snapshot(tracker: Tracker, now: float) -> dict[str, Any]:
         "parked_count": len(sections["parked"]) // _PARKED.size,
         "listeners": [[lst.address.hex(), lst.port] for lst in shared.listeners.values],
         "targets": [[[h.hex() for h in t.hosts], t.port, t.route] for t in shared.targets],
-        "decisions": [[name, list(alpn), records, unrouted] for name, alpn, records, unrouted in shared.decisions.values],
+        "decisions": [[name, list(alpn), records, unrouted, port]
+                      for name, alpn, records, unrouted, port in shared.decisions.values],
         "candidates": [[h.hex() for h in hosts] for hosts in shared.candidates.values],
         "outcomes": shared.outcomes.values,
         "hellos": sections.pop("hellos"),
@@ -422,7 +428,7 @@ def _pack(tracker: Tracker, shared: _Shared, now: float) -> dict[str, Any]:
             hs = 0
         else:
             # (A tuple hashes faster than the dataclass.)
-            di = decision_at((d.name, d.alpn, d.records, d.unrouted))
+            di = decision_at((d.name, d.alpn, d.records, d.unrouted, d.port))
             if di is None:
                 di = decision(d)
             hs = d.hello_size
@@ -492,11 +498,14 @@ def decode(data: bytes) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- restoring
 
-def restore(tracker: Tracker, state: dict[str, Any], now: float) -> int:
-    """Put saved connections back into an empty tracker; return how many were restored.
+def restore(tracker: Tracker, state: dict[str, Any], now: float,
+            keep: Callable[[bytes, int], bool] | None = None) -> int:
+    """Put saved connections back into a tracker; return how many were restored.
 
     Connections whose listener no longer exists are skipped (and counted in
-    ``tracker.events["state_skipped"]``).
+    ``tracker.events["state_skipped"]``). With `keep`, only the connections
+    whose (client address, client port) it accepts are restored: a worker
+    takes the ones that steer to it (netstack.steer), from any number of files.
     """
     if not isinstance(state, dict):
         raise StateError("the saved state is not a JSON object")
@@ -504,14 +513,14 @@ def restore(tracker: Tracker, state: dict[str, Any], now: float) -> int:
     if version not in READS:
         raise StateError(f"the state file has format version {version!r}, this kracauer reads versions "
                          f"{' and '.join(map(str, READS))} only; its connections cannot be carried over")
-    if tracker.clients:
+    if tracker.clients and keep is None:
         raise StateError("the tracker already has connections")
     # A hundred thousand new objects would set off collections that walk them
     # all again and again (more than halves the time); none of them is garbage.
     collecting = gc.isenabled()
     gc.disable()
     try:
-        loader = _Loader(tracker, state, now)
+        loader = _Loader(tracker, state, now, keep)
         restored = loader.run() + loader.parked()
         for host, port, fails, left in state.get("health", []):
             tracker.health[(bytes.fromhex(host), int(port))] = (int(fails), now + float(left) if left else 0.0)
@@ -556,9 +565,11 @@ def _rows(data: Any, row: struct.Struct, count: int, what: str) -> Any:
 class _Loader:
     """Rows back into connections, read with the file's own field list."""
 
-    def __init__(self, tracker: Tracker, state: dict[str, Any], now: float) -> None:
+    def __init__(self, tracker: Tracker, state: dict[str, Any], now: float,
+                 keep: Callable[[bytes, int], bool] | None = None) -> None:
         self.tracker = tracker
         self.now = now
+        self.keep = keep
         fields = [tuple(field) for field in state["fields"]]
         _check_fields(fields, dict(FIELDS), ("client_addr", "client_port", "state", "listener"))
         self.names = [name for name, _ in fields]
@@ -580,8 +591,8 @@ class _Loader:
 
     def _version_3(self, state: dict[str, Any]) -> None:
         # A decision is made for each (table entry, hello_size) that rows name.
-        self.decisions = [(name, tuple(alpn), int(records), str(unrouted))
-                          for name, alpn, records, unrouted in state["decisions"]]
+        self.decisions = [(name, tuple(alpn), int(records), str(unrouted), None if port is None else int(port))
+                          for name, alpn, records, unrouted, port in state["decisions"]]
         self.made: dict[tuple[int, int | None], Decision] = {}
         self.rows = _rows(state["rows"], self.row, self.count, "rows")
         if [tuple(field) for field in state["parked_fields"]] != list(PARKED_FIELDS):
@@ -621,7 +632,8 @@ class _Loader:
         tracker = self.tracker
         self.by_row: list[Connection | None] = []  # for the hellos
         self.waiting: list[Connection] = []  # still peeking, in the order they came
-        skipped = _rows_back_for(names, self.complete)(self.row.iter_unpack(self.rows), self.now, self, tracker)
+        skipped, others = _rows_back_for(names, self.complete)(self.row.iter_unpack(self.rows), self.now, self,
+                                                               tracker)
         for n, (data, ranges) in self.hellos.items():
             conn = self.by_row[n]
             if conn is not None:
@@ -631,7 +643,7 @@ class _Loader:
         if skipped:
             tracker.events["state_skipped"] += skipped
         heapq.heapify(tracker._timers)
-        return self.count - skipped
+        return self.count - skipped - others
 
     def parked(self) -> int:
         """Connections the kernel carries, back as parked records (rebuilt from the map when needed)."""
@@ -643,6 +655,7 @@ class _Loader:
         served: dict[bytes, bool] = {}
         # Parked connections to one host share its address (a hundred thousand copies are felt in memory).
         same_host: dict[bytes, bytes] = {}
+        keep = self.keep
         restored = skipped = 0
         for key, d, hello_size, t, host, hello_segments, connect_time in self.saved_parked:
             middle = key[4:12]
@@ -652,6 +665,8 @@ class _Loader:
             if not ours:
                 skipped += 1
                 continue
+            if keep is not None and not keep(key[:4], U16.unpack(key[8:10])[0]):
+                continue  # another worker's
             if t < 0:
                 raise ValueError(f"parked connection {key.hex()!r} without a target")
             clients[key] = (None if d < 0 else made_decision((d, hello_size)) or decision(d, hello_size), targets[t],
@@ -665,8 +680,8 @@ class _Loader:
 
     def decision(self, d: int, hello_size: int | None) -> Decision:
         """Table entry `d` with this hello_size (None: the entry's own, version 2), made once for all rows."""
-        name, alpn, records, unrouted = self.decisions[d]
-        made = self.made[(d, hello_size)] = Decision(name, alpn, int(hello_size), records, unrouted)
+        name, alpn, records, unrouted, port = self.decisions[d]
+        made = self.made[(d, hello_size)] = Decision(name, alpn, int(hello_size), records, unrouted, port)
         return made
 
     def _hello(self, conn: Connection, data: bytes, ranges: list) -> None:
@@ -690,6 +705,8 @@ def _rebuild_peeker(tracker: Tracker, conn: Connection) -> None:
         conn.peeker = tls.TlsPeeker(tracker.config.hello_max_bytes)
     elif protocol == "http":
         conn.peeker = http.HttpPeeker(tracker.config.hello_max_bytes)
+    elif protocol == "connect":
+        conn.peeker = connect.ConnectPeeker(tracker.config.hello_max_bytes)
     if conn.peeker is not None and conn.fed:
         conn.peeker.feed(memoryview(conn.hello.data)[:conn.fed])
 

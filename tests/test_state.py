@@ -273,7 +273,7 @@ def test_the_file_is_a_json_header_naming_each_field_once_then_raw_rows():
     # connection's hello size is in its row).
     assert header["listeners"] == [["c000020a", 443]]
     assert header["targets"] == [[["20010db8000000000000000000000010"], 443, "www"]]
-    assert header["decisions"] == [[CHROME_META["sni"], CHROME_META["alpn"], 1, "refused_unknown_name"]]
+    assert header["decisions"] == [[CHROME_META["sni"], CHROME_META["alpn"], 1, "refused_unknown_name", None]]
     assert header["candidates"] == [[]] and header["hellos"] == []
     assert data.count(b'"delta"') == 1 and data.count(b"c000020a") == 1
     # A row is about 270 bytes of numbers, and nothing else grows with the connections.
@@ -432,3 +432,17 @@ def test_the_state_benchmark_runs(tmp_path):
         m = results["mixes"][mix]
         assert m["save_seconds"]["best"] > 0 and m["load_seconds"]["best"] > 0 and m["bytes"] > 300 * 100
     assert results["mixes"]["mixed"]["bytes"] < results["mixes"]["established"]["bytes"]
+
+
+def test_with_keep_only_the_connections_it_accepts_are_restored_parked_ones_too():
+    box = small_box()
+    saved = through_a_file(snapshot(box.tracker, box.now))
+    fresh = Box()
+    fresh.now = box.now
+    mine = {40001, 40003}  # the one still peeking and the parked one
+    assert restore(fresh.tracker, saved, fresh.now, keep=lambda addr, port: port in mine) == 2
+    assert {int.from_bytes(key[8:10], "big") for key in fresh.tracker.clients} == mine
+    assert fresh.tracker.in_kernel == 1 and list(fresh.tracker.peeking) and not fresh.tracker.hosts
+    # The rest, from the same file, into the same tracker.
+    assert restore(fresh.tracker, saved, fresh.now, keep=lambda addr, port: port not in mine) == 2
+    assert_same_tracker(box, fresh)
