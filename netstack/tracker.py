@@ -552,7 +552,13 @@ class Tracker:
             self.events["port_reused_by_cookie"] += 1
             self._finish(old, old.outcome or "closed", now)
         if len(self.clients) >= self.config.max_connections:
-            return self._drop("table_full")
+            # The table is full: the client believes it is connected (the kernel may have
+            # answered its SYN), so tell it, as _client_new tells a SYN.
+            self.events["refused_table_full"] += 1
+            refused = Connection(listener, ip.src, tcp.sport, b"")
+            refused.client_isn = client_isn
+            refused.our_isn = our_isn  # RFC 9293 §3.10.7.1: <SEQ=SEG.ACK><CTL=RST>
+            return [self._rst_to_client(refused, (len(segment) - tcp.header_len) + (tcp.flags & FIN))]
         mss, ts_base = checked
         self.events["syn_cookie_accepted"] += 1
         conn = Connection(listener, ip.src, tcp.sport, ip.src + ip.dst + segment[:4].tobytes())

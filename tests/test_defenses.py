@@ -176,6 +176,17 @@ def test_full_table_refuses_new_connections_and_keeps_the_old():
     assert len(first.from_host("PA", first.h + 1, first.c + 1 + len(CHROME), b"x")) == 1
 
 
+
+def test_full_table_resets_a_client_whose_syn_the_kernel_answered():
+    box = Box(max_connections=1)
+    Walk(box, sport=51000).handshake()
+    cookie, tsval = kernel_cookie(box, isn=9000, sport=51005)
+    out = box.send(client_packet("PA", 9001, cookie + 1, b"hello", sport=51005, ts=(1, tsval)))
+    assert len(out) == 1 and out[0].has("R")
+    assert out[0].tcp.seq == (cookie + 1) & 0xFFFFFFFF and out[0].tcp.ack == 9001 + 5
+    assert box.connections == 1 and box.tracker.events["refused_table_full"] == 1
+
+
 def test_half_open_count_follows_handshakes():
     box = Box()
     walk = Walk(box)
