@@ -11,8 +11,9 @@
 4. 20 000 clients that connect and never send a hello, and a few that trickle
    a byte at a time: the oldest are reset past ``max_peeking``, everyone at
    ``hello_timeout``, legitimate clients keep being served, memory bounded.
-5. A full table (``max_connections``): the next client is refused with an RST,
-   the established ones carry on.
+5. A full table (``max_connections``): the next client is refused with an RST
+   (at its SYN; with the kernel path, which answers the SYN, at its first
+   segment), the established ones carry on.
 
 Bugs found are strict xfails whose reason starts with "BUG:" and says how to
 reproduce them. Every test bounds its load in count and time; every packet
@@ -857,14 +858,20 @@ SILENT_CLIENTS = textwrap.dedent(r"""
         if all(now() - (c["est"] if c["est"] is not None else c["opened"]) > grace for c in live.values()):
             break
     # Those: one byte each brings kracauer's state back from the cookie, and hello_timeout resets them.
+    # Paced, 100 every 50 ms: with the kernel path answering SYNs, thousands of handshake ACKs can be
+    # lost in the queue in front of kracauer, and probing them all at once would lose the probes too
+    # (each client's retransmissions then come in the same bursts).
     probed = [c for c in live.values() if c["est"] is not None and c["kind"] == "silent"]
-    for c in probed:
+    for count, c in enumerate(probed, start=1):
         c["probed"] = now()
         try:
             c["sock"].send(b"\x16")
         except OSError:
             pass
-    deadline = now() + grace
+        if count % 100 == 0:
+            events(0.05)
+    # Twice the grace: a probe lost in that queue comes back after the client's backed-off RTO.
+    deadline = now() + 2 * grace
     while now() < deadline and any(c["end"] is None for c in probed):
         events(0.05)
     for c in probed:
@@ -890,6 +897,7 @@ EXTRA_SOURCES = [f"198.51.100.{i}" for i in range(3, 8)]  # .3-.6 silent, .7 tri
 def test_silent_and_trickling_clients_are_reset_oldest_first_while_others_are_served(lab, start, record_property):
     k = start(config(hello_timeout=SLOW_HELLO_TIMEOUT, max_peeking=MAX_PEEKING))
     pid = daemon_pid(k)
+    kernel = "answers SYNs with cookies" in k.stderr()
     rss_before = rss_mb(pid)
     for address in EXTRA_SOURCES:
         lab.run("client", ["ip", "addr", "add", f"{address}/24", "dev", "eth0"], check=True)
@@ -960,8 +968,12 @@ def test_silent_and_trickling_clients_are_reset_oldest_first_while_others_are_se
     # full queue is unknown to kracauer (as it would be to Linux) until it sends a byte.
     assert hows.get("reset", 0) + hows.get("reset_after_probe", 0) == len(established), \
         f"not reset: {hows}" + tail(k)
-    # Past max_peeking, the oldest are reset before their hello_timeout, in order.
-    assert max_alive <= 1.2 * MAX_PEEKING, max_alive
+    # Past max_peeking, the oldest are reset before their hello_timeout, in order. With the kernel
+    # path the client counts as alive the handshakes the kernel answered whose ACK kracauer never got
+    # (it holds nothing for them): the bound on what kracauer holds shows from the client's side only
+    # when kracauer answers the SYNs itself.
+    if not kernel:
+        assert max_alive <= 1.2 * MAX_PEEKING, max_alive
     assert evicted_early >= 0.1 * SILENT, (evicted_early, lifetimes[:5])
     assert out_of_order <= 0.05 * len(prompt), (out_of_order, len(prompt))
     assert lifetimes[-1] < SLOW_HELLO_TIMEOUT + 3.0, lifetimes[-5:]
@@ -1042,7 +1054,13 @@ def test_past_max_connections_a_new_client_is_refused_and_existing_ones_carry_on
     report(record_property, "table_full", **result)
     shown = f"{proc.stdout} {proc.stderr}" + tail(k)
     assert result.get("first_roundtrips_ok") == n, shown
-    assert result.get("extra") == "ConnectionRefusedError" and result["extra_seconds"] < 1.0, shown
+    if "answers SYNs with cookies" in k.stderr():
+        # The kernel answered the SYN with a cookie (it does not know the table is full): the
+        # connect succeeds, and the client's first segment, which reaches kracauer, gets the RST.
+        assert result.get("extra") == "connected" and result["extra_seconds"] < 1.0, shown
+        assert result.get("extra_roundtrip", "").startswith("ConnectionResetError"), shown
+    else:
+        assert result.get("extra") == "ConnectionRefusedError" and result["extra_seconds"] < 1.0, shown
     assert result.get("second_roundtrips_ok") == n, shown
     problems = kracauer_healthy(k)
     assert not problems, problems + tail(k)
