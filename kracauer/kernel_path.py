@@ -261,6 +261,13 @@ class KernelPath:
         """
         from kracauer.bpf import tc
 
+        if keep and self.cookie_map is not None:
+            # No process will read the ACKs of SYNs answered now, and the next one has another
+            # secret: until it starts, SYNs go unanswered to the TUN, and the clients send them again.
+            try:
+                self.cookie_map.update(U32_KEY.pack(0), bytes(COOKIE_CONFIG.size))
+            except OSError as exc:
+                log.debug("turning the kernel's SYN cookies off: %s", exc)
         if not keep:
             if self.ifindex:
                 try:

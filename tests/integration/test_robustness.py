@@ -109,6 +109,12 @@ def script(lab: Lab, name: str, text: str) -> str:
     return str(path)
 
 
+def kernel_answers_syns(k) -> bool:
+    """Whether the kernel path is on (it answers SYNs with cookies), once kracauer says it runs."""
+    netlab.wait_until(lambda: "running on" in k.stderr(), 10, "kracauer to run", k.stderr)
+    return "answers SYNs with cookies" in k.stderr()
+
+
 def daemon_pid(k) -> int:
     """The kracauer (python) process: the one `ip netns exec` became, or its child."""
     pid = k.pid
@@ -678,7 +684,7 @@ FLOOD_SENDERS = (("3", "128"), ("129", "254"))
 def test_syn_flood_from_spoofed_sources_leaves_legitimate_clients_served_and_memory_flat(lab, start, record_property):
     k = start(config())
     pid = daemon_pid(k)
-    kernel = "answers SYNs with cookies" in k.stderr()
+    kernel = kernel_answers_syns(k)
     assert kernel == (netlab.lab_kernel_path() != "off"), k.stderr()
     assert lab.curl("https://www.example.com/").stdout == "host1\n"
     rss_before = rss_mb(pid)
@@ -858,7 +864,7 @@ SILENT_CLIENTS = textwrap.dedent(r"""
         if all(now() - (c["est"] if c["est"] is not None else c["opened"]) > grace for c in live.values()):
             break
     # Those: one byte each brings kracauer's state back from the cookie, and hello_timeout resets them.
-    # Paced, 100 every 50 ms: with the kernel path answering SYNs, thousands of handshake ACKs can be
+    # Paced, 50 every 50 ms: with the kernel path answering SYNs, thousands of handshake ACKs can be
     # lost in the queue in front of kracauer, and probing them all at once would lose the probes too
     # (each client's retransmissions then come in the same bursts).
     probed = [c for c in live.values() if c["est"] is not None and c["kind"] == "silent"]
@@ -868,10 +874,10 @@ SILENT_CLIENTS = textwrap.dedent(r"""
             c["sock"].send(b"\x16")
         except OSError:
             pass
-        if count % 100 == 0:
+        if count % 50 == 0:
             events(0.05)
-    # Twice the grace: a probe lost in that queue comes back after the client's backed-off RTO.
-    deadline = now() + 2 * grace
+    # Three times the grace: a probe lost in that queue comes back after the client's backed-off RTO.
+    deadline = now() + 3 * grace
     while now() < deadline and any(c["end"] is None for c in probed):
         events(0.05)
     for c in probed:
@@ -897,7 +903,7 @@ EXTRA_SOURCES = [f"198.51.100.{i}" for i in range(3, 8)]  # .3-.6 silent, .7 tri
 def test_silent_and_trickling_clients_are_reset_oldest_first_while_others_are_served(lab, start, record_property):
     k = start(config(hello_timeout=SLOW_HELLO_TIMEOUT, max_peeking=MAX_PEEKING))
     pid = daemon_pid(k)
-    kernel = "answers SYNs with cookies" in k.stderr()
+    kernel = kernel_answers_syns(k)
     rss_before = rss_mb(pid)
     for address in EXTRA_SOURCES:
         lab.run("client", ["ip", "addr", "add", f"{address}/24", "dev", "eth0"], check=True)
@@ -1054,7 +1060,7 @@ def test_past_max_connections_a_new_client_is_refused_and_existing_ones_carry_on
     report(record_property, "table_full", **result)
     shown = f"{proc.stdout} {proc.stderr}" + tail(k)
     assert result.get("first_roundtrips_ok") == n, shown
-    if "answers SYNs with cookies" in k.stderr():
+    if kernel_answers_syns(k):
         # The kernel answered the SYN with a cookie (it does not know the table is full): the
         # connect succeeds, and the client's first segment, which reaches kracauer, gets the RST.
         assert result.get("extra") == "connected" and result["extra_seconds"] < 1.0, shown
