@@ -1514,7 +1514,8 @@ def table(results: dict) -> str:
     lines = []
     head = (f"{'workload':44} {'unit':7} " + " ".join(f"{SHORT[p]:>9}" for p in PATHS) + " "
             + " ".join(f"{RATIO_SHORT[r]:>9}" for r in RATIO_KEYS))
-    lines += [head, "-" * len(head)]
+    if results["medians"]:
+        lines += [head, "-" * len(head)]
     for key, _, label, unit, _ in WORKLOADS:
         if key not in results["medians"]:
             continue
