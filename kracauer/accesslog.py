@@ -17,7 +17,7 @@ A line, with the keys in this order (docs/operations.md describes them)::
      "packets_to_host": 7, "packets_to_client": 9, "outcome": "closed", "connect_time": 0.0011,
      "hello_size": 517, "hello_segments": 1, "hello_records": 1}
 
-``hello_*`` keys appear for tls and http listeners (``hello_records`` for tls
+``hello_*`` keys appear for tls, http and connect listeners (``hello_records`` for tls
 only); values that are not known are ``null``.
 """
 
@@ -65,7 +65,7 @@ def record_fields(record: ConnectionRecord, start_wall: float) -> dict[str, Any]
         "outcome": record.outcome,
         "connect_time": None if record.connect_time is None else round(record.connect_time, 6),
     }
-    if record.protocol in ("tls", "http"):
+    if record.protocol in ("tls", "http", "connect"):
         fields["hello_size"] = record.hello_size
         fields["hello_segments"] = record.hello_segments
         if record.protocol == "tls":
@@ -77,6 +77,9 @@ class JsonRecordFormatter(logging.Formatter):
     """Formats the log records AccessLog makes (they carry a ConnectionRecord) as one JSON line."""
 
     def format(self, record: logging.LogRecord) -> str:
+        line = getattr(record, "line", None)
+        if line is not None:
+            return line  # formatted by a worker (kracauer/worker.py)
         conn = getattr(record, "connection", None)
         if conn is None:
             return json.dumps({"message": record.getMessage()})
@@ -141,6 +144,12 @@ class AccessLog:
         entry = logging.LogRecord("kracauer.access", logging.INFO, "", 0, "", None, None)
         entry.connection = record
         entry.start_wall = record.start + wall_offset
+        self._producer.handle(entry)
+
+    def write_line(self, line: str) -> None:
+        """Queue a line a worker formatted (one JSON object, no newline)."""
+        entry = logging.LogRecord("kracauer.access", logging.INFO, "", 0, "", None, None)
+        entry.line = line
         self._producer.handle(entry)
 
     def close(self) -> None:

@@ -4,7 +4,7 @@
 string. Every problem raises ``ConfigError`` with one line of text that names
 the file, the line when it is known, the key and what was expected::
 
-    kracauer.toml:14: listen[1].protocol: expected one of "tls", "http", "tcp", got "udp"
+    kracauer.toml:14: listen[1].protocol: expected one of "tls", "http", "tcp", "connect", got "udp"
 
 Array entries are counted from 0 (``listen[0]`` is the first ``[[listen]]``).
 Line numbers come from the TOML parser for syntax errors; for the other errors
@@ -47,7 +47,7 @@ __all__ = [
     "parse_config",
 ]
 
-PROTOCOLS = ("tls", "http", "tcp")
+PROTOCOLS = ("tls", "http", "tcp", "connect")
 
 
 class ConfigError(ValueError):
@@ -71,6 +71,14 @@ class TunConfig:
     mtu: int = 1500              # MTU of the IPv6 path to the hosts; 1280..65535 (RFC 8200 section 5)
     offload: bool = True         # IFF_VNET_HDR with TSO/checksum offloads: 64 KiB super-packets
     user: str | None = None      # drop to this user (and its group), with no capabilities, once set up
+    # Worker processes, one per TUN queue; None ("auto"): one per CPU this process may run on.
+    workers: int | None = None
+
+    def worker_count(self) -> int:
+        """The number of workers to run: `workers`, or one per usable CPU."""
+        if self.workers is not None:
+            return self.workers
+        return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
 
 
 def _all_hosts(obj) -> None:
@@ -83,10 +91,12 @@ def _all_hosts(obj) -> None:
 class Listener:
     address: ipaddress.IPv4Address
     port: int                    # 1..65535
-    protocol: str                # "tls" | "http" | "tcp"
-    host: ipaddress.IPv6Address | None = None   # required for "tcp", forbidden for tls/http (the first host)
+    protocol: str                # "tls" | "http" | "tcp" | "connect"
+    host: ipaddress.IPv6Address | None = None   # required for "tcp", forbidden for the others (the first host)
     hosts: tuple[ipaddress.IPv6Address, ...] = ()   # every host, in the order written
     prefix: ipaddress.IPv6Network | None = None     # overrides [translate] prefix for this listener
+    allow: tuple[ipaddress.IPv4Network, ...] = ()   # "connect" only (required): client networks it serves
+    ports: tuple[int, ...] = ()  # "connect" only: the ports a CONNECT may name (default 443)
 
     def __post_init__(self) -> None:
         _all_hosts(self)
@@ -428,9 +438,13 @@ _LOG_KEYS = ("access", "level")
 _METRICS_KEYS = ("listen",)
 _STATE_KEYS = ("file",)
 _HEALTH_KEYS = ("max_fails", "fail_timeout")
-_TUN_KEYS = ("name", "mtu", "offload", "user")
+_TUN_KEYS = ("name", "mtu", "offload", "user", "workers")
+# A TUN has at most 256 queues (drivers/net/tun.c, MAX_TAP_QUEUES).
+MAX_WORKERS = 256
 _TRANSLATE_KEYS = ("prefix",)
-_LISTEN_KEYS = ("address", "port", "protocol", "host", "prefix")
+_LISTEN_KEYS = ("address", "port", "protocol", "host", "prefix", "allow", "ports")
+# The target ports a connect listener's CONNECT may name when `ports` is not given.
+CONNECT_PORTS = (443,)
 _ROUTE_KEYS = ("name", "host", "port", "alpn")
 _FALLBACK_KEYS = ("host", "port")
 _LIMITS_KEYS = ("hello_timeout", "hello_max_bytes", "connect_timeout", "host_try_timeout", "idle_timeout",
@@ -663,7 +677,15 @@ class _Validator:
             user = self.string(table["user"], ("tun", "user"))
             if not user or any(c.isspace() or c == ":" for c in user):
                 raise self.error(("tun", "user"), f"expected a user name, got {_quote(user)}")
-        return TunConfig(name=name, mtu=mtu, offload=offload, user=user)
+        workers = defaults.workers
+        if "workers" in table:
+            value = table["workers"]
+            if value != "auto":
+                if isinstance(value, str):
+                    raise self.error(("tun", "workers"), f'expected "auto" or an integer from 1 to {MAX_WORKERS}, '
+                                                         f"got {_describe(value)}")
+                workers = self.integer(value, ("tun", "workers"), 1, MAX_WORKERS)
+        return TunConfig(name=name, mtu=mtu, offload=offload, user=user, workers=workers)
 
     def translate(self, doc: dict) -> ipaddress.IPv6Network:
         table = self.table(doc, ("translate",), _TRANSLATE_KEYS, required=True)
@@ -695,6 +717,7 @@ class _Validator:
             elif "host" in item:
                 raise self.error(path + ("host",), f"only allowed with protocol \"tcp\" (this listener is {_quote(protocol)}; "
                                                    "its hosts come from [[route]] and [fallback])")
+            allow, ports = self.connect_policy(item, path, protocol)
             if (address, port) in seen:
                 raise self.error(path, f"{address}:{port} is already used by listen[{seen[address, port]}]")
             seen[address, port] = i
@@ -706,8 +729,51 @@ class _Validator:
                 except ValueError as e:
                     raise self.error(path + ("prefix",), str(e)) from None
             listeners.append(Listener(address=address, port=port, protocol=protocol,
-                                      host=hosts[0] if hosts else None, hosts=hosts, prefix=prefix))
+                                      host=hosts[0] if hosts else None, hosts=hosts, prefix=prefix,
+                                      allow=allow, ports=ports))
         return listeners
+
+    def connect_policy(self, item: dict, path: Path,
+                       protocol: str) -> tuple[tuple[ipaddress.IPv4Network, ...], tuple[int, ...]]:
+        """A connect listener's `allow` (required: never an open proxy) and `ports`; forbidden elsewhere."""
+        if protocol != "connect":
+            for key in ("allow", "ports"):
+                if key in item:
+                    raise self.error(path + (key,), f"only allowed with protocol \"connect\" (this listener is {_quote(protocol)})")
+            return (), ()
+        if "allow" not in item:
+            raise self.error(path + ("allow",), "required with protocol \"connect\": the client networks that may use "
+                                                "this proxy, like [\"198.51.100.0/24\"] (kracauer is never an open proxy)")
+        value = item["allow"]
+        if value == []:
+            raise self.error(path + ("allow",), "the list is empty: this proxy would serve nobody")
+        if not isinstance(value, list):
+            raise self.error(path + ("allow",), f"expected a list of IPv4 networks like [\"198.51.100.0/24\"], got {_describe(value)}")
+        allow = tuple(self.ipv4_network(entry, path + ("allow",)) for entry in value)
+        ports = CONNECT_PORTS
+        if "ports" in item:
+            value = item["ports"]
+            if value == []:
+                raise self.error(path + ("ports",), "the list is empty: no CONNECT could be served")
+            if not isinstance(value, list):
+                raise self.error(path + ("ports",), f"expected a list of ports like [443], got {_describe(value)}")
+            ports = tuple(self.port(entry, path + ("ports",)) for entry in value)
+            if len(set(ports)) != len(ports):
+                raise self.error(path + ("ports",), "the same port is listed twice")
+        return allow, ports
+
+    def ipv4_network(self, value: Any, path: Path) -> ipaddress.IPv4Network:
+        """An IPv4 network ("198.51.100.0/24") or one address ("198.51.100.7", a /32)."""
+        text = self.string(value, path)
+        try:
+            network = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise self.error(path, f"expected an IPv4 network like \"198.51.100.0/24\", got {_quote(text)}") from None
+        if network.version != 4:
+            raise self.error(path, f"expected an IPv4 network (clients connect over IPv4), got {_quote(text)}")
+        if ipaddress.ip_interface(text).ip != network.network_address and "/" in text:
+            raise self.error(path, f"{_quote(text)} has host bits set; the network is \"{network}\"")
+        return network
 
     def routes(self, doc: dict) -> list[Route]:
         items = self.array_of_tables(doc, "route", _ROUTE_KEYS)

@@ -47,6 +47,7 @@ from kracauer.routing import Router
 from kracauer.privileges import PrivilegeError, drop_privileges
 from kracauer.systemd import Notifier
 from kracauer.tun import Tun, TunError, check_forwarding, open_tun, remove_tun
+from netstack.connect import ConnectPolicy
 from netstack.peek import Decision
 from netstack.state import StateError, adopt, restore, snapshot
 from netstack.syncookie import SECRET_LEN
@@ -98,7 +99,9 @@ def build_resolver(config: Config) -> Resolver:
     def resolve(listener: Listener, decision: Decision) -> Target | None:
         if listener.protocol == "tcp":
             return tcp_targets[(listener.address, listener.port)]
-        target = router.lookup(decision.name, listener.port, decision.alpn)
+        # A CONNECT names its port: the host's unless the route gives one.
+        port = decision.port if decision.port is not None else listener.port
+        target = router.lookup(decision.name, port, decision.alpn)
         if target is None:
             return None
         # One Target per (route, port), shared by all its connections: less memory per connection.
@@ -112,8 +115,14 @@ def build_resolver(config: Config) -> Resolver:
     return resolve
 
 
-def tracker_config(config: Config) -> TrackerConfig:
+def tracker_config(config: Config, workers: int = 1) -> TrackerConfig:
+    """The tracker's settings; with several workers, each gets its share of the box-wide peeking and
+    half-open limits (max_connections is checked against every worker's count: Tracker.elsewhere)."""
     limits = config.limits
+
+    def share(limit: int) -> int:
+        return max(1, -(-limit // workers))
+
     return TrackerConfig(
         prefix=config.prefix.network_address.packed[:12],
         mtu=config.tun.mtu,
@@ -124,10 +133,12 @@ def tracker_config(config: Config) -> TrackerConfig:
         idle_timeout=limits.idle_timeout,
         vnet=config.tun.offload,
         max_connections=limits.max_connections,
-        max_peeking=limits.max_peeking,
-        syn_backlog=limits.syn_backlog,
+        max_peeking=share(limits.max_peeking),
+        syn_backlog=share(limits.syn_backlog),
         max_fails=config.health.max_fails,
         fail_timeout=config.health.fail_timeout,
+        connect_policies={(lst.address.packed, lst.port): ConnectPolicy.of(lst.allow, lst.ports)
+                          for lst in config.listeners if lst.protocol == "connect"},
     )
 
 
@@ -254,6 +265,19 @@ def _set_aside(path: str, suffix: str) -> str | None:
         return None
 
 
+def saved_shards(path: str) -> list[str]:
+    """The state files a previous kracauer left: its single file, and its workers' shards (``<path>.<index>``)."""
+    found = [path] if os.path.exists(path) else []
+    prefix = os.path.basename(path) + "."
+    try:
+        names = os.listdir(os.path.dirname(path) or ".")
+    except OSError:
+        return found
+    shards = [name for name in names if name.startswith(prefix) and name[len(prefix):].isdigit()]
+    return found + [os.path.join(os.path.dirname(path), name)
+                    for name in sorted(shards, key=lambda name: int(name[len(prefix):]))]
+
+
 def check_state_directory(path: str, user: str | None) -> None:
     """DaemonError unless the state file's directory exists and is writable by whoever writes it at exit.
 
@@ -321,7 +345,7 @@ class Daemon:
         self.metrics: Metrics | None = Metrics(self.tracker) if config.metrics is not None else None
         self.access_log: AccessLog | None = None
         self.restored = 0
-        self._restored_from: str | None = None
+        self._restored_from: list[str] = []
         self._errors = 0
         self._last_error_log = 0.0
         self._buf = bytearray(HEADROOM + FRAME_MAX)
@@ -329,6 +353,8 @@ class Daemon:
         self._next_sync = 0.0
         self._next_status = 0.0
         self._next_watchdog: float | None = None
+        # Descriptors the loop also waits on, and what to call when one is readable (a worker's channel).
+        self._extra_fds: dict[int, Callable[[], None]] = {}
 
     # -- start and stop ------------------------------------------------------
 
@@ -338,10 +364,7 @@ class Daemon:
         # pyroute2 and asyncio chatter at debug level about every netlink message.
         for noisy in ("pyroute2", "asyncio"):
             logging.getLogger(noisy).setLevel(max(logging.getLogger(noisy).getEffectiveLevel(), logging.INFO))
-        config = self.config
-        check_forwarding()
-        if config.state is not None:
-            check_state_directory(config.state.file, config.tun.user)
+        self._preflight()
         # Signals are taken from here on: one that arrives during set-up (which
         # loads a BPF program and may take a moment) stops the loop before it starts.
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -357,50 +380,17 @@ class Daemon:
 
         try:
             self._start_outputs()
-            saved = self._read_saved_state()
-            addresses = sorted({lst.address for lst in config.listeners})
-            self.tun = open_tun(
-                config.tun.name,
-                config.tun.mtu,
-                [ipaddress.IPv4Network(a) for a in addresses],
-                sorted({config.prefix} | {lst.prefix for lst in config.listeners if lst.prefix}),
-                offload=config.tun.offload,
-                persist=self.persist,
-            )
-            self.kernel = self._start_kernel_path()
-            self._restore(saved)
-            if self.kernel is None:
-                self._take_back()
-            self._adopt_kernel_flows()
-            if config.tun.user:
-                drop_privileges(config.tun.user)
-                self.tun.privileged = False
-            if self._restored_from is not None:
-                try:
-                    os.unlink(self._restored_from)
-                except OSError as exc:
-                    log.warning("could not remove the state file %s after restoring it: %s", self._restored_from, exc)
+            self._set_up()
         except BaseException:
-            if self.kernel is not None:
-                self.kernel.close(keep=self.tun is not None and self.tun.attached and self.persist)
-                self.kernel = None
-            if self.tun is not None and self.tun.fd >= 0:
-                # A device this process made goes; one it found (with connections) stays.
-                self.tun.close(keep=self.tun.attached and self.persist)
+            self._abort_set_up()
             self._stop_outputs()
             restore_signals()
             raise
         try:
-            log.info(
-                "kracauer %s running on %s: %s; prefix %s",
-                __version__,
-                self.tun.name,
-                ", ".join(f"{lst.address}:{lst.port}/{lst.protocol}" for lst in config.listeners),
-                config.prefix,
-            )
+            self._announce()
             if self.metrics is not None:
                 self.metrics.sync(self.tracker, time.monotonic(), kernel=self._kernel_stats())
-            self.notifier.ready(self._status_text())
+            self._ready()
             if self.notifier.watchdog_interval is not None:
                 self._next_watchdog = 0.0
             # Everything made at start-up lives as long as the process: keep the
@@ -411,6 +401,67 @@ class Daemon:
             restore_signals()
             self._shutdown()
         return 0
+
+    def _tracker_config(self, config: Config) -> TrackerConfig:
+        return tracker_config(config)
+
+    def _preflight(self) -> None:
+        """Checks before anything is made: forwarding on, the state directory writable."""
+        check_forwarding()
+        if self.config.state is not None:
+            check_state_directory(self.config.state.file, self.config.tun.user)
+
+    def _set_up(self) -> None:
+        """The TUN, the kernel path, the previous process's connections; then root is dropped."""
+        config = self.config
+        # The state file, or the shards a kracauer with several workers left: one worker takes them all.
+        paths = saved_shards(config.state.file) if config.state is not None and self.persist else []
+        saved = [(path, self._read_saved_state(path)) for path in paths]
+        addresses = sorted({lst.address for lst in config.listeners})
+        self.tun = open_tun(
+            config.tun.name,
+            config.tun.mtu,
+            [ipaddress.IPv4Network(a) for a in addresses],
+            sorted({config.prefix} | {lst.prefix for lst in config.listeners if lst.prefix}),
+            offload=config.tun.offload,
+            persist=self.persist,
+        )
+        self.kernel = self._start_kernel_path()
+        for path, data in saved:
+            self._restore(data, path, keep=(lambda addr, port: True) if len(saved) > 1 else None)
+        if self.kernel is None:
+            self._take_back()
+        self._adopt_kernel_flows()
+        if config.tun.user:
+            drop_privileges(config.tun.user)
+            self.tun.privileged = False
+        for path in self._restored_from:
+            try:
+                os.unlink(path)
+            except OSError as exc:
+                log.warning("could not remove the state file %s after restoring it: %s", path, exc)
+
+    def _abort_set_up(self) -> None:
+        """A start that failed half way: undo what it made, keep what it found."""
+        if self.kernel is not None:
+            self.kernel.close(keep=self.tun is not None and self.tun.attached and self.persist)
+            self.kernel = None
+        if self.tun is not None and self.tun.fd >= 0:
+            # A device this process made goes; one it found (with connections) stays.
+            self.tun.close(keep=self.tun.attached and self.persist)
+
+    def _announce(self) -> None:
+        config = self.config
+        log.info(
+            "kracauer %s running on %s: %s; prefix %s",
+            __version__,
+            self.tun.name,
+            ", ".join(f"{lst.address}:{lst.port}/{lst.protocol}" for lst in config.listeners),
+            config.prefix,
+        )
+
+    def _ready(self) -> None:
+        self.notifier.ready(self._status_text())
 
     # -- the kernel data path ----------------------------------------------------
 
@@ -545,22 +596,27 @@ class Daemon:
             self.metrics.close()
         self.notifier.close()
 
-    def _read_saved_state(self) -> dict[str, Any] | None:
-        state = self.config.state
-        if state is None:
+    def _state_path(self) -> str:
+        return self.config.state.file
+
+    def _read_saved_state(self, path: str | None = None) -> dict[str, Any] | None:
+        """One state file's content (None: there is none, or it is unreadable and set aside)."""
+        if self.config.state is None:
             return None
+        path = path or self._state_path()
         try:
-            return read_state(state.file)
+            return read_state(path)
         except StateError as exc:
-            aside = _set_aside(state.file, ".bad")
+            aside = _set_aside(path, ".bad")
             log.warning("%s; starting with no connections%s", exc, f" (moved to {aside})" if aside else "")
             return None
 
-    def _restore(self, saved: dict[str, Any] | None) -> None:
-        """Put the previous process's connections back, if it left them and the TUN."""
+    def _restore(self, saved: dict[str, Any] | None, path: str | None = None,
+                 keep: Callable[[bytes, int], bool] | None = None) -> None:
+        """Put the previous process's connections back (those `keep` accepts), if it left them and the TUN."""
         if saved is None or self.config.state is None:
             return
-        path = self.config.state.file
+        path = path or self._state_path()
         if not self.tun.attached:
             # No TUN was left in place (a reboot, or `kracauer cleanup`): those connections are gone.
             aside = _set_aside(path, ".stale")
@@ -572,17 +628,19 @@ class Daemon:
         gap = 0.0
         if isinstance(saved_at, (int, float)):
             gap = min(max(time.time() - saved_at, 0.0), 86400.0)
+        skipped_before = self.tracker.events.get("state_skipped", 0)
         try:
             # The time between the save and now passed for every connection: their ages grow by it.
-            self.restored = restore(self.tracker, saved, now - gap)
+            restored = restore(self.tracker, saved, now - gap, keep)
         except StateError as exc:
             aside = _set_aside(path, ".bad")
             log.warning("state file %s not restored: %s%s", path, exc, f" (moved to {aside})" if aside else "")
             return
+        self.restored += restored
         # Removed once kracauer is up (see run()), so that a failed start leaves it for the next try.
-        self._restored_from = path
-        skipped = self.tracker.events.get("state_skipped", 0)
-        log.info("restored %s from %s (saved %.1f s ago)%s", _connections(self.restored), path, gap,
+        self._restored_from.append(path)
+        skipped = self.tracker.events.get("state_skipped", 0) - skipped_before
+        log.info("restored %s from %s (saved %.1f s ago)%s", _connections(restored), path, gap,
                  f"; {skipped} skipped (their listener is gone)" if skipped else "")
         if self.metrics is not None:
             self.metrics.restored.set(self.restored)
@@ -594,20 +652,26 @@ class Daemon:
         self._log_records()
         saved = None
         if self.persist and self.config.state is not None:
-            saved = self._save_state(self.config.state.file)
+            saved = self._save_state(self._state_path())
         keep = self.persist and saved is not None
         try:
-            if self.kernel is not None:
-                # Kept: the program stays on the persistent TUN and goes on translating until the next start.
-                self.kernel.close(keep=keep)
-                self.kernel = None
-            self.tun.close(keep=keep)
+            self._release(keep)
         finally:
             self._stop_outputs()
+        self._report_stop(keep, saved)
+
+    def _release(self, keep: bool) -> None:
+        if self.kernel is not None:
+            # Kept: the program stays on the persistent TUN and goes on translating until the next start.
+            self.kernel.close(keep=keep)
+            self.kernel = None
+        self.tun.close(keep=keep)
+
+    def _report_stop(self, keep: bool, saved: int | None) -> None:
         name = self.config.tun.name
         if keep:
             log.info("stopped; saved %s to %s; TUN %s and its routes left in place for the next start "
-                     "(`kracauer cleanup` removes them)", _connections(saved), self.config.state.file, name)
+                     "(`kracauer cleanup` removes them)", _connections(saved), self._state_path(), name)
         else:
             # Connections that already closed but linger for late retransmissions are not "active".
             active = sum(1 for conn in self.tracker.clients.values() if conn.__class__ is tuple or not conn.closing)
@@ -664,7 +728,7 @@ class Daemon:
         if new.log.access != self.config.log.access:
             access_log = self._open_access_log(new.log.access) if new.log.access is not None else None
         try:
-            self.tracker.reconfigure(tracker_config(new), build_resolver(new))
+            self.tracker.reconfigure(self._tracker_config(new), build_resolver(new))
         except ValueError as exc:  # the checks above should have caught it
             log.error("reload refused, the running configuration stays: %s", exc)
             if access_log is not self.access_log and access_log is not None:
@@ -683,9 +747,12 @@ class Daemon:
             # Only a changed [log] level applies, so that --log-level stays in force otherwise.
             logging.getLogger().setLevel(LOG_LEVELS[new.log.level])
         self.config = new
+        self._report_reload(new)
+        return True
+
+    def _report_reload(self, new: Config) -> None:
         log.info("reloaded %s: %d routes, fallback %s; connections already bound keep their host",
                  new.source, len(new.routes), "yes" if new.fallback is not None else "no")
-        return True
 
     # -- the loop ------------------------------------------------------------
 
@@ -695,6 +762,8 @@ class Daemon:
         poller = select.epoll()
         poller.register(tun_fd, select.EPOLLIN)
         poller.register(wake_fd, select.EPOLLIN)
+        for fd in self._extra_fds:
+            poller.register(fd, select.EPOLLIN)
         max_sleep = MAX_SLEEP
         if self.notifier.watchdog_interval is not None:
             max_sleep = min(max_sleep, self.notifier.watchdog_interval)
@@ -707,8 +776,11 @@ class Daemon:
                 for fd, _ in poller.poll(timeout):
                     if fd == tun_fd:
                         self._read_packets(tun_fd)
-                    else:
+                    elif fd == wake_fd:
                         self._drain(wake_fd)
+                    else:
+                        self._extra_fds[fd]()
+                self._after_poll()
                 now = time.monotonic()
                 self._write(tun_fd, tracker.on_timer(now))
                 if tracker.records:
@@ -722,6 +794,9 @@ class Daemon:
                     self._next_watchdog = now + self.notifier.watchdog_interval
         finally:
             poller.close()
+
+    def _after_poll(self) -> None:
+        """After each round of packets (a worker shares its table size here)."""
 
     def _tick(self, now: float) -> None:
         """Once a second: counters for the metrics thread, and the status line for systemd."""
@@ -863,6 +938,20 @@ def _log_directly(listener: logging.handlers.QueueListener | None) -> None:
     _LOG_QUEUE = None
 
 
+def worker_count(config: Config) -> int:
+    """How many workers to run: ``[tun] workers``, or with "auto" one per CPU if the steering program loads."""
+    count = config.tun.worker_count()
+    if count > 1 and config.tun.workers is None:
+        from kracauer.steering import Steering, SteeringError
+
+        try:
+            Steering.load().close()
+        except SteeringError as exc:
+            log.warning("[tun] workers = \"auto\": running one worker, not %d: %s", count, exc)
+            return 1
+    return count
+
+
 def run(config: Config, keep_tun: bool = True) -> int:
     """Run kracauer with `config` in the foreground until SIGTERM or SIGINT; the exit status.
 
@@ -870,6 +959,13 @@ def run(config: Config, keep_tun: bool = True) -> int:
     """
     listener = _log_through_queue()
     try:
+        count = worker_count(config)
+        if count > 1:
+            from kracauer.supervisor import Supervisor
+
+            level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
+            return Supervisor(config, count, keep_tun=keep_tun,
+                              log_level=level if level in LOG_LEVELS else None).run()
         return Daemon(config, keep_tun=keep_tun).run()
     except (TunError, PrivilegeError, DaemonError) as exc:
         log.error("%s", exc)
@@ -887,11 +983,12 @@ def cleanup(config: Config) -> list[str]:
     if remove_pins(pin_dir):
         done.append(f"removed the kernel path's pinned maps in {pin_dir}")
     if config.state is not None:
-        try:
-            os.unlink(config.state.file)
-            done.append(f"removed the state file {config.state.file} (its connections are abandoned)")
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise DaemonError(f"cannot remove the state file {config.state.file}: {exc.strerror or exc}") from None
+        for path in saved_shards(config.state.file):
+            try:
+                os.unlink(path)
+                done.append(f"removed the state file {path} (its connections are abandoned)")
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                raise DaemonError(f"cannot remove the state file {path}: {exc.strerror or exc}") from None
     return done

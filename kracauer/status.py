@@ -48,6 +48,9 @@ class Status:
     outcomes: dict[str, int] = field(default_factory=dict)
     drops: dict[str, int] = field(default_factory=dict)
     reload_ok: bool = True
+    # Several workers ([tun] workers): their count, and per worker (up, restarts, active connections).
+    workers: int = 0
+    worker_rows: dict[str, list[float]] = field(default_factory=dict)
 
 
 def metrics_url(config: Config) -> str:
@@ -71,6 +74,10 @@ def fetch(url: str, timeout: float = 5.0) -> str:
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise StatusError(f"cannot read {url}: {reason} (is kracauer running, with [metrics] listen?)") from None
+
+
+_WORKER_COLUMNS = {"kracauer_worker_up": 0, "kracauer_worker_restarts_total": 1,
+                   "kracauer_worker_connections_active": 2}
 
 
 def parse(text: str) -> Status:
@@ -112,6 +119,11 @@ def parse(text: str) -> Status:
                 status.drops[labels.get("reason", "?")] = int(value)
             elif name == "kracauer_config_last_reload_successful":
                 status.reload_ok = value == 1
+            elif name == "kracauer_workers":
+                status.workers = int(value)
+            elif name in _WORKER_COLUMNS:
+                row = status.worker_rows.setdefault(labels.get("worker", "?"), [0.0, 0.0, 0.0])
+                row[_WORKER_COLUMNS[name]] = value
     if not seen:
         raise StatusError("no kracauer_build_info in the metrics: is this kracauer's endpoint?")
     status.outcomes = {k: int(v) for k, v in outcomes.items() if v}
@@ -153,6 +165,12 @@ def format_status(status: Status, url: str) -> str:
         widths = [max(len(row[i]) for row in table) for i in range(3)]
         for row in table:
             lines.append("  " + "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip())
+    if status.workers:
+        rows = sorted(status.worker_rows.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else -1)
+        up = sum(1 for _, (alive, _, _) in rows if alive)
+        lines.append(f"workers: {status.workers} ({up} up): " + ", ".join(
+            f"{w}: {int(active)} active" + (f", {int(restarts)} restarts" if restarts else "")
+            + ("" if alive else ", down") for w, (alive, restarts, active) in rows))
     lines.append("closed by outcome: " + _pairs(status.outcomes))
     lines.append("packets dropped by reason: " + _pairs(status.drops))
     return "\n".join(lines)

@@ -46,7 +46,9 @@ TUNSETIFF = 0x400454CA
 TUNSETPERSIST = 0x400454CB
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETLE = 0x400454DC
+TUNSETSTEERINGEBPF = 0x800454E0  # _IOR('T', 224, int)
 IFF_TUN = 0x0001
+IFF_MULTI_QUEUE = 0x0100
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 TUN_F_CSUM = 0x01
@@ -54,6 +56,9 @@ TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
 TUN_F_TSO_ECN = 0x08
 IFNAMSIZ = 16
+# Packets each queue holds for its reader before the kernel drops (the
+# default 500 drops under bursts: open5gs#3933).
+TXQUEUELEN = 1000
 # include/uapi/linux/rtnetlink.h
 RT_TABLE_MAIN = 254
 RTN_UNICAST = 1
@@ -111,6 +116,24 @@ class Tun:
     persistent: bool = False
     # The device was already there (left by an earlier kracauer) and was attached to.
     attached: bool = False
+    # Multi-queue ([tun] workers > 1): one descriptor per queue, queue 0's is `fd`.
+    queue_fds: list[int] = field(default_factory=list)
+    multi_queue: bool = False
+
+    def _close_fds(self) -> None:
+        for fd in self.queue_fds[1:]:
+            os.close(fd)
+        self.queue_fds = []
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def set_steering(self, prog_fd: int) -> None:
+        """Attach the queue-steering program (TUNSETSTEERINGEBPF; -1 detaches it)."""
+        try:
+            fcntl.ioctl(self.fd, TUNSETSTEERINGEBPF, struct.pack("i", prog_fd))
+        except OSError as exc:
+            raise TunError(f"cannot attach the queue-steering program to {self.name}: {exc}") from exc
 
     def close(self, keep: bool | None = None) -> None:
         """Remove the routes, then the device (closing a non-persistent TUN deletes it).
@@ -123,9 +146,7 @@ class Tun:
             keep = self.persistent
         if keep:
             self.routes.clear()
-            if self.fd >= 0:
-                os.close(self.fd)
-                self.fd = -1
+            self._close_fds()
             return
         if self.persistent and self.fd >= 0:
             try:
@@ -149,9 +170,7 @@ class Tun:
                     # answers, whatever else still holds the descriptor.
                     _delete_link(ipr, self.index, self.name)
         finally:
-            if self.fd >= 0:
-                os.close(self.fd)
-                self.fd = -1
+            self._close_fds()
         wait_gone(self.name, self.index)
 
 
@@ -302,13 +321,13 @@ def check_existing(name: str) -> DeviceInfo | None:
     return device
 
 
-def _attach(name: str, offload: bool) -> int:
-    """A descriptor for TUN `name`: created, or attached if a persistent one is there."""
+def _attach(name: str, offload: bool, multi_queue: bool = False) -> int:
+    """A descriptor for TUN `name` (one queue of it if `multi_queue`): created, or attached if a persistent one is there."""
     try:
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
         raise TunError(f"cannot open /dev/net/tun: {exc} (kracauer must run as root, with the tun module)") from exc
-    flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if offload else 0)
+    flags = IFF_TUN | IFF_NO_PI | (IFF_VNET_HDR if offload else 0) | (IFF_MULTI_QUEUE if multi_queue else 0)
     try:
         fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
     except OSError as exc:
@@ -320,7 +339,8 @@ def _attach(name: str, offload: bool) -> int:
 
 
 def open_tun(name: str, mtu: int, ipv4_routes: list[ipaddress.IPv4Network],
-             ipv6_routes: list[ipaddress.IPv6Network], offload: bool = True, persist: bool = False) -> Tun:
+             ipv6_routes: list[ipaddress.IPv6Network], offload: bool = True, persist: bool = False,
+             queues: int = 1, route: bool = True) -> Tun:
     """Create the TUN `name`, set its MTU, bring it up and route the given prefixes into it.
 
     With `offload`, every frame carries a virtio_net_hdr (netstack.vnet) and
@@ -332,11 +352,28 @@ def open_tun(name: str, mtu: int, ipv4_routes: list[ipaddress.IPv4Network],
     the old configuration that this one does not have are removed. Without
     `persist`, such a leftover device is attached to and made non-persistent
     again, so that it goes away when this process exits.
+
+    With `queues` > 1 the device is multi-queue (IFF_MULTI_QUEUE) and one
+    descriptor is opened per queue (``Tun.queue_fds``); a multi-queue device
+    left by an earlier kracauer is reattached as multi-queue even for one
+    queue. A single-queue device cannot become multi-queue while it exists.
     """
     found = check_existing(name)
+    if found is not None and queues > 1 and not found.multi_queue and not persist:
+        # Without [state] nothing of it could be carried over anyway: make it anew, multi-queue.
+        remove_tun(name)
+        log.warning("removed the single-queue TUN %s left by an earlier kracauer: %d workers need a multi-queue "
+                    "one", name, queues)
+        found = None
     existed = found is not None
+    multi_queue = queues > 1 or (found is not None and found.multi_queue)
+    if found is not None and queues > 1 and not found.multi_queue:
+        raise TunError(f"the TUN {name!r} left by an earlier kracauer is single-queue ([tun] workers = 1) and "
+                       f"cannot take {queues} workers while it exists: start with workers = 1 to keep its "
+                       f"connections, or `kracauer cleanup --config FILE` (they are lost) and start again")
     try:
-        fd = _attach(name, offload)
+        fd = _attach(name, offload, multi_queue)
+        fds = [fd]
     except TunError as exc:
         if not existed or getattr(exc.__cause__, "errno", None) == errno.EBUSY:
             raise
@@ -359,14 +396,18 @@ def open_tun(name: str, mtu: int, ipv4_routes: list[ipaddress.IPv4Network],
                 raise TunError(f"cannot turn TUN offloads off on {name!r}: {exc}") from exc
         os.set_blocking(fd, False)
         tun = Tun(name=name, fd=fd, index=socket.if_nametoindex(name), offload=offload, persistent=persist,
-                  attached=existed)
+                  attached=existed, queue_fds=fds, multi_queue=multi_queue)
+        for _ in range(1, queues):
+            fds.append(_attach(name, offload, True))
+            os.set_blocking(fds[-1], False)
     except BaseException:
         if persist and not existed:
             try:
                 fcntl.ioctl(fd, TUNSETPERSIST, 0)
             except OSError:
                 pass
-        os.close(fd)
+        for queue_fd in fds:
+            os.close(queue_fd)
         raise
     if existed and persist:
         log.info("attached to the existing TUN %s", name)
@@ -375,9 +416,22 @@ def open_tun(name: str, mtu: int, ipv4_routes: list[ipaddress.IPv4Network],
         log.warning("attached to the existing TUN %s: %s with no process attached, left by an earlier kracauer "
                     "(stopped with [state], or crashed); it is removed when this process exits "
                     "(`kracauer cleanup` removes such a device without starting)", name, found.describe())
+    if route:
+        add_routes(tun, mtu, ipv4_routes, ipv6_routes)
+    return tun
+
+
+def add_routes(tun: Tun, mtu: int, ipv4_routes: list[ipaddress.IPv4Network],
+               ipv6_routes: list[ipaddress.IPv6Network]) -> None:
+    """Set the MTU, bring the device up and route the prefixes into it (kept ones kept, stale ones removed).
+
+    open_tun does it at once; a supervisor calls it once its workers read the
+    queues, so that no client is routed into a TUN nobody reads yet.
+    """
+    existed = tun.attached
     try:
         with IPRoute() as ipr:
-            ipr.link("set", index=tun.index, mtu=mtu, state="up")
+            ipr.link("set", index=tun.index, mtu=mtu, txqlen=TXQUEUELEN, state="up")
             wanted = [(socket.AF_INET, str(net)) for net in ipv4_routes] + \
                      [(socket.AF_INET6, str(net)) for net in ipv6_routes]
             present = _device_routes(ipr, tun.index) if existed else set()
@@ -391,9 +445,8 @@ def open_tun(name: str, mtu: int, ipv4_routes: list[ipaddress.IPv4Network],
                     _add_route(ipr, tun, family, dst)
     except BaseException:
         # A device this process created goes; one it found stays as it was found.
-        tun.close(keep=existed and persist)
+        tun.close(keep=existed and tun.persistent)
         raise
-    return tun
 
 
 def _device_routes(ipr: IPRoute, index: int) -> set[tuple[int, str]]:

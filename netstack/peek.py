@@ -1,9 +1,9 @@
 """What a peeker answers after each ``feed``: wait, route, answer with an error, or reset.
 
-Both peekers (``netstack.tls.TlsPeeker`` and ``netstack.http.HttpPeeker``) look
-at the first bytes a client sends and return one of these. Like h11's events
-they are small immutable values; ``NEED_DATA`` is a singleton so callers can
-test it with ``is``.
+The peekers (``netstack.tls.TlsPeeker``, ``netstack.http.HttpPeeker`` and
+``netstack.connect.ConnectPeeker``) look at the first bytes a client sends and
+return one of these. Like h11's events they are small immutable values;
+``NEED_DATA`` is a singleton so callers can test it with ``is``.
 """
 
 from __future__ import annotations
@@ -41,8 +41,10 @@ class Decision:
     its 4-byte header; HTTP: bytes of the request head including the blank line.
     ``records``: TLS: how many TLS records the ClientHello spanned; HTTP: 0.
     ``unrouted``: the outcome when no route takes the connection; the tracker
-    answers by it: "refused_unknown_name" (TLS alert, HTTP 421), or
+    answers by it: "refused_unknown_name" (TLS alert, HTTP 421, CONNECT 403), or
     "refused_bad_request" (HTTP 400) for a request that names no host at all.
+    ``port``: CONNECT: the port the authority names (the host's port unless the
+    route gives one); None for TLS and HTTP, whose host port is the listener's.
     """
 
     name: str | None
@@ -50,6 +52,7 @@ class Decision:
     hello_size: int = 0
     records: int = 0
     unrouted: str = "refused_unknown_name"
+    port: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,10 +60,13 @@ class BadRequest:
     """A complete request of this protocol that must be answered with an error (HTTP 400) and a close.
 
     ``hello_size``: bytes of the request head including the blank line.
+    ``outcome``: how the tracker answers: "refused_bad_request" (400), or for a
+    CONNECT listener "refused_method" (501) for a request that is not a CONNECT.
     """
 
     reason: str
     hello_size: int = 0
+    outcome: str = "refused_bad_request"
 
 
 @dataclass(frozen=True, slots=True)

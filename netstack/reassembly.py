@@ -63,6 +63,15 @@ class StreamBuffer:
             return True
         return any(low <= start and end <= high for low, high in self.ranges)
 
+    def consume(self, n: int) -> None:
+        """Drop the first `n` bytes (all arrived): offset `n` becomes offset 0, the cap stays."""
+        if n > self.contiguous:
+            raise ValueError(f"cannot consume {n} bytes, only {self.contiguous} are contiguous")
+        del self.data[:n]
+        ranges = [[low - n, high - n] for low, high in self.ranges]
+        # The first range started at 0 and covered n: it now starts at 0 again, or is gone if it was exactly n.
+        self.ranges = [[max(low, 0), high] for low, high in ranges if high > 0]
+
     @property
     def contiguous(self) -> int:
         """How many bytes from offset 0 have all arrived."""

@@ -49,9 +49,9 @@ import gc
 import heapq
 import math
 import struct
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
-from netstack import http, tls
+from netstack import connect, http, tls
 from netstack.flow import Flow, flow_key, split_key
 from netstack.peek import Decision
 from netstack.reassembly import StreamBuffer
@@ -235,11 +235,14 @@ def snapshot(tracker: Tracker, now: float) -> dict[str, Any]:
     }
 
 
-def restore(tracker: Tracker, state: dict[str, Any], now: float) -> int:
-    """Put saved connections back into an empty tracker; return how many were restored.
+def restore(tracker: Tracker, state: dict[str, Any], now: float,
+            keep: Callable[[bytes, int], bool] | None = None) -> int:
+    """Put saved connections back into a tracker; return how many were restored.
 
     Connections whose listener no longer exists are skipped (and counted in
-    ``tracker.events["state_skipped"]``).
+    ``tracker.events["state_skipped"]``). With `keep`, only the connections
+    whose (client address, client port) it accepts are restored: a worker
+    takes the ones that steer to it (netstack.steer), from any number of files.
     """
     if not isinstance(state, dict):
         raise StateError("the saved state is not a JSON object")
@@ -247,14 +250,14 @@ def restore(tracker: Tracker, state: dict[str, Any], now: float) -> int:
     if version != VERSION:
         raise StateError(f"the state file has format version {version!r}, this kracauer reads version {VERSION} "
                          f"only; its connections cannot be carried over")
-    if tracker.clients:
+    if tracker.clients and keep is None:
         raise StateError("the tracker already has connections")
     # A hundred thousand new objects would set off collections that walk them
     # all again and again (more than halves the time); none of them is garbage.
     collecting = gc.isenabled()
     gc.disable()
     try:
-        loader = _Loader(tracker, state, now)
+        loader = _Loader(tracker, state, now, keep)
         restored = loader.run() + loader.parked(state.get("parked", []))
         for host, port, fails, left in state.get("health", []):
             tracker.health[(bytes.fromhex(host), int(port))] = (int(fails), now + float(left) if left else 0.0)
@@ -277,9 +280,11 @@ def restore(tracker: Tracker, state: dict[str, Any], now: float) -> int:
 class _Loader:
     """Rows back into connections, read with the file's own field list."""
 
-    def __init__(self, tracker: Tracker, state: dict[str, Any], now: float) -> None:
+    def __init__(self, tracker: Tracker, state: dict[str, Any], now: float,
+                 keep: Callable[[bytes, int], bool] | None = None) -> None:
         self.tracker = tracker
         self.now = now
+        self.keep = keep
         fields = [tuple(field) for field in state["fields"]]
         known = dict(FIELDS)
         names = [name for name, _ in fields]
@@ -338,6 +343,8 @@ class _Loader:
         clients, hosts, timers = tracker.clients, tracker.hosts, tracker._timers
         seq = tracker._timer_seq
         skipped = 0
+        others = 0  # another worker's
+        keep = self.keep
         for n, values in enumerate(self.row.iter_unpack(self.rows)):
             li = values[i_listener]
             listener = listeners[li]
@@ -349,6 +356,9 @@ class _Loader:
                 raise ValueError(f"state {state!r}")
             if len(client_addr) != 4:
                 raise ValueError(f"client address {client_addr.hex()!r}")
+            if keep is not None and not keep(client_addr, client_port):
+                others += 1
+                continue
             # As Tracker keys them: bytes 12:20 of the client's IPv4 header and 0:4 of its TCP header.
             key = client_addr + listener_ends[li] + pack_port(client_port) + listener_ports[li]
             if complete:
@@ -391,7 +401,7 @@ class _Loader:
             tracker.events["state_skipped"] += skipped
         tracker._timer_seq = seq
         heapq.heapify(timers)
-        return self.count - skipped
+        return self.count - skipped - others
 
     def parked(self, saved: list) -> int:
         """Connections the kernel carries, back as parked records (rebuilt from the map when needed)."""
@@ -403,6 +413,8 @@ class _Loader:
                 raise ValueError(f"parked connection key {key_hex!r}")
             if key[4:8] + key[10:12] not in tracker.listeners:
                 tracker.events["state_skipped"] += 1
+                continue
+            if self.keep is not None and not self.keep(key[:4], U16.unpack(key[8:10])[0]):
                 continue
             decision = self.decisions[d] if d >= 0 else None
             tracker.clients[key] = (decision, self.targets[t], bytes.fromhex(host), int(hello_segments),
@@ -434,6 +446,8 @@ def _rebuild_peeker(tracker: Tracker, conn: Connection) -> None:
         conn.peeker = tls.TlsPeeker(tracker.config.hello_max_bytes)
     elif protocol == "http":
         conn.peeker = http.HttpPeeker(tracker.config.hello_max_bytes)
+    elif protocol == "connect":
+        conn.peeker = connect.ConnectPeeker(tracker.config.hello_max_bytes)
     if conn.peeker is not None and conn.fed:
         conn.peeker.feed(memoryview(conn.hello.data)[:conn.fed])
 

@@ -13,7 +13,7 @@ One connection, as ../shared/DESIGN.md describes it:
     ESTABLISHED the host answered (ISN h): delta = h - k; the buffered bytes
                 were replayed and every packet is translated both ways.
     REFUSING    no route, or a bad request: an alert (TLS), a 421 or a 400
-                (HTTP) and a FIN were sent.
+                (HTTP), a 4xx or 502 (CONNECT) and a FIN were sent.
     GONE        removed from the tables.
 
 State changes happen in the ``_client_*`` and ``_host_*`` handlers named after
@@ -27,10 +27,10 @@ import hashlib
 import heapq
 import ipaddress
 from collections import Counter
-from dataclasses import dataclass
-from typing import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping
 
-from netstack import http, tls
+from netstack import connect, http, tls
 from netstack.checksum import is_valid, ones_sum, update
 from netstack.flow import (
     F_SACK, F_TIMESTAMPS, F_WSCALE_MASK, NO_WSCALE, Flow, FlowTable, flow_key, to_client, to_host, track,
@@ -45,6 +45,7 @@ from netstack.ip import (
 )
 from netstack.peek import NEED_DATA, BadRequest, Decision, NotProtocol
 from netstack.reassembly import StreamBuffer
+from netstack.steer import queue_of
 from netstack.syncookie import SynCookies, decode_options, encode_options
 from netstack.vnet import (
     F_DATA_VALID, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6, PLAIN, TCP_CSUM_OFFSET, VNET_HEADER,
@@ -93,7 +94,7 @@ CLOSE_LINGER = 10.0
 # the endpoint answers a blind RST with a challenge ACK, which revives it.
 RST_LINGER = 5.0
 
-LISTENER_PROTOCOLS = ("tls", "http", "tcp")
+LISTENER_PROTOCOLS = ("tls", "http", "tcp", "connect")
 
 # What a refused connection is told before the FIN, by (listener protocol, outcome).
 REFUSALS = {
@@ -103,7 +104,19 @@ REFUSALS = {
     ("http", "refused_unknown_name"): http.MISDIRECTED_REQUEST,
     # RFC 9110 §15.5.1, RFC 9112 §3.2: 400 Bad Request, the request names no (valid) host.
     ("http", "refused_bad_request"): http.BAD_REQUEST,
+    # An explicit proxy's answers (netstack.connect has the RFC 9110 sections):
+    # 400 for a malformed head, 501 for another method, 403 for a client, port
+    # or name it does not serve, 502 when no host took the connection.
+    ("connect", "refused_bad_request"): connect.BAD_REQUEST,
+    ("connect", "refused_method"): connect.NOT_IMPLEMENTED,
+    ("connect", "refused_client"): connect.FORBIDDEN_CLIENT,
+    ("connect", "refused_port"): connect.FORBIDDEN_PORT,
+    ("connect", "refused_unknown_name"): connect.FORBIDDEN_NAME,
+    ("connect", "host_refused"): connect.BAD_GATEWAY,
+    ("connect", "host_unreachable"): connect.BAD_GATEWAY,
 }
+# How often kracauer's 200 to a CONNECT is sent before the client is given up on.
+ANSWER_TRIES = 5
 
 # Bytes a frame buffer must leave free before a packet: an IPv4 header of 20
 # bytes becomes an IPv6 header of 40, and a vnet header goes before it.
@@ -116,7 +129,7 @@ class Listener:
 
     address: bytes  # 4 bytes
     port: int
-    protocol: str  # "tls" | "http" | "tcp"
+    protocol: str  # "tls" | "http" | "tcp" | "connect"
     prefix: bytes | None = None  # 12 bytes: this listener's own translation prefix
 
     def __str__(self) -> str:
@@ -156,6 +169,8 @@ class TrackerConfig:
     max_fails: int = 3  # consecutive failed connects before a host is skipped
     fail_timeout: float = 30.0  # seconds a failing host is skipped
     host_try_timeout: float = 3.0  # with several hosts, seconds one may take to answer before the next is tried
+    # Who may use each connect listener, by (address, port); one without a policy serves nobody.
+    connect_policies: Mapping[tuple[bytes, int], connect.ConnectPolicy] = field(default_factory=dict)
 
     @property
     def mss(self) -> int:
@@ -299,6 +314,15 @@ class Tracker:
         self._names: dict[Listener | bytes, str] = {}
         # Passive health per (host, port): consecutive failures and until when to skip it.
         self.health: dict[tuple[bytes, int], tuple[int, float]] = {}
+        # With several workers: each change to `health`, for the daemon to tell the other workers
+        # ((host, port), (fails, until) or None when the host answered again). None: not shared.
+        self.health_changes: list[tuple[tuple[bytes, int], tuple[int, float] | None]] | None = None
+        # With several workers (netstack.steer): this worker's queue and the number of queues.
+        # A source port kracauer picks towards a host must steer back to this worker.
+        self.queue = 0
+        self.queues = 1
+        # Connections the other workers hold (the daemon keeps it current): max_connections is the box's.
+        self.elsewhere = 0
         self._timers: list[tuple[float, int, Connection]] = []
         self._timer_seq = 0
         self._stale_timers = 0
@@ -476,7 +500,7 @@ class Tracker:
             return self._drop("bad_checksum")
         conn = Connection(listener, ip.src, tcp.sport, ip.src + ip.dst + segment[:4].tobytes())
         conn.start = conn.last_seen = now
-        if len(self.clients) >= self.config.max_connections:
+        if len(self.clients) + self.elsewhere >= self.config.max_connections:
             # The table is full: refuse the newcomer, disturb nobody.
             self.events["refused_table_full"] += 1
             conn.client_isn = tcp.seq
@@ -551,7 +575,7 @@ class Tracker:
         if old is not None:
             self.events["port_reused_by_cookie"] += 1
             self._finish(old, old.outcome or "closed", now)
-        if len(self.clients) >= self.config.max_connections:
+        if len(self.clients) + self.elsewhere >= self.config.max_connections:
             # The table is full: the client believes it is connected (the kernel may have
             # answered its SYN), so tell it, as _client_new tells a SYN.
             self.events["refused_table_full"] += 1
@@ -618,6 +642,8 @@ class Tracker:
             conn.peeker = tls.TlsPeeker(self.config.hello_max_bytes)
         elif protocol == "http":
             conn.peeker = http.HttpPeeker(self.config.hello_max_bytes)
+        elif protocol == "connect":
+            conn.peeker = connect.ConnectPeeker(self.config.hello_max_bytes)
 
     def _client_syn_again(self, conn: Connection, packet: memoryview, ip: IPv4Header, segment: memoryview,
                           tcp: TcpHeader, now: float) -> list[bytearray]:
@@ -736,6 +762,10 @@ class Tracker:
         if end > conn.fed:
             result = conn.peeker.feed(memoryview(conn.hello.data)[conn.fed:end])
             conn.fed = end
+        if result is NEED_DATA and conn.hello.full and conn.listener.protocol == "connect":
+            # The buffer holds no more than the cap, so the peeker never sees the byte past it:
+            # a head that has not ended within the cap is oversized now (a 400, not a timeout).
+            result = BadRequest(f"request head larger than {self.config.hello_max_bytes} bytes", hello_size=end)
         if result is NEED_DATA:
             if conn.client_fin_offset >= 0 and conn.client_fin_offset <= end:
                 # The client closed before its hello was complete: nothing to route.
@@ -747,16 +777,99 @@ class Tracker:
             return [self._rst_to_client(conn, end)]
         if isinstance(result, BadRequest):
             # A request that cannot be routed by any route: answered, not reset.
+            # A proxy's client it does not serve learns only that.
             conn.decision = Decision(name=None, hello_size=result.hello_size)
-            return self._refuse(conn, now, "refused_bad_request")
+            return self._refuse(conn, now, self._unserved_client(conn) or result.outcome)
         conn.decision = result
         return self._route(conn, now)
 
     def _route(self, conn: Connection, now: float) -> list[bytearray]:
+        if conn.listener.protocol == "connect":
+            return self._route_connect(conn, now)
         target = self.resolve(conn.listener, conn.decision)
         if target is None:
             return self._refuse(conn, now, conn.decision.unrouted)
         return self._bind(conn, target, now)
+
+    # ---------------------------------------------------- the explicit proxy
+    #
+    # A connect listener's client sends a CONNECT head, which kracauer reads
+    # (netstack.connect) and never passes on, and gets kracauer's own answer.
+    # ../shared/design/bridge.md, "CONNECT in the packet splice": with the
+    # client's ISN c, its head takes c+1 .. c+L (RFC 9293 §3.4: the first data
+    # byte is ISN+1); the host's SYN carries ISN c+L,
+    # so client→host sequence numbers need no change. kracauer's answer takes
+    # k+1 .. k+R, and the host's ISN h maps to k+R. Both are done by moving the
+    # two ISNs the splice is computed from: client_isn becomes c+L when the head
+    # is consumed (the route is known), our_isn becomes k+R when the 200 is sent
+    # (the host accepted). delta = h - (k+R) then comes out of the unchanged
+    # splice, and the flow records, the kernel's included, carry it as usual.
+    # The answer is sent only once the host's SYN-ACK is in, so that a host
+    # that refuses still gets the client a 502; it is kracauer's to
+    # retransmit, and the connection stays here until the client acknowledged it.
+
+    def _connect_policy(self, conn: Connection) -> connect.ConnectPolicy | None:
+        return self.config.connect_policies.get((conn.listener.address, conn.listener.port))
+
+    def _unserved_client(self, conn: Connection) -> str:
+        """"refused_client" for a connect listener's client outside its `allow` networks, else ""."""
+        if conn.listener.protocol != "connect":
+            return ""
+        policy = self._connect_policy(conn)
+        return "" if policy is not None and policy.allows(conn.client_addr) else "refused_client"
+
+    def _route_connect(self, conn: Connection, now: float) -> list[bytearray]:
+        """A complete CONNECT head: refused with a 403, or bound to its host with the head consumed."""
+        policy = self._connect_policy(conn)
+        if policy is None or not policy.allows(conn.client_addr):
+            return self._refuse(conn, now, "refused_client")
+        if conn.decision.port not in policy.ports:
+            return self._refuse(conn, now, "refused_port")
+        target = self.resolve(conn.listener, conn.decision)
+        if target is None:
+            return self._refuse(conn, now, conn.decision.unrouted)
+        self._consume_head(conn)
+        return self._bind(conn, target, now)
+
+    def _consume_head(self, conn: Connection) -> None:
+        """The client's stream to the host starts after the head: c becomes c+L, the buffered rest stays."""
+        size = conn.decision.hello_size
+        conn.hello.consume(size)
+        conn.client_isn = (conn.client_isn + size) & MOD32
+        conn.fed = max(conn.fed - size, 0)
+        if conn.client_fin_offset >= 0:
+            conn.client_fin_offset -= size
+
+    def _answer_connect(self, conn: Connection, now: float) -> bytearray:
+        """The host accepted: the 200 from k+1, acknowledging the head (not what followed it); k becomes k+R."""
+        answer = connect.CONNECTION_ESTABLISHED
+        segment = self._segment_to_client(conn, conn.our_isn + 1, conn.client_isn + 1, ACK | PSH, now, answer)
+        conn.our_isn = (conn.our_isn + len(answer)) & MOD32
+        conn.tries = 1
+        return segment
+
+    @staticmethod
+    def _answer_unacked(conn: Connection) -> bool:
+        """kracauer sent the client bytes (a 200) it has not acknowledged yet."""
+        return seq_lt(conn.client_ack, (conn.our_isn + 1) & MOD32)
+
+    def _resend_answer(self, conn: Connection, now: float) -> list[bytearray]:
+        """No host has the 200 to retransmit: kracauer does, backing off; then gives the client up."""
+        if conn.tries >= ANSWER_TRIES:
+            self._finish(conn, "answer_unacknowledged", now)
+            # RFC 5961 §3.2: each RST carries the sequence number its receiver expects next.
+            to_client = build_segment(conn.listener.port, conn.client_port, conn.client_ack, conn.host_ack,
+                                      RST | ACK, 0)
+            to_host = build_segment(conn.host_sport, conn.target.port, conn.host_ack, 0, RST, 0)
+            conn.packets_to_client += 1
+            conn.packets_to_host += 1
+            return [self._ipv4_to_client(conn, to_client), self._ipv6_to_host(conn, to_host)]
+        conn.tries += 1
+        self._set_timer(conn, now + SYN_RETRY_FIRST * (1 << (conn.tries - 1)))
+        answer = connect.CONNECTION_ESTABLISHED
+        self.events["connect_answer_retransmitted"] += 1
+        return [self._segment_to_client(conn, conn.our_isn + 1 - len(answer), conn.host_ack, ACK | PSH, now,
+                                        answer)]
 
     # ------------------------------------------------------------ host: bind
 
@@ -800,7 +913,7 @@ class Tracker:
         for _ in range(64):
             if not self._host_key_taken(key):
                 break
-            sport = 1024 + self.random32() % (65536 - 1024)
+            sport = self._source_port(conn.client_addr)
             key = conn.host + conn.src6 + U16.pack(port) + U16.pack(sport)
         else:
             self._finish(conn, "no_source_port", now)
@@ -812,17 +925,35 @@ class Tracker:
         conn.host_start = now
         return self._connect_attempt(conn, now)
 
+    def _source_port(self, client: bytes) -> int:
+        """A random source port towards a host; with several workers, one that steers back to this one.
+
+        The host's answers steer by (client, destination port) (netstack.steer):
+        1 port in `queues` does, so a few tries find one.
+        """
+        sport = 1024 + self.random32() % (65536 - 1024)
+        for _ in range(16 * self.queues):
+            if self.queues <= 1 or queue_of(client, sport, self.queues) == self.queue:
+                break
+            sport = 1024 + self.random32() % (65536 - 1024)
+        return sport
+
     def _host_failed(self, conn: Connection, outcome: str, now: float) -> list[bytearray]:
         """The current host refused or did not answer: try the next one, or reset the client."""
         key = (conn.host, conn.target.port)
         fails = self.health.get(key, (0, 0.0))[0] + 1
         skip_until = now + self.config.fail_timeout if fails >= self.config.max_fails else 0.0
         self.health[key] = (fails, skip_until)
+        if self.health_changes is not None:
+            self.health_changes.append((key, (fails, skip_until)))
         if skip_until:
             self.events["host_marked_down"] += 1
         if conn.candidates and now < conn.connect_start + self.config.connect_timeout:
             self.events["host_failover"] += 1
             return self._try_next_host(conn, now)
+        if conn.listener.protocol == "connect":
+            # An explicit proxy tells its client (RFC 9110 §15.6.3: 502).
+            return self._refuse(conn, now, outcome)
         self._finish(conn, outcome, now)
         return [self._rst_to_client(conn, conn.hello.contiguous)]
 
@@ -865,10 +996,15 @@ class Tracker:
         if not self._checksum_trusted() and not is_valid(
                 segment, ones_sum(conn.host + conn.src6) + PROTO_TCP + len(segment)):
             return self._drop("bad_checksum")
+        answer = self._answer_connect(conn, now) if conn.listener.protocol == "connect" else None
         self._splice(conn, segment, tcp, now)
         conn.connect_time = now - conn.connect_start
-        self.health.pop((conn.host, conn.target.port), None)
-        return self._replay(conn, now)
+        if self.health.pop((conn.host, conn.target.port), None) is not None and self.health_changes is not None:
+            self.health_changes.append(((conn.host, conn.target.port), None))
+        if answer is None:
+            return self._replay(conn, now)
+        self._set_timer(conn, now + SYN_RETRY_FIRST)  # the 200's retransmission
+        return [answer, *self._replay(conn, now)]
 
     def _splice(self, conn: Connection, segment: memoryview, tcp: TcpHeader, now: float) -> None:
         """DESIGN.md step 4: record delta, window scales and the host's timestamp clock."""
@@ -947,6 +1083,8 @@ class Tracker:
         """
         if conn.hello is not None or conn.client_fin >= 0 or conn.host_fin >= 0 or conn.rst_at or conn.closing:
             return
+        if self._answer_unacked(conn):
+            return  # a CONNECT's 200 is still kracauer's to retransmit
         if conn.packets_to_host + conn.packets_to_client < OFFLOAD_PACKETS and now < conn.connect_start + OFFLOAD_DELAY:
             return
         up, down = conn.to_host_flow, conn.to_client_flow
@@ -1588,6 +1726,8 @@ class Tracker:
                 return []
             conn.rst_at = 0.0
             conn.outcome = ""
+        if conn.listener.protocol == "connect" and self._answer_unacked(conn):
+            return self._resend_answer(conn, now)
         idle_until = conn.last_seen + self.config.idle_timeout
         if idle_until > now:
             if self.flows is not None and conn.kernel == KERNEL_NO:
@@ -1643,6 +1783,10 @@ class Tracker:
                 to_host -= 1
             if conn.host_fin >= 0 and seq_lt(conn.host_fin, conn.client_ack):
                 to_client -= 1
+        name = decision.name if decision else None
+        if name is not None and decision.port is not None:
+            # A CONNECT's authority, as the request named it.
+            name = f"[{name}]:{decision.port}" if ":" in name else f"{name}:{decision.port}"
         return ConnectionRecord(
             start=conn.start,
             duration=now - conn.start,
@@ -1650,7 +1794,7 @@ class Tracker:
             client_port=conn.client_port,
             listener=self._name_of(conn.listener),
             protocol=conn.listener.protocol,
-            name=decision.name if decision else None,
+            name=name,
             alpn=decision.alpn if decision else (),
             route=target.route if target else None,
             host=self._name_of(conn.host) if conn.host else None,

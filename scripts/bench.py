@@ -688,7 +688,9 @@ class Bench:
 
     def proxy_pids(self, path: str) -> list[int]:
         if path in self.kracauers:
-            return [self.kracauers[path].pid]
+            # The supervisor and its workers ([tun] workers, one per core by default).
+            pid = self.kracauers[path].pid
+            return [pid, *children_of(pid)]
         if path == "nginx":
             return self.proxy_nginx.pids()
         return []
@@ -854,7 +856,7 @@ class Bench:
                 # what a box meant to hold this many connections would configure.
                 max_flows = max(2 * count * 5 // 4, 1024)
                 daemon = self.start_kracauer(proxy, max_flows=max_flows)
-                pids = lambda: [daemon.pid]  # noqa: E731
+                pids = lambda: [daemon.pid, *children_of(daemon.pid)]  # noqa: E731
                 workers = 1
             else:
                 workers = nginx_workers_for(count)

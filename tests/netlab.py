@@ -259,6 +259,26 @@ def lab_kernel_path() -> str:
     return mode
 
 
+def lab_workers() -> int | None:
+    """KRACAUER_LAB_WORKERS=N: run kracauer with [tun] workers = N where a config does not say (unset: its default)."""
+    value = os.environ.get("KRACAUER_LAB_WORKERS")
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise LabError(f"KRACAUER_LAB_WORKERS must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def with_workers(config_text: str, workers: int) -> str:
+    """``config_text`` with ``[tun] workers = N`` unless it sets workers itself."""
+    config = tomllib.loads(config_text)
+    if "workers" in config.get("tun", {}):
+        return config_text
+    if "tun" not in config:
+        return config_text + f"\n[tun]\nworkers = {workers}\n"
+    return re.sub(r"^\[tun\][ \t]*$", f"[tun]\nworkers = {workers}", config_text, count=1, flags=re.M)
+
+
 def _mount_bpffs(path: pathlib.Path) -> None:
     """A bpffs for kracauer's pinned maps, mounted in the root mount namespace.
 
@@ -443,6 +463,10 @@ class Kracauer:
             return self.stderr_path.read_text(errors="replace")
         except FileNotFoundError:
             return ""
+
+    def rewrite_config(self, config_text: str) -> None:
+        """Replace the config file (for a reload), with the lab's settings added as at the start."""
+        self.config_path.write_text(self.lab.lab_config(config_text)[0])
 
     def log_lines(self) -> list[str]:
         return self.stderr().splitlines()
@@ -803,13 +827,7 @@ class Lab:
         n = len(self._kracauers)
         config_path = self.dir / f"kracauer-{n}.toml"
         stderr_path = self.dir / f"kracauer-{n}.stderr"
-        try:
-            config = tomllib.loads(config_text)
-        except tomllib.TOMLDecodeError:
-            config = None
-        if config is not None and "kernel_path" not in config:
-            config_text = self.with_kernel_path(config_text)
-            config = tomllib.loads(config_text)
+        config_text, config = self.lab_config(config_text)
         config_path.write_text(config_text)
         err = open(stderr_path, "wb")
         try:
@@ -821,6 +839,21 @@ class Lab:
         k = Kracauer(self, popen, config_path, stderr_path, config)
         self._kracauers.append(k)
         return k
+
+    def lab_config(self, config_text: str) -> tuple[str, dict | None]:
+        """``config_text`` with the lab's settings where it has none: [kernel_path], [tun] workers.
+
+        Also (text, None) for text that is not valid TOML, unchanged.
+        """
+        try:
+            config = tomllib.loads(config_text)
+        except tomllib.TOMLDecodeError:
+            return config_text, None
+        if "kernel_path" not in config:
+            config_text = self.with_kernel_path(config_text)
+        if lab_workers() is not None:
+            config_text = with_workers(config_text, lab_workers())
+        return config_text, tomllib.loads(config_text)
 
     def with_kernel_path(self, config_text: str, mode: str | None = None) -> str:
         """``config_text`` with the lab's [kernel_path] (KRACAUER_LAB_KERNEL_PATH, or ``mode``)."""

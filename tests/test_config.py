@@ -80,6 +80,15 @@ def test_example_file_loads_with_the_documented_values():
     )
 
 
+def test_example_files_commented_out_connect_listener_is_valid_when_uncommented():
+    text = EXAMPLE.read_text()
+    block = re.search(r"^# \[\[listen\]\]\n(?:# \w+ = .*\n)+", text, re.M)
+    assert block is not None and 'protocol = "connect"' in block[0]
+    config = parse(text.replace(block[0], block[0].replace("# ", "")))
+    [proxy] = [lst for lst in config.listeners if lst.protocol == "connect"]
+    assert (proxy.port, proxy.allow, proxy.ports) == (3128, (ipaddress.IPv4Network("198.51.100.0/24"),), (443,))
+
+
 def test_example_file_documents_the_optional_limits_commented_out():
     text = EXAMPLE.read_text()
     assert re.search(r"^# connect_timeout = 10\.0$", text, re.M)
@@ -307,7 +316,7 @@ def test_bad_listener_ports_are_rejected(port, expected):
 
 def test_unknown_protocol_is_rejected_with_the_choices_and_the_line():
     text = HEAD + listen() + listen(port="80", protocol='"udp"')
-    assert error(text) == 'k.toml:15: listen[1].protocol: expected one of "tls", "http", "tcp", got "udp"'
+    assert error(text) == 'k.toml:15: listen[1].protocol: expected one of "tls", "http", "tcp", "connect", got "udp"'
 
 
 def test_protocol_names_are_case_sensitive():
@@ -327,6 +336,63 @@ def test_host_is_forbidden_on_tls_and_http_listeners(protocol):
 def test_tcp_listener_gets_its_host():
     config = parse(HEAD + listen(port="22", protocol='"tcp"', host='"2001:db8::22"'))
     assert config.listeners == (Listener(V4("192.0.2.10"), 22, "tcp", V6("2001:db8::22")),)
+
+
+# -- connect listeners (explicit proxy) ------------------------------------------
+
+def connect_listen(extra: str = 'allow = ["198.51.100.0/24"]\n') -> str:
+    return listen(port="3128", protocol='"connect"') + extra
+
+
+def test_connect_listener_gets_its_networks_and_the_default_port_443():
+    config = parse(HEAD + connect_listen('allow = ["198.51.100.0/24", "203.0.113.7"]\n'))
+    [listener] = config.listeners
+    assert (listener.protocol, listener.port) == ("connect", 3128)
+    assert listener.allow == (ipaddress.IPv4Network("198.51.100.0/24"), ipaddress.IPv4Network("203.0.113.7/32"))
+    assert listener.ports == (443,)
+    assert listener.host is None and listener.hosts == ()
+
+
+def test_connect_listener_ports_are_read():
+    config = parse(HEAD + connect_listen('allow = ["198.51.100.0/24"]\nports = [443, 8443]\n'))
+    assert config.listeners[0].ports == (443, 8443)
+
+
+def test_connect_listener_without_allow_is_refused_no_open_proxy():
+    message = error(HEAD + connect_listen(""))
+    assert message.startswith("k.toml:")
+    assert ': listen[0].allow: required with protocol "connect"' in message
+    assert "never an open proxy" in message
+
+
+@pytest.mark.parametrize(("extra", "key", "expected"), [
+    ("allow = []\n", "allow", "the list is empty: this proxy would serve nobody"),
+    ('allow = "198.51.100.0/24"\n', "allow", 'expected a list of IPv4 networks like ["198.51.100.0/24"], got string'),
+    ('allow = ["2001:db8::/32"]\n', "allow", 'expected an IPv4 network (clients connect over IPv4), got "2001:db8::/32"'),
+    ('allow = ["198.51.100.1/24"]\n', "allow", '"198.51.100.1/24" has host bits set; the network is "198.51.100.0/24"'),
+    ('allow = ["everyone"]\n', "allow", 'expected an IPv4 network like "198.51.100.0/24", got "everyone"'),
+    ('allow = [24]\n', "allow", "expected a string, got integer 24"),
+    ('allow = ["198.51.100.0/24"]\nports = []\n', "ports", "the list is empty: no CONNECT could be served"),
+    ('allow = ["198.51.100.0/24"]\nports = 443\n', "ports", "expected a list of ports like [443], got integer 443"),
+    ('allow = ["198.51.100.0/24"]\nports = [0]\n', "ports", "expected an integer from 1 to 65535, got 0"),
+    ('allow = ["198.51.100.0/24"]\nports = [443, 443]\n', "ports", "the same port is listed twice"),
+    ('allow = ["198.51.100.0/24"]\nhost = "2001:db8::1"\n', "host", 'only allowed with protocol "tcp"'),
+])
+def test_bad_connect_listener_keys_are_rejected(extra, key, expected):
+    message = error(HEAD + connect_listen(extra))
+    assert f": listen[0].{key}: " in message and expected in message
+
+
+@pytest.mark.parametrize("key,value", [("allow", '["198.51.100.0/24"]'), ("ports", "[443]")])
+@pytest.mark.parametrize("protocol", ["tls", "http"])
+def test_allow_and_ports_are_forbidden_on_other_listeners(protocol, key, value):
+    message = error(HEAD + listen(protocol=f'"{protocol}"') + f"{key} = {value}\n")
+    assert f': listen[0].{key}: only allowed with protocol "connect" (this listener is "{protocol}")' in message
+
+
+def test_connect_listener_needs_something_to_route_to():
+    message = error('[translate]\nprefix = "64:ff9b:1::/96"\n' + connect_listen())
+    assert "listen[0]: nothing to route to: this connect listener" in message
 
 
 def test_two_listeners_on_the_same_address_and_port_are_rejected():

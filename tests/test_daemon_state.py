@@ -105,7 +105,7 @@ def test_saved_connections_are_restored_by_the_next_daemon_and_the_file_is_remov
     [conn] = new.tracker.clients.values()
     assert conn.state == ESTABLISHED
     # Removed by run() once the start succeeded (the lab tests check that).
-    assert new._restored_from == str(tmp_path / "state.json")
+    assert new._restored_from == [str(tmp_path / "state.json")]
     assert new.metrics.registry.get_sample_value("kracauer_restored_connections") == 1
 
 

@@ -138,3 +138,23 @@ def test_cleanup_with_nothing_left_says_so(tmp_path, capsys):
 def test_cleanup_needs_a_config(capsys):
     assert main(["cleanup"]) == 2
     assert "needs --config" in capsys.readouterr().err
+
+
+def test_status_lists_the_workers_when_there_are_several(busy):
+    text = generate_latest(busy.registry).decode() + """\
+# HELP kracauer_workers Worker processes configured
+# TYPE kracauer_workers gauge
+kracauer_workers 2.0
+# TYPE kracauer_worker_up gauge
+kracauer_worker_up{worker="0"} 1.0
+kracauer_worker_up{worker="1"} 0.0
+# TYPE kracauer_worker_restarts counter
+kracauer_worker_restarts_total{worker="0"} 0.0
+kracauer_worker_restarts_total{worker="1"} 3.0
+# TYPE kracauer_worker_connections_active gauge
+kracauer_worker_connections_active{worker="0"} 7.0
+kracauer_worker_connections_active{worker="1"} 0.0
+"""
+    out = format_status(parse(text), "http://x/metrics")
+    assert "workers: 2 (1 up): 0: 7 active, 1: 0 active, 3 restarts, down" in out
+    assert "workers:" not in format_status(parse(generate_latest(busy.registry).decode()), "http://x/metrics")

@@ -1,5 +1,6 @@
 """netstack.reassembly.StreamBuffer: the first bytes of a stream, in any arrival order."""
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -175,3 +176,30 @@ def test_contiguous_only_grows_and_ranges_stay_sorted_and_disjoint(case):
         seen = buf.contiguous
         for (low, high), (next_low, _) in zip(buf.ranges, buf.ranges[1:]):
             assert low < high < next_low
+
+
+def test_consume_drops_the_first_bytes_and_shifts_what_is_held():
+    buf = StreamBuffer(100)
+    buf.add(0, b"HEAD")
+    buf.add(4, b"ab")
+    buf.add(10, b"later")
+    buf.consume(4)
+    assert buf.contiguous == 2
+    assert bytes(buf.data[:2]) == b"ab"
+    assert buf.ranges == [[0, 2], [6, 11]]
+    assert bytes(buf.data[6:11]) == b"later"
+    # Offsets are the new ones: the gap is filled at 2..6.
+    buf.add(2, b"cdef")
+    assert buf.contiguous == 11
+    assert bytes(buf.data[:11]) == b"abcdeflater"
+
+
+def test_consuming_everything_contiguous_leaves_an_empty_start():
+    buf = StreamBuffer(100)
+    buf.add(0, b"HEAD")
+    buf.add(8, b"x")
+    buf.consume(4)
+    assert buf.contiguous == 0
+    assert buf.ranges == [[4, 5]]
+    with pytest.raises(ValueError):
+        buf.consume(1)

@@ -19,6 +19,7 @@ import time
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from kracauer.daemon import saved_shards
 from tests import netlab
 from tests.netlab import CLIENT_ADDRESS, HOSTS, SERVICE_ADDRESS, Lab, LabError, embed, example_config, wait_until
 
@@ -86,6 +87,11 @@ def scrape(lab) -> dict[tuple, float]:
 
 def total(samples: dict, name: str, **labels) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and all((k, v2) in ls for k, v2 in labels.items()))
+
+
+def saved_state(lab) -> list[str]:
+    """The state files a stop left: state.json, or one per worker (state.json.0, ...)."""
+    return saved_shards(str(lab.dir / "state" / "state.json"))
 
 
 def access_entries(lab) -> list[dict]:
@@ -203,7 +209,7 @@ def test_sighup_moves_new_connections_while_a_bound_one_keeps_its_host(lab, clea
     assert host_connections(lab, "host1") == [f"[{EMBEDDED_CLIENT}]:{host_connections(lab, 'host1')[0].rsplit(':', 1)[1]}"]
 
     # www.example.com moves to host2.
-    k.config_path.write_text(config(lab, access=False).replace(
+    k.rewrite_config(config(lab, access=False).replace(
         f'name = "www.example.com"\nhost = "{HOSTS["host1"]}"', f'name = "www.example.com"\nhost = "{HOSTS["host2"]}"'))
     k.popen.send_signal(signal.SIGHUP)
     wait_until(lambda: "reloaded" in k.stderr(), 5, "the reload", k.stderr)
@@ -215,7 +221,7 @@ def test_sighup_moves_new_connections_while_a_bound_one_keeps_its_host(lab, clea
     k.popen.send_signal(signal.SIGHUP)
     wait_until(lambda: k.stderr().count("reload refused") == 1, 5, "the refusal", k.stderr)
     assert "invalid TOML" in k.stderr()
-    k.config_path.write_text(good.replace("mtu = 1500", "mtu = 1400"))
+    k.rewrite_config(good.replace("mtu = 1500", "mtu = 1400"))
     k.popen.send_signal(signal.SIGHUP)
     wait_until(lambda: k.stderr().count("reload refused") == 2, 5, "the second refusal", k.stderr)
     assert "[tun] changed" in k.stderr()
@@ -246,7 +252,7 @@ def test_a_200mb_download_carries_on_across_a_stop_and_start_with_state(lab, cle
         rc, stderr = k1.stop()
         assert rc == 0, stderr
         assert "saved 1 connection" in stderr
-        assert (lab.dir / "state" / "state.json").exists()
+        assert saved_state(lab)
         # The TUN and its routes stay for the next process.
         assert lab.link_exists("box", "kracauer0")
         assert {r["dst"] for r in lab.routes("box", "kracauer0")} == {SERVICE_ADDRESS}
@@ -254,7 +260,7 @@ def test_a_200mb_download_carries_on_across_a_stop_and_start_with_state(lab, cle
 
         k2 = start(lab, text)
         assert "restored 1 connection" in k2.stderr(), k2.stderr()
-        assert not (lab.dir / "state" / "state.json").exists()
+        assert not saved_state(lab)
         assert host_connections(lab, "host1") == [peer]  # the same connection, nothing new
         stdout, stderr = curl.communicate(timeout=60)
     finally:
@@ -277,7 +283,7 @@ def test_a_200mb_download_carries_on_across_a_stop_and_start_with_state(lab, cle
     assert r.returncode == 0 and "removed the TUN kracauer0" in r.stdout, r.stdout + r.stderr
     assert not lab.link_exists("box", "kracauer0")
     assert not any(r.get("dev") == "kracauer0" for r in lab.routes("box", family=6))
-    assert not (lab.dir / "state" / "state.json").exists()
+    assert not saved_state(lab)
 
 
 def test_no_keep_tun_stops_for_good_and_a_config_without_state_removes_a_left_tun(lab, clean_box):
@@ -286,7 +292,7 @@ def test_no_keep_tun_stops_for_good_and_a_config_without_state_removes_a_left_tu
     rc, stderr = k.stop()
     assert rc == 0 and "routes removed" in stderr, stderr
     assert not lab.link_exists("box", "kracauer0")
-    assert not (lab.dir / "state" / "state.json").exists()
+    assert not saved_state(lab)
 
     k = start(lab, config(lab, state=True))
     k.stop()
@@ -297,7 +303,8 @@ def test_no_keep_tun_stops_for_good_and_a_config_without_state_removes_a_left_tu
     rc, stderr = k.stop()
     assert rc == 0, stderr
     assert not lab.link_exists("box", "kracauer0")
-    (lab.dir / "state" / "state.json").unlink(missing_ok=True)
+    for path in saved_state(lab):
+        os.unlink(path)
 
 
 def test_cleanup_refuses_while_kracauer_runs(lab, clean_box):
@@ -330,7 +337,8 @@ def test_state_with_an_unprivileged_user(lab, clean_box):
         wait_until(lambda: out.exists() and out.stat().st_size > 1_000_000, 10, "the download to start")
         rc, stderr = k1.stop()
         assert rc == 0 and "saved 1 connection" in stderr, stderr
-        assert (state_dir / "state.json").stat().st_uid == nobody.pw_uid
+        files = saved_shards(str(state_dir / "state.json"))
+        assert files and all(os.stat(path).st_uid == nobody.pw_uid for path in files)
         assert lab.link_exists("box", "kracauer0")
         k2 = start(lab, text)
         assert "restored 1 connection" in k2.stderr(), k2.stderr()

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from netstack.steer import queue_of
 from tests import netlab
 from tests.netlab import CLIENT_ADDRESS, HOSTS, SERVICE_ADDRESS, Lab, wait_until
 
@@ -107,6 +108,23 @@ def test_a_dead_host_is_failed_over_unnoticed_then_skipped(lab, kracauer):
     assert took < 1.0
     entries = [e for e in lab.access_log("host1") if e["remote_addr"] == netlab.embed(CLIENT_ADDRESS)]
     assert len(entries) >= 2
+
+
+def test_with_several_workers_every_worker_skips_the_host_one_marked_down(lab, kracauer):
+    # After the test above, one worker saw the dead host fail; within a second every worker knows.
+    if "workers, one per TUN queue" not in kracauer.stderr():
+        pytest.skip("kracauer runs one worker here (KRACAUER_LAB_WORKERS=1)")
+    fetch(lab)  # in case this test runs alone: someone marks it down
+    time.sleep(1.5)
+    client = ipaddress.IPv4Address(CLIENT_ADDRESS).packed
+    ports = {queue_of(client, port, 2): port for port in range(46000, 46020)}
+    assert sorted(ports) == [0, 1]
+    for worker, port in sorted(ports.items()):
+        started = time.monotonic()
+        proc = lab.curl("https://www.example.com/", "--local-port", str(port), max_time=20)
+        took = time.monotonic() - started
+        assert proc.returncode == 0 and proc.stdout == "host1\n", proc.stderr
+        assert took < 1.0, f"worker {worker} tried the dead host again ({took:.1f} s)"
 
 
 def test_alpn_route_takes_clients_offering_the_protocol(lab, kracauer):

@@ -63,10 +63,14 @@ def test_ten_stops_each_leave_nothing_behind_the_moment_the_process_has_exited(l
         assert "TUN kracauer0 and its routes removed" in stderr
 
 
+def with_workers(text: str, workers: int) -> str:
+    return text.replace("[tun]\n", f"[tun]\nworkers = {workers}\n", 1)
+
+
 def test_a_leftover_persistent_tun_is_named_taken_over_and_removed_at_exit(lab, box):
     # What a kracauer with [state] that crashed (or stopped) leaves: a persistent TUN nobody has open.
     lab.run("box", ["ip", "tuntap", "add", "dev", TUN, "mode", "tun"], check=True)
-    k = lab.start_kracauer(example_config())
+    k = lab.start_kracauer(with_workers(example_config(), 1))
     wait_until(lambda: "running on" in k.stderr(), 10, "kracauer to run", k.stderr)
     log = k.stderr()
     assert "attached to the existing TUN kracauer0: a TUN, persistent device with no process attached, " \
@@ -75,24 +79,51 @@ def test_a_leftover_persistent_tun_is_named_taken_over_and_removed_at_exit(lab, 
     rc, stderr = k.stop()
     assert rc == 0, stderr
     assert not leftovers(lab)
+    # Several workers need a multi-queue TUN: without [state] nothing is lost by making it anew.
+    lab.run("box", ["ip", "tuntap", "add", "dev", TUN, "mode", "tun"], check=True)
+    k = lab.start_kracauer(with_workers(example_config(), 2))
+    wait_until(lambda: "running on" in k.stderr(), 20, "kracauer to run", k.stderr)
+    assert "removed the single-queue TUN kracauer0 left by an earlier kracauer: 2 workers need a multi-queue " \
+           "one" in k.stderr(), k.stderr()
+    rc, stderr = k.stop()
+    assert rc == 0, stderr
+    assert not leftovers(lab)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_leftover_multi_queue_tun_is_taken_over_by_any_number_of_workers(lab, box, workers):
+    # What a kracauer with several workers and [state] leaves.
+    lab.run("box", ["ip", "tuntap", "add", "dev", TUN, "mode", "tun", "multi_queue"], check=True)
+    k = lab.start_kracauer(with_workers(example_config(), workers))
+    wait_until(lambda: "running on" in k.stderr(), 20, "kracauer to run", k.stderr)
+    assert "attached to the existing TUN kracauer0: a TUN, persistent, multi-queue device with no process " \
+           "attached" in k.stderr(), k.stderr()
+    rc, stderr = k.stop()
+    assert rc == 0 and not leftovers(lab), stderr
 
 
 def test_a_leftover_tun_that_cannot_be_reused_is_refused_with_the_way_out(lab, box):
-    # A persistent multi-queue TUN (as a multi-queue kracauer would leave): TUNSETIFF without
-    # IFF_MULTI_QUEUE cannot attach to it (EINVAL), which used to read like a foreign device.
-    lab.run("box", ["ip", "tuntap", "add", "dev", TUN, "mode", "tun", "multi_queue"], check=True)
-    k = lab.spawn_kracauer(example_config())
+    # A persistent single-queue TUN left by a kracauer with one worker and [state] (its connections
+    # may be in it) cannot become multi-queue: two workers are refused, with the two ways out.
+    lab.run("box", ["ip", "tuntap", "add", "dev", TUN, "mode", "tun"], check=True)
+    state = lab.dir / "state-lifecycle"
+    state.mkdir(exist_ok=True)
+    text = with_workers(example_config(), 2) + f'\n[state]\nfile = "{state}/state.json"\n'
+    k = lab.spawn_kracauer(text)
     assert k.wait(15) == 2, k.stderr()
     stderr = k.stderr()
-    assert "the TUN 'kracauer0' left by an earlier kracauer (a TUN, persistent, multi-queue device, " \
-           "no process attached) cannot be reused" in stderr, stderr
-    assert "`kracauer cleanup --config FILE` removes it" in stderr
+    assert "the TUN 'kracauer0' left by an earlier kracauer is single-queue ([tun] workers = 1) and cannot " \
+           "take 2 workers while it exists" in stderr, stderr
+    assert "start with workers = 1 to keep its connections, or `kracauer cleanup --config FILE`" in stderr
+    assert lab.link_exists("box", TUN)  # kept: it may carry connections
     r = lab.run("box", [*lab.kracauer_cmd, "cleanup", "--config", str(k.config_path)], timeout=20)
     assert r.returncode == 0 and "removed the TUN kracauer0" in r.stdout, r.stdout + r.stderr
     assert not lab.link_exists("box", TUN)
-    k = lab.start_kracauer(example_config())
+    k = lab.start_kracauer(text, timeout=20)
     rc, stderr = k.stop()
-    assert rc == 0 and not leftovers(lab), stderr
+    assert rc == 0, stderr
+    r = lab.run("box", [*lab.kracauer_cmd, "cleanup", "--config", str(k.config_path)], timeout=20)
+    assert not leftovers(lab), stderr
 
 
 HOLDER = """
