@@ -177,6 +177,10 @@ class KernelPathConfig:
     enabled: str | bool = "auto"
     pin_dir: str = "/sys/fs/bpf/kracauer"   # the maps are pinned under <pin_dir>/<tun name>/ (a bpffs)
     max_flows: int | None = None            # flow map entries (two per connection); None: 2 x max_connections
+    # SYNs without timestamps a second, per listener and per CPU, that the kernel
+    # hands to Python (answered with state, keeping window scale and SACK); past
+    # it the kernel answers them with cookies too. 0: the kernel answers every SYN.
+    python_syn_rate: int = 1000
 
 
 @dataclass(frozen=True)
@@ -429,7 +433,7 @@ def _route_name_key(name: str) -> tuple[str, str] | str:
 
 _TOP_KEYS = ("tun", "translate", "listen", "route", "fallback", "limits", "health", "log", "metrics", "state",
              "kernel_path")
-_KERNEL_PATH_KEYS = ("enabled", "pin_dir", "max_flows")
+_KERNEL_PATH_KEYS = ("enabled", "pin_dir", "max_flows", "python_syn_rate")
 _LOG_KEYS = ("access", "level")
 _METRICS_KEYS = ("listen",)
 _STATE_KEYS = ("file",)
@@ -891,7 +895,11 @@ class _Validator:
         max_flows = defaults.max_flows
         if "max_flows" in table:
             max_flows = self.integer(table["max_flows"], ("kernel_path", "max_flows"), 2, 1 << 26)
-        return KernelPathConfig(enabled=enabled, pin_dir=pin_dir, max_flows=max_flows)
+        python_syn_rate = defaults.python_syn_rate
+        if "python_syn_rate" in table:
+            python_syn_rate = self.integer(table["python_syn_rate"], ("kernel_path", "python_syn_rate"), 0, 1 << 24)
+        return KernelPathConfig(enabled=enabled, pin_dir=pin_dir, max_flows=max_flows,
+                                python_syn_rate=python_syn_rate)
 
     def limits(self, doc: dict) -> Limits:
         table = self.table(doc, ("limits",), _LIMITS_KEYS)

@@ -50,7 +50,10 @@ from netstack.connect import ConnectPolicy
 from netstack.peek import Decision
 from netstack.state import StateError, adopt, restore, snapshot
 from netstack.state import decode as decode_state, encode as encode_state
-from netstack.tracker import HEADROOM, ConnectionRecord, Listener, Resolver, Target, Tracker, TrackerConfig
+from netstack.syncookie import SECRET_LEN
+from netstack.tracker import (
+    HEADROOM, OUR_WSCALE, SYN_WINDOW, ConnectionRecord, Listener, Resolver, Target, Tracker, TrackerConfig,
+)
 
 log = logging.getLogger("kracauer")
 conn_log = logging.getLogger("kracauer.conn")
@@ -139,10 +142,24 @@ def tracker_config(config: Config, workers: int = 1) -> TrackerConfig:
     )
 
 
-def build_tracker(config: Config, random32: Callable[[], int] | None = None) -> Tracker:
+def build_tracker(config: Config, random32: Callable[[], int] | None = None,
+                  cookie_secret: bytes | None = None) -> Tracker:
     """A tracker for `config`: its listeners, and a resolver over its routes."""
     return Tracker(tracker_config(config), tracker_listeners(config), build_resolver(config),
-                   random32 or RandomPool())
+                   random32 or RandomPool(), cookie_secret=cookie_secret)
+
+
+def new_cookie_secret() -> bytes:
+    """The SYN cookie secret, made once per daemon: the tracker (every worker's) and the
+    BPF program that answers SYNs must make and accept the same cookies."""
+    return os.urandom(SECRET_LEN)
+
+
+def set_syn_cookies(kernel: KernelPath, config: Config, secret: bytes) -> None:
+    """Let the BPF program answer `config`'s listeners' SYNs with the tracker's cookies."""
+    listeners = {(lst.address, lst.port): config.kernel_path.python_syn_rate for lst in tracker_listeners(config)}
+    kernel.set_syn_cookies(secret, mss=min(tracker_config(config).mss, 65535), window=SYN_WINDOW,
+                           wscale=OUR_WSCALE, listeners=listeners)
 
 
 class RandomPool:
@@ -313,7 +330,8 @@ class Daemon:
 
     def __init__(self, config: Config, *, keep_tun: bool = True, notifier: Notifier | None = None) -> None:
         self.config = config
-        self.tracker = build_tracker(config)
+        self.cookie_secret = new_cookie_secret()
+        self.tracker = build_tracker(config, cookie_secret=self.cookie_secret)
         self.tun: Tun | None = None
         self.kernel: KernelPath | None = None
         # With no kernel path this time: the map an earlier kracauer pinned, and where.
@@ -471,6 +489,8 @@ class Daemon:
                 if not self.tun.attached:
                     # A new TUN: whatever the pinned map holds belongs to connections that are gone.
                     kernel.flows.clear()
+                # Before the program is attached: from its first packet it answers SYNs.
+                set_syn_cookies(kernel, self.config, self.cookie_secret)
                 kernel.attach(self.tun.index)
             except BaseException:
                 # A map a previous process left (on a TUN it left) still holds its connections.
@@ -484,7 +504,7 @@ class Daemon:
             return None
         self.tracker.flows = kernel.flows
         log.info("kernel path on: a BPF program on %s's egress translates established connections "
-                 "(%d flow entries%s)", self.tun.name, max_flows, f", maps pinned in {pin_dir}" if pin_dir else "")
+                 "and answers SYNs with cookies (%d flow entries%s)", self.tun.name, max_flows, f", maps pinned in {pin_dir}" if pin_dir else "")
         return kernel
 
     def _keep_leftover_flows(self, pin_dir: str | None) -> None:
@@ -719,6 +739,11 @@ class Daemon:
             if self.access_log is not None:
                 self.access_log.close()
             self.access_log = access_log
+        if self.kernel is not None:
+            try:
+                set_syn_cookies(self.kernel, new, self.cookie_secret)
+            except (KernelPathError, OSError) as exc:
+                log.warning("the kernel path keeps answering SYNs as before the reload: %s", exc)
         if new.log.level != self.config.log.level:
             # Only a changed [log] level applies, so that --log-level stays in force otherwise.
             logging.getLogger().setLevel(LOG_LEVELS[new.log.level])

@@ -23,6 +23,7 @@ docs/kernel-path.md has the measurements of this program.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import struct
@@ -30,7 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from netstack.flow import FLOW_KEY, FLOW_VALUE, LAST_SEEN, LAST_SEEN_OFFSET, STATS, XLAT_CONFIG, XLAT_ENABLED, Flow
+from netstack.flow import (
+    COOKIE_CONFIG, COOKIE_ENABLED, FLOW_KEY, FLOW_VALUE, LAST_SEEN, LAST_SEEN_OFFSET, LISTENER_KEY, LISTENER_VALUE,
+    LISTENERS_MAX, STATS, SYN_STATS, XLAT_CONFIG, XLAT_ENABLED, Flow, listener_key,
+)
+from netstack.siphash import key_words
 
 log = logging.getLogger("kracauer.kernel")
 
@@ -124,6 +129,10 @@ class KernelPath:
     prog_fd: int
     ifindex: int = 0          # the TUN it is attached to (0: not attached, as in tests)
     pin_dir: str | None = None
+    # SYN cookies (set_syn_cookies); not pinned: every kracauer sets them at start.
+    cookie_map: object = None
+    listeners_map: object = None
+    syn_stats_map: object = None
 
     @classmethod
     def load(cls, *, redirect_ifindex: int, pin_dir: str | None, max_flows: int, l3_offset: int = 0,
@@ -162,13 +171,62 @@ class KernelPath:
         except BpfError as exc:
             raise KernelPathError(str(exc)) from None
         kp = cls(obj=obj, flows=BpfFlowTable(obj.map("flows")), config_map=obj.map("config"),
-                 stats_map=obj.map("stats"), prog_fd=obj.program_fd(PROGRAM), pin_dir=pin_dir)
+                 stats_map=obj.map("stats"), prog_fd=obj.program_fd(PROGRAM), pin_dir=pin_dir,
+                 cookie_map=obj.map("cookie_config"), listeners_map=obj.map("listeners"),
+                 syn_stats_map=obj.map("syn_stats"))
         kp.configure(redirect_ifindex, l3_offset, enabled=True)
         return kp
 
     def configure(self, redirect_ifindex: int, l3_offset: int = 0, enabled: bool = True) -> None:
         value = XLAT_CONFIG.pack(XLAT_ENABLED if enabled else 0, l3_offset, redirect_ifindex, 0)
         self.config_map.update(U32_KEY.pack(0), value)
+
+    def set_syn_cookies(self, secret: bytes, *, mss: int, window: int, wscale: int,
+                        listeners: dict[tuple[bytes, int], int], clock_ns: int = 0) -> None:
+        """Let the program answer SYNs to ``listeners`` with the tracker's cookies (and set them anew on reload).
+
+        ``secret`` is the tracker's SYN cookie secret (16 bytes); ``mss``, ``window``
+        and ``wscale`` are what the tracker's SYN-ACKs announce (its MSS clamp,
+        SYN_WINDOW, OUR_WSCALE). ``listeners`` maps (service address, port) to
+        the SYNs without timestamps a second, per CPU, that still go to Python
+        (``[kernel_path] python_syn_rate``; 0: the kernel answers every SYN).
+        Listeners no longer named stop being answered and lose their counters;
+        the others keep them. ``clock_ns`` replaces the kernel's monotonic clock
+        (for BPF_PROG_TEST_RUN); 0 keeps it.
+        """
+        if len(listeners) > LISTENERS_MAX:
+            raise KernelPathError(f"the kernel answers SYNs for at most {LISTENERS_MAX} listeners")
+        keys = {listener_key(address, port): rate for (address, port), rate in listeners.items()}
+        # Gone first, so that no SYN is answered for a listener that is no longer one.
+        for key in list(self.listeners_map.keys()):
+            if key not in keys:
+                self.listeners_map.delete(key)
+                self.syn_stats_map.delete(key)
+        for key, rate in keys.items():
+            if self.syn_stats_map.lookup_percpu(key) is None:
+                ncpu = _possible_cpus()
+                self.syn_stats_map.update_percpu(key, [SYN_STATS.pack(0, 0, 0, 0)] * ncpu)
+            self.listeners_map.update(key, LISTENER_VALUE.pack(rate, 0))
+        k0, k1 = key_words(secret)
+        self.cookie_map.update(U32_KEY.pack(0), COOKIE_CONFIG.pack(k0, k1, clock_ns, mss, window, wscale,
+                                                                   COOKIE_ENABLED, 0))
+
+    def syn_stats(self) -> dict[tuple[bytes, int], tuple[int, int]]:
+        """Per listener (address, port): (SYNs the program answered with cookies, SYNs without
+        timestamps it handed to Python), summed over CPUs."""
+        out = {}
+        for key in list(self.syn_stats_map.keys()):
+            values = self.syn_stats_map.lookup_percpu(key)
+            if values is None:
+                continue
+            address, port = LISTENER_KEY.unpack(key)
+            cookies = passed = 0
+            for value in values:
+                c, p, _, _ = SYN_STATS.unpack_from(value)
+                cookies += c
+                passed += p
+            out[(address, int.from_bytes(port, "big"))] = (cookies, passed)
+        return out
 
     def attach(self, ifindex: int) -> None:
         """Put the program on the TUN's egress (replacing the one a previous kracauer left)."""
@@ -186,6 +244,12 @@ class KernelPath:
         for index, name in enumerate(STATS):
             values = self.stats_map.lookup_percpu(U32_KEY.pack(index)) or []
             out[name] = sum(struct.unpack_from("=Q", v)[0] for v in values)
+        if self.syn_stats_map is not None:
+            # Per listener, as "syn_cookies <address>:<port>" (kracauer.metrics labels them).
+            for (address, port), (cookies, passed) in self.syn_stats().items():
+                name = f"{ipaddress.IPv4Address(address)}:{port}"
+                out[f"syn_cookies {name}"] = cookies
+                out[f"syn_passed {name}"] = passed
         return out
 
     def close(self, keep: bool) -> None:
@@ -197,6 +261,13 @@ class KernelPath:
         """
         from kracauer.bpf import tc
 
+        if keep and self.cookie_map is not None:
+            # No process will read the ACKs of SYNs answered now, and the next one has another
+            # secret: until it starts, SYNs go unanswered to the TUN, and the clients send them again.
+            try:
+                self.cookie_map.update(U32_KEY.pack(0), bytes(COOKIE_CONFIG.size))
+            except OSError as exc:
+                log.debug("turning the kernel's SYN cookies off: %s", exc)
         if not keep:
             if self.ifindex:
                 try:
@@ -211,6 +282,12 @@ class KernelPath:
                     log.debug("emptying the flow map: %s", exc)
                 remove_pins(self.pin_dir)
         self.obj.close()
+
+
+def _possible_cpus() -> int:
+    from kracauer.bpf.libbpf import num_possible_cpus
+
+    return num_possible_cpus()
 
 
 def _pinned_size(path: str, wanted: int) -> int:

@@ -321,6 +321,19 @@ class _TrackerCollector:
         yield family
         yield CounterMetricFamily("kracauer_kernel_errors", "Packets the kernel path dropped half translated "
                                   "(a helper failed; TCP sends them again)", value=stats.get("drop_error", 0))
+        # SYN cookies answered by the program, per listener (kracauer.kernel_path.KernelPath.stats).
+        for name, help_text, prefix in (
+            ("kracauer_kernel_syn_cookies", "SYNs the kernel path answered with a SYN cookie, by listener "
+             "(Python never saw them; their ACKs count in kracauer_events_total{kind=\"syn_cookie_accepted\"})",
+             "syn_cookies "),
+            ("kracauer_kernel_syns_passed", "SYNs without timestamps the kernel path handed to Python, which "
+             "answers them with state, within [kernel_path] python_syn_rate, by listener", "syn_passed "),
+        ):
+            family = CounterMetricFamily(name, help_text, labels=["listener"])
+            for key in sorted(stats):
+                if key.startswith(prefix):
+                    family.add_metric([key[len(prefix):]], stats[key])
+            yield family
 
 
 def _host_text(host: bytes) -> str:

@@ -46,8 +46,9 @@ from kracauer import __version__
 from kracauer.config import Config, ConfigError, parse_config
 from kracauer.daemon import (
     LOG_LEVELS, SYNC_INTERVAL, STATUS_INTERVAL, Daemon, DaemonError, _connections, _set_aside, check_state_directory,
-    restart_needed, saved_shards,
+    restart_needed, saved_shards, set_syn_cookies,
 )
+from kracauer.kernel_path import KernelPathError
 from kracauer.metrics import _Snapshot, _TrackerCollector
 from kracauer.steering import Steering, SteeringError
 from kracauer.systemd import Notifier
@@ -179,8 +180,9 @@ class Supervisor(Daemon):
         self.log_level = log_level or config.log.level
         self.metrics = SupervisorMetrics(self) if config.metrics is not None else None
         self.workers = [WorkerHandle(i) for i in range(count)]
-        # Shared by every worker (and every restart of one): any worker takes any cookie.
-        self.secret = os.urandom(32)
+        # Shared by every worker (and every restart of one) and by the BPF program that answers
+        # SYNs (Daemon._start_kernel_path gives it the same): any worker takes any cookie.
+        self.secret = self.cookie_secret
         self.counts = TableCounts.create(count)
         self.steering: Steering | None = None
         self.text = ""
@@ -481,6 +483,11 @@ class Supervisor(Daemon):
             self.access_log = access_log
         if new.log.level != self.config.log.level:
             logging.getLogger().setLevel(LOG_LEVELS[new.log.level])
+        if self.kernel is not None:
+            try:
+                set_syn_cookies(self.kernel, new, self.cookie_secret)
+            except (KernelPathError, OSError) as exc:
+                log.warning("the kernel path keeps answering SYNs as before the reload: %s", exc)
         self.config = new
         self.text = text
         for w in self.workers:

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable
 
 from .peek import NEED_DATA, BadRequest, Decision, NotProtocol, PeekResult
@@ -141,6 +141,9 @@ class ConnectPeeker:
             line = bytes(self._head[self._line_start:end + 1])
             self._line_start = self._scan = end + 1
             result = self._on_line(line)
+            if isinstance(result, BadRequest) and not result.hello_size:
+                # Refused part way through the head: what was read up to the end of the bad line.
+                result = replace(result, hello_size=self._line_start)
             if result is not NEED_DATA:
                 return result
 

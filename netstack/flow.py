@@ -81,6 +81,20 @@ STATS = (
     "pass_flags", "pass_tcp_options", "pass_no_flow", "pass_gso", "pass_error", "drop_error",
 )
 
+# SYN cookies answered by the program (flow.h's cookie_config, listener_key,
+# listener_value and syn_stats; netstack/syncookie.py makes the same cookies).
+COOKIE_CONFIG = struct.Struct("=QQQHHBBH")  # k0, k1, clock_ns, mss, window, wscale, flags, pad
+COOKIE_ENABLED = 0x01
+LISTENER_KEY = struct.Struct("=4s2s2x")  # service address, port (network order)
+LISTENER_VALUE = struct.Struct("=II")  # python_syn_rate, pad
+SYN_STATS = struct.Struct("=QQQQ")  # cookies, passed, second, used
+LISTENERS_MAX = 1024
+
+
+def listener_key(address: bytes, port: int) -> bytes:
+    """The listeners map key (struct listener_key) of a service address and port."""
+    return LISTENER_KEY.pack(address, U16.pack(port))
+
 
 class Flow:
     """How one direction of a connection is rewritten, and what was seen of it.

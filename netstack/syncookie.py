@@ -6,75 +6,109 @@ ACK (ack = cookie + 1) brings it back. As in Linux:
 
 - the ISN is a keyed hash of the connection's addresses, ports and the
   client's ISN, plus a coarse clock (5 bits of 64-second ticks: a cookie is
-  good for two ticks) and an index into a table of MSS values (3 bits);
+  good for two ticks) and an index into a table of MSS values (3 bits):
+  ``MAC (24 bits) | counter (5 bits) | MSS index (3 bits)``;
 - window scale and SACK, which have no room in the ISN, ride in the low 6 bits
   of the timestamp kracauer sends, which the client echoes; a client that does
   not use timestamps gets neither (as with Linux's cookies).
+
+The hash is SipHash-2-4 (``netstack.siphash``) under a 16-byte secret, over
+one 24-byte message, so that the BPF program on the TUN
+(``kracauer/bpf/syncookie.h``) makes the same cookies from the same secret:
+a SYN the kernel answered is accepted by the tracker, and the other way round.
+The 64-bit result gives both the MAC (its low 24 bits) and the connection's
+timestamp base (its high 32 bits): one hash per cookie made or checked.
 """
 
 from __future__ import annotations
 
-import hashlib
 import struct
+
+from netstack.siphash import key_words, siphash24
 
 # MSS values a cookie can carry; a client's MSS is rounded down to one of them.
 MSS_TABLE = (536, 1220, 1300, 1360, 1400, 1440, 1460, 8960)
 TICK = 64.0
+TICK_NS = 64_000_000_000
 COUNTER_BITS = 5
+COUNTER_MASK = (1 << COUNTER_BITS) - 1
 # The low bits of kracauer's TSval in a cookie SYN-ACK: 4 bits of window scale
 # (15 = none) and 1 bit of SACK-permitted.
 TS_OPTION_BITS = 6
 TS_OPTION_MASK = (1 << TS_OPTION_BITS) - 1
 NO_WSCALE = 0xF
+SECRET_LEN = 16
+M32 = 0xFFFFFFFF
 
-_TUPLE = struct.Struct("!I4s4sHHIB")
+# The hashed message, 24 bytes (three SipHash words, kracauer/bpf/syncookie.h
+# lays it out the same way): the full tick counter, client address, service
+# address, client port, service port, client ISN, MSS index, then zeros.
+MESSAGE = struct.Struct("!I4s4sHHIB3x")
+
+
+def mss_index(client_mss: int) -> int:
+    """The largest MSS_TABLE entry no larger than the client's MSS (the first if none is)."""
+    return max((i for i, mss in enumerate(MSS_TABLE) if mss <= client_mss), default=0)
 
 
 class SynCookies:
     """Make and check cookies with one secret."""
 
     def __init__(self, secret: bytes) -> None:
-        if len(secret) < 16:
-            raise ValueError("the SYN cookie secret must have at least 16 bytes")
-        self._secret = secret
+        if len(secret) != SECRET_LEN:
+            raise ValueError(f"the SYN cookie secret must have {SECRET_LEN} bytes")
+        self.secret = secret
+        self._k0, self._k1 = key_words(secret)
 
-    def _mac(self, counter: int, client: bytes, service: bytes, client_port: int, service_port: int,
-             client_isn: int, index: int) -> int:
+    def _hash(self, counter: int, client: bytes, service: bytes, client_port: int, service_port: int,
+              client_isn: int, index: int) -> int:
         # The MSS index is under the MAC too: a client must not pick its own MSS by editing the low bits.
-        data = _TUPLE.pack(counter & 0xFFFFFFFF, client, service, client_port, service_port, client_isn, index)
-        return int.from_bytes(hashlib.blake2s(data, key=self._secret, digest_size=3).digest(), "big")
+        return siphash24(self._k0, self._k1, MESSAGE.pack(counter & M32, client, service, client_port,
+                                                          service_port, client_isn, index))
 
     def make(self, now: float, client: bytes, service: bytes, client_port: int, service_port: int,
-             client_isn: int, client_mss: int) -> int:
-        """The ISN for a stateless SYN-ACK."""
+             client_isn: int, client_mss: int) -> tuple[int, int]:
+        """(ISN, timestamp base) for a stateless SYN-ACK.
+
+        The timestamp base is per connection and needs no state either: the
+        check of the client's ACK gives it back (see ``check``).
+        """
         counter = int(now // TICK)
-        index = max((i for i, mss in enumerate(MSS_TABLE) if mss <= client_mss), default=0)
-        mac = self._mac(counter, client, service, client_port, service_port, client_isn, index)
-        return (mac << 8) | ((counter & ((1 << COUNTER_BITS) - 1)) << 3) | index
+        index = mss_index(client_mss)
+        h = self._hash(counter, client, service, client_port, service_port, client_isn, index)
+        return ((h & 0xFFFFFF) << 8) | ((counter & COUNTER_MASK) << 3) | index, h >> 32
 
     def check(self, now: float, cookie: int, client: bytes, service: bytes, client_port: int, service_port: int,
-              client_isn: int) -> int | None:
-        """The MSS the cookie carries if it is genuine and fresh, else None."""
+              client_isn: int) -> tuple[int, int] | None:
+        """(MSS, timestamp base) the cookie carries if it is genuine and fresh, else None."""
         counter_now = int(now // TICK)
-        low = (cookie >> 3) & ((1 << COUNTER_BITS) - 1)
-        age = (counter_now - low) & ((1 << COUNTER_BITS) - 1)
-        if age > 1:
+        low = (cookie >> 3) & COUNTER_MASK
+        age = (counter_now - low) & COUNTER_MASK
+        # Made this tick or the one before; or stamped by the kernel a hair after a
+        # tick began while the caller's clock (read once per batch of packets) was
+        # still in the previous one. Either way no cookie lives longer than two ticks.
+        if age > 1 and age != COUNTER_MASK:
             return None
-        counter = counter_now - age
-        if self._mac(counter, client, service, client_port, service_port, client_isn, cookie & 7) != cookie >> 8:
+        counter = counter_now - age if age <= 1 else counter_now + 1
+        h = self._hash(counter, client, service, client_port, service_port, client_isn, cookie & 7)
+        if h & 0xFFFFFF != cookie >> 8:
             return None
-        return MSS_TABLE[cookie & 7]
-
-    def ts_base(self, client: bytes, service: bytes, client_port: int, service_port: int) -> int:
-        """A per-connection timestamp base that needs no state (the client's echo must make sense)."""
-        data = _TUPLE.pack(0xFFFFFFFF, client, service, client_port, service_port, 0, 0)
-        return int.from_bytes(hashlib.blake2s(data, key=self._secret, digest_size=4).digest(), "big")
+        return MSS_TABLE[cookie & 7], h >> 32
 
 
 def encode_options(tsval: int, wscale: int | None, sack: bool) -> int:
-    """kracauer's TSval with the client's window scale and SACK-permitted in its low bits."""
+    """kracauer's TSval with the client's window scale and SACK-permitted in its low bits.
+
+    Never ahead of the clock it stands for (as Linux's cookie_init_timestamp):
+    a SYN-ACK stamped later than the segments after it would make the client
+    drop those as old (RFC 7323 §5.3, PAWS).
+    """
     bits = ((NO_WSCALE if wscale is None else wscale) << 1) | int(sack)
-    return (tsval & ~TS_OPTION_MASK & 0xFFFFFFFF) | bits
+    tsval &= M32
+    encoded = (tsval & ~TS_OPTION_MASK & M32) | bits
+    if bits > tsval & TS_OPTION_MASK:
+        encoded = (encoded - (1 << TS_OPTION_BITS)) & M32
+    return encoded
 
 
 def decode_options(tsecr: int) -> tuple[int | None, bool]:

@@ -280,6 +280,7 @@ class Tracker:
         resolve: Resolver,
         random32: Callable[[], int],
         flows: FlowTable | None = None,
+        cookie_secret: bytes | None = None,
     ) -> None:
         if len(config.prefix) != 12:
             raise ValueError("the translation prefix must be 12 bytes (a /96)")
@@ -330,7 +331,11 @@ class Tracker:
         # and how many of them have not completed the handshake.
         self.peeking: dict[bytes, Connection] = {}
         self.half_open = 0
-        self.cookies = SynCookies(b"".join((random32() & MOD32).to_bytes(4, "big") for _ in range(8)))
+        # The SYN cookie secret: the caller's, so that the BPF program on the TUN (and
+        # other workers) make and accept the same cookies; else one of our own.
+        if cookie_secret is None:
+            cookie_secret = b"".join((random32() & MOD32).to_bytes(4, "big") for _ in range(4))
+        self.cookies = SynCookies(cookie_secret)
         # The frame being handled (set by receive_frame, read by the handlers).
         self._rx_buf = bytearray()
         self._rx_start = 0
@@ -434,6 +439,13 @@ class Tracker:
             if tcp.flags & (SYN | ACK | RST) == ACK:
                 return self._client_cookie_ack(ip, segment, tcp, now)
             return self._client_new(packet, ip, segment, tcp, now)
+        if conn.closing and tcp.flags & (SYN | ACK | RST) == ACK and not self._in_old_connection(conn, tcp):
+            # A port reused while the old connection lingers: a SYN the kernel answered
+            # with a cookie never reached this tracker, so the new handshake's ACK is
+            # the first it hears of it.
+            out = self._client_cookie_ack(ip, segment, tcp, now, old=conn)
+            if out is not None:
+                return out
         conn.last_seen = now
         if tcp.flags & SYN:
             return self._client_syn_again(conn, packet, ip, segment, tcp, now)
@@ -525,10 +537,9 @@ class Tracker:
         self.events["syn_cookie_sent"] += 1
         self._accept_syn(conn, segment, tcp, stateless=True)
         conn.cookie = True
-        conn.our_isn = self.cookies.make(now, conn.client_addr, conn.listener.address, conn.client_port,
-                                         conn.listener.port, conn.client_isn, conn.client_mss)
-        conn.ts_base = self.cookies.ts_base(conn.client_addr, conn.listener.address, conn.client_port,
-                                            conn.listener.port)
+        conn.our_isn, conn.ts_base = self.cookies.make(now, conn.client_addr, conn.listener.address,
+                                                       conn.client_port, conn.listener.port, conn.client_isn,
+                                                       conn.client_mss)
         if not conn.client_ts:
             # Without timestamps there is nowhere to keep window scale and SACK.
             conn.client_wscale = None
@@ -536,19 +547,44 @@ class Tracker:
             conn.our_wscale = 0
         return self._syn_ack_to_client(conn, now)
 
+    @staticmethod
+    def _in_old_connection(conn: Connection, tcp: TcpHeader) -> bool:
+        """The segment's sequence number is one the old connection's client sent (or the next)."""
+        return seq_le(conn.client_isn, tcp.seq) and seq_le(tcp.seq, (conn.client_nxt + 1) & MOD32)
+
+    # The ACK of a SYN-ACK kracauer sent with a cookie, either here (_cookie_syn_ack)
+    # or from the BPF program on the TUN, which answers SYNs before this tracker sees
+    # them (kracauer/bpf/syncookie.h): the same cookie, from the same secret. The
+    # ACK may carry the first bytes of the hello already.
     def _client_cookie_ack(self, ip: IPv4Header, segment: memoryview, tcp: TcpHeader,
-                           now: float) -> list[bytearray]:
-        """An ACK for no known connection: the end of a handshake answered with a cookie?"""
+                           now: float, old: Connection | None = None) -> list[bytearray] | None:
+        """An ACK for no known connection: the end of a handshake answered with a cookie?
+
+        `old`: a closing connection the ACK's 4-tuple still names; if the cookie
+        checks, it is finished and the new one takes its place; if not, None
+        (the ACK is the old connection's to handle).
+        """
         listener = self.listeners.get(ip.dst + segment[2:4].tobytes())
         if listener is None:
             return self._drop("no_listener")
         client_isn = (tcp.seq - 1) & MOD32
         our_isn = (tcp.ack - 1) & MOD32
-        mss = self.cookies.check(now, our_isn, ip.src, ip.dst, tcp.sport, listener.port, client_isn)
-        if mss is None:
-            return self._drop("no_connection")
+        checked = self.cookies.check(now, our_isn, ip.src, ip.dst, tcp.sport, listener.port, client_isn)
+        if checked is None:
+            return None if old is not None else self._drop("no_connection")
+        if old is not None:
+            self.events["port_reused_by_cookie"] += 1
+            self._finish(old, old.outcome or "closed", now)
         if len(self.clients) + self.elsewhere >= self.config.max_connections:
-            return self._drop("table_full")
+            # The table is full: the client believes it is connected (the kernel may have
+            # answered its SYN), so tell it, as _client_new tells a SYN.
+            self.events["refused_table_full"] += 1
+            refused = Connection(listener, ip.src, tcp.sport, b"")
+            refused.client_isn = client_isn
+            refused.our_isn = our_isn  # RFC 9293 §3.10.7.1: <SEQ=SEG.ACK><CTL=RST>
+            return [self._rst_to_client(refused, (len(segment) - tcp.header_len) + (tcp.flags & FIN))]
+        mss, ts_base = checked
+        self.events["syn_cookie_accepted"] += 1
         conn = Connection(listener, ip.src, tcp.sport, ip.src + ip.dst + segment[:4].tobytes())
         conn.start = conn.last_seen = now
         conn.cookie = True
@@ -556,7 +592,7 @@ class Tracker:
         conn.client_isn = client_isn
         conn.our_isn = our_isn
         conn.client_mss = mss
-        conn.ts_base = self.cookies.ts_base(ip.src, ip.dst, tcp.sport, listener.port)
+        conn.ts_base = ts_base
         stamps = tcp.timestamps(segment)
         conn.client_ts = stamps is not None
         conn.client_tsval = stamps[0] if stamps else 0

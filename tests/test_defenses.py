@@ -100,6 +100,55 @@ def test_client_without_timestamps_gets_a_cookie_without_window_scaling():
     assert conn.client_wscale is None and not conn.client_sack
 
 
+
+def kernel_cookie(box: Box, isn: int, sport: int = 40000, wscale: int | None = 7, sack: bool = True):
+    """(cookie, TSval) of the SYN-ACK the BPF program would send for a SYN: the same
+    secret, the same function (tests/test_kernel_syncookies.py runs the program itself)."""
+    from netstack.syncookie import encode_options
+
+    cookie, ts_base = box.tracker.cookies.make(box.now, ipaddress.IPv4Address(CLIENT).packed,
+                                               ipaddress.IPv4Address(SERVICE).packed, sport, 443, isn, 1460)
+    return cookie, encode_options((ts_base + int(box.now * 1000)) & 0xFFFFFFFF, wscale, sack)
+
+
+def test_a_cookie_ack_from_the_kernel_may_carry_the_hello():
+    box = Box()
+    cookie, tsval = kernel_cookie(box, isn=7000, wscale=9, sack=False)
+    box.now += 0.01
+    out = box.send(client_packet("PA", 7001, cookie + 1, CHROME[:500], window=502, ts=(50, tsval)))
+    assert out == [] and box.connections == 1
+    conn = next(iter(box.tracker.clients.values()))
+    assert (conn.client_wscale, conn.client_sack, conn.client_mss) == (9, False, 1460)
+    assert conn.hello.contiguous == 500
+    assert box.tracker.events["syn_cookie_accepted"] == 1
+
+
+def test_a_cookie_ack_on_a_port_whose_old_connection_is_closing_replaces_it():
+    box = Box()
+    walk = Walk(box)
+    walk.establish()
+    hello_end = walk.c + 1 + len(CHROME)
+    walk.from_client("FA", hello_end, walk.k + 1)
+    walk.from_host("FA", walk.h + 1, hello_end + 1)
+    walk.from_client("A", hello_end + 1, walk.k + 2)
+    old = next(iter(box.tracker.clients.values()))
+    assert old.closing and box.connections == 1
+    box.now += 1
+    # An ACK of the old connection is still the old one's (a retransmission).
+    new_isn = (walk.c + 900_000_000) & 0xFFFFFFFF
+    cookie, tsval = kernel_cookie(box, isn=new_isn)
+    assert len(walk.from_client("A", hello_end + 1, walk.k + 2)) == 1
+    # A genuine cookie ACK from elsewhere in sequence space: a new connection on the same port.
+    forged = client_packet("A", new_isn + 1, cookie + 2, ts=(99, tsval))
+    assert len(box.send(forged)) <= 1 and box.tracker.clients[old.client_key] is old
+    assert box.send(client_packet("A", new_isn + 1, cookie + 1, ts=(100, tsval))) == []
+    new = box.tracker.clients[old.client_key]
+    assert new is not old and new.cookie and new.client_isn == new_isn
+    assert box.tracker.events["port_reused_by_cookie"] == 1
+    assert [r.outcome for r in box.tracker.records] == ["closed"]
+
+
+
 # ----------------------------------------------------------------- caps
 
 def test_oldest_connection_still_peeking_is_reset_past_max_peeking():
@@ -125,6 +174,17 @@ def test_full_table_refuses_new_connections_and_keeps_the_old():
     assert len(out) == 1 and out[0].has("R") and out[0].tcp.ack == (Walk.c + 1) & 0xFFFFFFFF
     assert box.connections == 2 and box.tracker.events["refused_table_full"] == 1
     assert len(first.from_host("PA", first.h + 1, first.c + 1 + len(CHROME), b"x")) == 1
+
+
+
+def test_full_table_resets_a_client_whose_syn_the_kernel_answered():
+    box = Box(max_connections=1)
+    Walk(box, sport=51000).handshake()
+    cookie, tsval = kernel_cookie(box, isn=9000, sport=51005)
+    out = box.send(client_packet("PA", 9001, cookie + 1, b"hello", sport=51005, ts=(1, tsval)))
+    assert len(out) == 1 and out[0].has("R")
+    assert out[0].tcp.seq == (cookie + 1) & 0xFFFFFFFF and out[0].tcp.ack == 9001 + 5
+    assert box.connections == 1 and box.tracker.events["refused_table_full"] == 1
 
 
 def test_half_open_count_follows_handshakes():

@@ -69,6 +69,48 @@ struct xlat_config {
 	__u32 pad;
 };
 
+/*
+ * SYN cookies (xlat.bpf.c answers SYNs to listeners; netstack/syncookie.py
+ * makes and checks the same cookies). Written by user space, not pinned:
+ * each kracauer sets them at start and on reload.
+ */
+#define LISTENERS_MAX 1024
+
+/* cookie_config.flags */
+#define COOKIE_F_ENABLED   0x01   /* answer SYNs to listeners; otherwise pass them on */
+
+struct cookie_config {
+	__u64 key[2];           /* 0: the SipHash key (k0, k1), the secret's two little-endian words */
+	__u64 clock_ns;         /* 16: 0: bpf_ktime_get_ns(); else this time (for BPF_PROG_TEST_RUN) */
+	__u16 mss;              /* 24: the MSS announced, kracauer's clamp (mtu - 60) */
+	__u16 window;           /* 26: the SYN-ACK's window (unscaled, RFC 7323 §2.2) */
+	__u8 wscale;            /* 28: the window scale kracauer announces */
+	__u8 flags;             /* 29: COOKIE_F_* */
+	__u16 pad;              /* 30 */
+};                              /* 32 bytes */
+
+struct listener_key {
+	__u8 addr[4];           /* the service address */
+	__be16 port;            /* the service port, network order */
+	__u16 pad;
+};                              /* 8 bytes */
+
+struct listener_value {
+	/* SYNs without timestamps a second, per CPU, handed to user space (which
+	 * answers them with state and keeps window scale and SACK); past it the
+	 * program answers them with cookies too. 0: the program answers all. */
+	__u32 python_syn_rate;
+	__u32 pad;
+};
+
+/* Per CPU, per listener (the syn_stats map). */
+struct syn_stats {
+	__u64 cookies;          /* SYNs the program answered with a cookie */
+	__u64 passed;           /* SYNs without timestamps handed to user space */
+	__u64 second;           /* the budget's second (clock / 1e9) */
+	__u64 used;             /* SYNs handed on in that second */
+};
+
 /* Per-CPU counters, indexes into the stats array. */
 enum xlat_stat {
 	STAT_TO_HOST_PACKETS,

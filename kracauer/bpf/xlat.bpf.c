@@ -12,6 +12,10 @@
  * queue and kracauer's Python loop (TC_ACT_OK), which keeps the handshake,
  * the hello, FIN, RST, ICMP and whatever is unusual.
  *
+ * It also answers SYNs to kracauer's listeners with SYN cookies (RFC 4987
+ * §3.6), turning the SYN into the SYN-ACK in place and sending it back the
+ * same way, so that a SYN flood never reaches Python: see "SYN cookies" below.
+ *
  * As in clatd.c: a straight line of bounds checks, then the rewrite; every
  * "cannot handle this" is an early pass to user space with its reason counted.
  */
@@ -26,6 +30,7 @@
 #include <bpf/bpf_helpers.h>
 
 #include "flow.h"
+#include "siphash.h"
 
 char LICENSE[] SEC("license") = "Dual MIT/GPL";
 
@@ -61,6 +66,29 @@ struct {
 	__type(key, __u32);
 	__type(value, __u64);
 } stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct cookie_config);
+} cookie_config SEC(".maps");
+
+/* The listeners whose SYNs the program answers, and their budgets. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, LISTENERS_MAX);
+	__type(key, struct listener_key);
+	__type(value, struct listener_value);
+} listeners SEC(".maps");
+
+/* Per CPU: no atomics on the SYN path, and a budget that scales with the cores. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, LISTENERS_MAX);
+	__type(key, struct listener_key);
+	__type(value, struct syn_stats);
+} syn_stats SEC(".maps");
 
 #define TCP_MIN 20
 #define TCP_MAX 60
@@ -323,8 +351,364 @@ static __always_inline void *flow_config(void)
 	return bpf_map_lookup_elem(&config, &zero);
 }
 
+/* ------------------------------------------------------------ SYN cookies */
+
+/*
+ * RFC 4987 §3.6: a SYN to one of kracauer's listeners is answered here with a
+ * SYN cookie, keeping nothing, exactly as netstack/tracker.py's
+ * _cookie_syn_ack answers it: the same ISN (netstack/syncookie.py's cookie,
+ * from the same secret), the same options in the same order (netstack/tcp.py's
+ * syn_options), the same window, TTL 64. The SYN becomes the SYN-ACK in place
+ * and goes back into the TUN's ingress, so the kernel routes it to the client;
+ * the client's ACK comes to Python (no flow in the map), which rebuilds the
+ * connection from the cookie. A SYN flood then costs Python nothing.
+ *
+ * Left to Python, as before: a SYN of a connection in the flow map (a parked
+ * one: Python takes it back), SYNs carrying data, IP options or fragments,
+ * malformed options, addresses and ports that are no listener; and, while the
+ * listener's budget lasts, SYNs without timestamps. A cookie keeps the
+ * client's window scale and SACK-permitted in the low bits of its TSval, so a
+ * SYN with timestamps loses nothing; without timestamps a cookie can keep
+ * neither, while Python's answer, with state, keeps both (Windows sends no
+ * timestamps). Past python_syn_rate such SYNs a second (per CPU) the program
+ * answers them too, as Linux's own cookies do, without window scale and SACK.
+ *
+ * The SYN-ACK's IP Identification is random here and a counter in Python: the
+ * one field that differs. RFC 6864 §4.1 asks only that it not repeat soon
+ * between two addresses.
+ */
+
+#define TICK_NS 64000000000ULL	/* the cookie counter's tick: 64 s */
+#define MS_NS 1000000ULL	/* kracauer's timestamps count milliseconds */
+#define SEC_NS 1000000000ULL
+#define DEFAULT_MSS 536		/* RFC 9293 §3.7.1: no MSS option */
+#define MIN_MSS 48		/* netstack/tracker.py's MIN_MSS */
+#define MAX_WSCALE 14		/* RFC 7323 §2.3 */
+#define NO_WSCALE 15
+#define TS_OPTION_MASK 63	/* the TSval bits that carry the client's options */
+
+struct syn_options {
+	__s32 mss;		/* -1: none */
+	__s32 wscale;		/* -1: none; else at most 14 */
+	__u32 sack;		/* SACK-permitted */
+	__u32 ts_at;		/* offset of TSval, 0: none */
+};
+
+struct syn_walk {
+	const __u8 *h;
+	__u32 hl;
+	__u32 at;
+	__s32 bad;
+	struct syn_options *opt;
+};
+
+/* One step of a SYN's option list, as netstack/tcp.py's TcpHeader reads it
+ * (RFC 9293 §3.1): the last option of a kind wins, one of the wrong length is
+ * skipped, one running past the header makes the list malformed. */
+static long syn_option_step(__u64 index, void *ctx)
+{
+	struct syn_walk *w = ctx;
+	const __u8 *h = w->h;
+	__u32 at = w->at, kind, len, shift;
+
+	if (at >= w->hl)
+		return 1;
+	kind = h[at & HDR_MASK];
+	if (kind == 0)			/* End of Option List */
+		return 1;
+	if (kind == 1) {		/* NOP */
+		w->at = at + 1;
+		return 0;
+	}
+	if (at + 1 >= w->hl)
+		goto bad;
+	len = h[(at + 1) & HDR_MASK];
+	if (len < 2 || at + len > w->hl)
+		goto bad;
+	if (kind == 2 && len == 4) {			/* RFC 9293 §3.7.1: MSS */
+		w->opt->mss = get16(h, at + 2);
+	} else if (kind == 3 && len == 3) {		/* RFC 7323 §2.3: shifts above 14 are 14 */
+		shift = h[(at + 2) & HDR_MASK];
+		w->opt->wscale = shift > MAX_WSCALE ? MAX_WSCALE : shift;
+	} else if (kind == 4 && len == 2) {		/* RFC 2018 §2: SACK-permitted */
+		w->opt->sack = 1;
+	} else if (kind == 8 && len == 10) {		/* RFC 7323 §3.2: timestamps */
+		w->opt->ts_at = at + 2;
+	}
+	w->at = at + len;
+	return 0;
+bad:
+	w->bad = 1;
+	return 1;
+}
+
+static __always_inline int parse_syn_options(const __u8 *h, __u32 hl, struct syn_options *opt)
+{
+	struct syn_walk w = { .h = h, .hl = hl, .at = TCP_MIN, .opt = opt };
+
+	opt->mss = opt->wscale = -1;
+	opt->sack = opt->ts_at = 0;
+	/* netstack/tcp.py takes exactly NOP NOP TS as that, and nothing else. */
+	if (hl == 32 && h[20] == 1 && h[21] == 1 && h[22] == 8 && h[23] == 10) {
+		opt->ts_at = 24;
+		return 0;
+	}
+	if (hl > TCP_MIN)
+		bpf_loop(TCP_MAX - TCP_MIN, syn_option_step, &w, 0);
+	return w.bad ? -1 : 0;
+}
+
+/* netstack/syncookie.py's MSS_TABLE: the client's MSS rounded down to one of
+ * (536, 1220, 1300, 1360, 1400, 1440, 1460, 8960), the first if below all. */
+static __always_inline __u32 mss_index(__u32 mss)
+{
+	if (mss >= 8960)
+		return 7;
+	if (mss >= 1460)
+		return 6;
+	if (mss >= 1440)
+		return 5;
+	if (mss >= 1400)
+		return 4;
+	if (mss >= 1360)
+		return 3;
+	if (mss >= 1300)
+		return 2;
+	if (mss >= 1220)
+		return 1;
+	return 0;
+}
+
+/* netstack/syncookie.py's _hash: SipHash-2-4 of the 24-byte MESSAGE (tick
+ * counter, client and service addresses and ports, client ISN, MSS index).
+ * `h` is the SYN's TCP header: ports and sequence number in network order. */
+static __always_inline __u64 cookie_hash(const struct cookie_config *cc, __u32 counter, const struct iphdr *ip,
+					 const __u8 *h, __u32 index)
+{
+	__u8 msg[24] = {};
+
+	msg[0] = counter >> 24;
+	msg[1] = counter >> 16;
+	msg[2] = counter >> 8;
+	msg[3] = counter;
+	__builtin_memcpy(msg + 4, &ip->saddr, 4);
+	__builtin_memcpy(msg + 8, &ip->daddr, 4);
+	__builtin_memcpy(msg + 12, h, 4);	/* client port, service port */
+	__builtin_memcpy(msg + 16, h + 4, 4);	/* the client's ISN */
+	msg[20] = index;
+	return siphash24_24(cc->key[0], cc->key[1], msg);
+}
+
+/* netstack/syncookie.py's encode_options: window scale (15: none) and SACK in
+ * TSval's low bits, never ahead of the clock (RFC 7323 §5.3: PAWS). */
+static __always_inline __u32 encode_ts_options(__u32 tsval, __s32 wscale, __u32 sack)
+{
+	__u32 bits = (wscale < 0 ? NO_WSCALE : (__u32)wscale) << 1 | sack;
+	__u32 ts = (tsval & ~(__u32)TS_OPTION_MASK) | bits;
+
+	if (bits > (tsval & TS_OPTION_MASK))
+		ts -= TS_OPTION_MASK + 1;
+	return ts;
+}
+
+/* The listener's budget of SYNs without timestamps for user space, on this
+ * CPU and in this second: 1 while it lasts (the SYN is handed on), else 0. */
+static __always_inline int python_takes(const struct listener_value *l, struct syn_stats *st, __u64 now)
+{
+	__u64 second = now / SEC_NS;
+
+	if (!l->python_syn_rate)
+		return 0;
+	if (!st)		/* user space made no counters: it keeps its SYNs */
+		return 1;
+	if (st->second != second) {
+		st->second = second;
+		st->used = 0;
+	}
+	if (st->used >= l->python_syn_rate)
+		return 0;
+	st->used++;
+	st->passed++;
+	return 1;
+}
+
+/* The SYN-ACK's options, as netstack/tcp.py's syn_options lays them out (as
+ * Linux does): MSS; then SACK-permitted (or NOP NOP) and timestamps, or NOP
+ * NOP SACK-permitted; then NOP and window scale. Returns the header length. */
+static __always_inline __u32 syn_ack_options(__u8 *o, const struct cookie_config *cc,
+					     const struct syn_options *opt, __u32 tsval, __u32 tsecr)
+{
+	__u32 n = TCP_MIN;
+
+	o[n] = 2;
+	o[n + 1] = 4;
+	put16(o, n + 2, cc->mss);
+	n += 4;
+	if (opt->ts_at) {
+		o[n & HDR_MASK] = opt->sack ? 4 : 1;
+		o[(n + 1) & HDR_MASK] = opt->sack ? 2 : 1;
+		o[(n + 2) & HDR_MASK] = 8;
+		o[(n + 3) & HDR_MASK] = 10;
+		put32(o, n + 4, tsval);
+		put32(o, n + 8, tsecr);
+		n += 12;
+	} else if (opt->sack) {
+		o[n & HDR_MASK] = 1;
+		o[(n + 1) & HDR_MASK] = 1;
+		o[(n + 2) & HDR_MASK] = 4;
+		o[(n + 3) & HDR_MASK] = 2;
+		n += 4;
+	}
+	if (opt->wscale >= 0) {
+		o[n & HDR_MASK] = 1;
+		o[(n + 1) & HDR_MASK] = 3;
+		o[(n + 2) & HDR_MASK] = 3;
+		o[(n + 3) & HDR_MASK] = cc->wscale;
+		n += 4;
+	}
+	return n;
+}
+
+static __always_inline const struct cookie_config *get_cookie_config(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&cookie_config, &zero);
+}
+
+/*
+ * A bare SYN (SYN without ACK, RST or FIN) from a client, IPv4 without
+ * options or fragments, its length checked by the caller: answered with a
+ * cookie SYN-ACK and redirected, or passed on to user space (counted as a
+ * packet with SYN, FIN or RST, as before). A function of its own (a BPF
+ * subprogram, as are to_host and to_client): the verifier adds up the
+ * frames of a call chain, and the three paths' buffers do not fit one.
+ */
+static __noinline int syn_to_listener(struct __sk_buff *skb, const struct xlat_config *cfg)
+{
+	__u32 l3 = cfg->l3_offset & 63, off = l3 + sizeof(struct iphdr), tcp_len;
+	__u8 old[HDR_SIZE] = {}, h[HDR_SIZE] = {};
+	const struct cookie_config *cc = get_cookie_config();
+	struct listener_key lkey = {};
+	struct flow_key key = { .family = 4 };
+	struct listener_value *l;
+	struct syn_stats *st;
+	struct syn_options opt;
+	struct iphdr in, out = {};
+	const struct iphdr *ip = &in;
+	__u32 hl, out_hl, client_mss, index, counter, isn, tsval = 0, tsecr = 0;
+	__be32 len_old, len_new;
+	__s64 diff, pseudo;
+	__u64 now, hash, sum;
+
+	if (!cc || !(cc->flags & COOKIE_F_ENABLED))
+		return pass(STAT_PASS_FLAGS);
+	/* to_host checked the IP header: no options, no fragment, the length right. */
+	if (bpf_skb_load_bytes(skb, l3, &in, sizeof(in)))
+		return pass(STAT_PASS_LENGTH);
+	tcp_len = bpf_ntohs(in.tot_len) - sizeof(in);
+	if (bpf_skb_load_bytes(skb, off, old, TCP_MIN))
+		return pass(STAT_PASS_LENGTH);
+	hl = (old[12] >> 4) * 4;
+	/* A SYN with data (TCP Fast Open) is user space's: the cookie answers only the SYN. */
+	if (hl < TCP_MIN || hl != tcp_len)
+		return pass(STAT_PASS_FLAGS);
+	/* The whole header again (20 to 60 bytes: never a zero-sized load for the verifier). */
+	if (bpf_skb_load_bytes(skb, off, old, hl & 60))
+		return pass(STAT_PASS_LENGTH);
+
+	__builtin_memcpy(lkey.addr, &ip->daddr, 4);
+	__builtin_memcpy(&lkey.port, old + 2, 2);
+	l = bpf_map_lookup_elem(&listeners, &lkey);
+	if (!l)
+		return pass(STAT_PASS_FLAGS);
+	/* A connection the kernel carries: user space takes it back and decides. */
+	__builtin_memcpy(key.src, &ip->saddr, 4);
+	__builtin_memcpy(key.dst, &ip->daddr, 4);
+	__builtin_memcpy(&key.sport, old, 2);
+	__builtin_memcpy(&key.dport, old + 2, 2);
+	if (bpf_map_lookup_elem(&flows, &key))
+		return pass(STAT_PASS_FLAGS);
+	if (parse_syn_options(old, hl, &opt))
+		return pass(STAT_PASS_TCP_OPTIONS);
+
+	now = cc->clock_ns ? cc->clock_ns : bpf_ktime_get_ns();
+	st = bpf_map_lookup_elem(&syn_stats, &lkey);
+	if (!opt.ts_at) {
+		if (python_takes(l, st, now))
+			return pass(STAT_PASS_FLAGS);
+		/* No timestamps: nowhere to keep window scale and SACK (as _cookie_syn_ack). */
+		opt.wscale = -1;
+		opt.sack = 0;
+	}
+
+	/* The cookie (netstack/syncookie.py's SynCookies.make). */
+	client_mss = opt.mss < 0 ? DEFAULT_MSS : (opt.mss < MIN_MSS ? MIN_MSS : opt.mss);
+	index = mss_index(client_mss);
+	counter = now / TICK_NS;
+	hash = cookie_hash(cc, counter, ip, old, index);
+	isn = (__u32)(hash & 0xffffff) << 8 | (counter & 31) << 3 | index;
+	if (opt.ts_at) {
+		/* The timestamp base (the hash's high half) plus milliseconds, as _our_tsval. */
+		tsval = encode_ts_options((__u32)(hash >> 32) + (__u32)(now / MS_NS), opt.wscale, opt.sack);
+		tsecr = get32(old, opt.ts_at);
+	}
+
+	/* The SYN-ACK's TCP header, the checksum field kept for the incremental update. */
+	__builtin_memcpy(h, old + 2, 2);
+	__builtin_memcpy(h + 2, old, 2);
+	put32(h, 4, isn);
+	put32(h, 8, get32(old, 4) + 1);
+	out_hl = syn_ack_options(h, cc, &opt, tsval, tsecr);
+	h[12] = (out_hl / 4) << 4;
+	h[13] = TCPF_SYN | TCPF_ACK;
+	put16(h, 14, cc->window);
+	h[16] = old[16];
+	h[17] = old[17];
+
+	/* RFC 1624: the checksum moves by what the header's words and the
+	 * pseudo-header's length moved; swapping the addresses moves nothing. */
+	diff = bpf_csum_diff((__be32 *)old, hl & 60, (__be32 *)h, out_hl & 60, 0);
+	len_old = bpf_htonl(hl);
+	len_new = bpf_htonl(out_hl);
+	pseudo = bpf_csum_diff(&len_old, 4, &len_new, 4, 0);
+	if (diff < 0 || pseudo < 0)
+		return pass(STAT_PASS_ERROR);
+
+	/* netstack/ip.py's build_ipv4_header: no DF at this size, TTL 64. */
+	out.version = 4;
+	out.ihl = 5;
+	out.tot_len = bpf_htons(sizeof(out) + out_hl);
+	out.id = bpf_htons(bpf_get_prandom_u32() & 0xffff);
+	out.ttl = 64;
+	out.protocol = IPPROTO_TCP;
+	out.saddr = ip->daddr;
+	out.daddr = ip->saddr;
+	sum = bpf_csum_diff(0, 0, (__be32 *)&out, sizeof(out), 0);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	out.check = ~sum & 0xffff;
+
+	if (bpf_skb_change_tail(skb, off + out_hl, 0))
+		return pass(STAT_PASS_ERROR);
+	if (bpf_skb_store_bytes(skb, l3, &out, sizeof(out), BPF_F_RECOMPUTE_CSUM))
+		return shot();
+	if (bpf_skb_store_bytes(skb, off, h, out_hl & 60, BPF_F_RECOMPUTE_CSUM))
+		return shot();
+	if (bpf_l4_csum_replace(skb, off + 16, 0, pseudo, BPF_F_PSEUDO_HDR))
+		return shot();
+	if (bpf_l4_csum_replace(skb, off + 16, 0, diff, 0))
+		return shot();
+	if (st)
+		st->cookies++;
+	return bpf_redirect(cfg->redirect_ifindex, BPF_F_INGRESS);
+}
+
+/* to_host's answer for a bare SYN: the caller hands it to syn_to_listener. */
+#define TO_LISTENER -1
+
 /* Client to host: IPv4 in, IPv6 out (RFC 7915 §4). */
-static __always_inline int to_host(struct __sk_buff *skb, const struct xlat_config *cfg)
+static __noinline int to_host(struct __sk_buff *skb, const struct xlat_config *cfg)
 {
 	__u32 l3 = cfg->l3_offset & 63;
 	__u8 old[HDR_SIZE] = {}, h[HDR_SIZE] = {};
@@ -334,6 +718,7 @@ static __always_inline int to_host(struct __sk_buff *skb, const struct xlat_conf
 	struct iphdr ip;
 	struct ipv6hdr ip6 = {};
 	__u32 tot_len, tcp_len, hl, payload;
+	__u8 flags;
 	__s64 pseudo;
 
 	if (bpf_skb_load_bytes(skb, l3, &ip, sizeof(ip)))
@@ -348,10 +733,14 @@ static __always_inline int to_host(struct __sk_buff *skb, const struct xlat_conf
 	/* BIG TCP (tot_len 0) and trailing padding are for user space. */
 	if (tot_len != skb->len - l3)
 		return pass(STAT_PASS_LENGTH);
+	tcp_len = tot_len - sizeof(ip);
+	/* A bare SYN: for syn_to_listener (see "SYN cookies"). */
+	if (tcp_len >= TCP_MIN && !bpf_skb_load_bytes(skb, l3 + sizeof(ip) + 13, &flags, 1) &&
+	    (flags & (TCPF_SYN | TCPF_ACK | TCPF_RST | TCPF_FIN)) == TCPF_SYN)
+		return TO_LISTENER;
 	/* kracauer routes: a packet that would leave with TTL 0 is user space's to drop. */
 	if (ip.ttl <= 1)
 		return pass(STAT_PASS_TTL);
-	tcp_len = tot_len - sizeof(ip);
 	hl = load_tcp(skb, l3 + sizeof(ip), tcp_len, h, &opt);
 	if (!hl)
 		return TC_ACT_OK;
@@ -400,7 +789,7 @@ static __always_inline int to_host(struct __sk_buff *skb, const struct xlat_conf
 }
 
 /* Host to client: IPv6 in, IPv4 out (RFC 7915 §5). */
-static __always_inline int to_client(struct __sk_buff *skb, const struct xlat_config *cfg)
+static __noinline int to_client(struct __sk_buff *skb, const struct xlat_config *cfg)
 {
 	__u32 l3 = cfg->l3_offset & 63;
 	__u8 old[HDR_SIZE] = {}, h[HDR_SIZE] = {};
@@ -487,8 +876,11 @@ int kracauer_xlat(struct __sk_buff *skb)
 
 	if (!cfg || !(cfg->flags & XLAT_F_ENABLED))
 		return pass(STAT_PASS_DISABLED);
-	if (skb->protocol == bpf_htons(ETH_P_IP))
-		return to_host(skb, cfg);
+	if (skb->protocol == bpf_htons(ETH_P_IP)) {
+		int verdict = to_host(skb, cfg);
+
+		return verdict == TO_LISTENER ? syn_to_listener(skb, cfg) : verdict;
+	}
 	if (skb->protocol == bpf_htons(ETH_P_IPV6))
 		return to_client(skb, cfg);
 	return pass(STAT_PASS_NOT_TCP);

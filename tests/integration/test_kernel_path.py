@@ -5,7 +5,10 @@ on by default; ./scripts/test runs the lab suite again with it off). These
 check what only the kernel path does: the program carries the bulk of a
 transfer (its counters in the metrics grow while the download runs), a
 download goes on while kracauer is dead after `kill -9` and the next process
-adopts it, and the `enabled` switch behaves as documented.
+adopts it, and the `enabled` switch behaves as documented. And SYN cookies:
+the program answers a client's SYN (timestamps on) and Python accepts the
+cookie; a client without timestamps is answered by Python and keeps window
+scaling and SACK, unless `python_syn_rate = 0`.
 """
 
 from __future__ import annotations
@@ -234,3 +237,106 @@ def test_a_restart_with_state_can_switch_the_kernel_path_off_and_on_mid_download
     out.unlink()
     wait_until(lambda: any(e["bytes_to_client"] > BIG for e in netlab_access(lab)), 15,
                "the download in the access log", k.stderr)
+
+
+# -- SYN cookies answered by the program -------------------------------------------
+
+LISTENER = f"{SERVICE_ADDRESS}:443"
+
+
+# One HTTP request from the client namespace; prints the response's status line and
+# the options its TCP connection negotiated (struct tcp_info's tcpi_options and
+# tcpi_snd_wscale: what the client learned from the SYN-ACK).
+TCP_OPTIONS_CLIENT = """
+import json, socket, sys
+s = socket.create_connection((sys.argv[1], 80), timeout=10)
+s.sendall(b"GET / HTTP/1.1\\r\\nHost: www.example.com\\r\\nConnection: close\\r\\n\\r\\n")
+data = b""
+while len(data) < 4096:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+print(json.dumps({"status": data.split(b"\\r\\n", 1)[0].decode(), "body": data.rpartition(b"\\r\\n\\r\\n")[2].decode(),
+                  "ts": bool(info[5] & 1), "sack": bool(info[5] & 2), "wscale": bool(info[5] & 4),
+                  "snd_wscale": info[6] & 15}))
+"""
+
+
+def negotiated_options(lab) -> dict:
+    import json
+    import sys
+
+    script = lab.dir / "tcp_options_client.py"
+    script.write_text(TCP_OPTIONS_CLIENT)
+    r = lab.run("client", [sys.executable, str(script), SERVICE_ADDRESS], timeout=20)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["status"] == "HTTP/1.1 200 OK" and result["body"] == "host1\n", result
+    return result
+
+
+class ClientTimestamps:
+    """net.ipv4.tcp_timestamps in the client namespace, for the duration of a with block."""
+
+    def __init__(self, lab, on: bool) -> None:
+        self.lab, self.on = lab, on
+
+    def __enter__(self) -> None:
+        r = self.lab.run("client", ["sysctl", "-n", "net.ipv4.tcp_timestamps"], timeout=10)
+        self.before = r.stdout.strip()
+        r = self.lab.run("client", ["sysctl", "-q", "-w", f"net.ipv4.tcp_timestamps={int(self.on)}"], timeout=10)
+        assert r.returncode == 0, r.stderr
+
+    def __exit__(self, *exc) -> None:
+        self.lab.run("client", ["sysctl", "-q", "-w", f"net.ipv4.tcp_timestamps={self.before}"], timeout=10)
+
+
+def test_the_kernel_answers_syns_with_cookies_and_python_accepts_them(lab, box):
+    k = start(lab, config(lab))
+    assert "answers SYNs with cookies" in k.stderr()
+    with ClientTimestamps(lab, True):
+        for _ in range(3):
+            assert lab.curl("https://www.example.com/").stdout == "host1\n"
+        # A cookie keeps the client's window scale and SACK (in the timestamp it echoes).
+        options = negotiated_options(lab)
+        assert (options["ts"], options["sack"], options["wscale"], options["snd_wscale"]) == (True, True, True, 7)
+    # (With several workers their counters reach the metrics at their next sync.)
+    samples = wait_until(lambda: (s := scrape(lab)) and metric(s, "kracauer_kernel_syn_cookies_total",
+                                                                listener=LISTENER) >= 3
+                         and metric(s, "kracauer_events_total", kind="syn_cookie_accepted") >= 4 and s,
+                         5, "the kernel's SYN cookies in the metrics", lambda: str(scrape(lab)))
+    assert metric(samples, "kracauer_events_total", kind="syn_cookie_accepted") >= 4
+    assert metric(samples, "kracauer_kernel_syn_cookies_total", listener=f"{SERVICE_ADDRESS}:80") >= 1
+    # Python made no cookie and answered no SYN itself.
+    assert metric(samples, "kracauer_events_total", kind="syn_cookie_sent") == 0
+    assert metric(samples, "kracauer_kernel_syns_passed_total", listener=LISTENER) == 0
+
+
+def test_a_client_without_timestamps_is_answered_by_python_and_keeps_window_scaling(lab, box):
+    start(lab, config(lab))
+    with ClientTimestamps(lab, False):
+        assert lab.curl("https://www.example.com/").stdout == "host1\n"
+        options = negotiated_options(lab)
+        assert (options["ts"], options["sack"], options["wscale"], options["snd_wscale"]) == (False, True, True, 7)
+    samples = wait_until(lambda: (s := scrape(lab)) and metric(s, "kracauer_kernel_syns_passed_total") >= 2
+                         and metric(s, "kracauer_connections_opened_total") >= 2 and s,
+                         5, "the SYNs the kernel passed on in the metrics", lambda: str(scrape(lab)))
+    assert metric(samples, "kracauer_kernel_syn_cookies_total") == 0
+    assert metric(samples, "kracauer_events_total", kind="syn_cookie_accepted") == 0
+
+
+def test_with_python_syn_rate_0_the_kernel_answers_clients_without_timestamps_too(lab, box):
+    text = config(lab).replace("\n[kernel_path]\n", "\n[kernel_path]\npython_syn_rate = 0\n")
+    start(lab, text)
+    with ClientTimestamps(lab, False):
+        assert lab.curl("https://www.example.com/").stdout == "host1\n"
+        # As with Linux's own cookies: no timestamps, nowhere to keep window scale and SACK.
+        options = negotiated_options(lab)
+        assert (options["ts"], options["sack"], options["wscale"]) == (False, False, False)
+    samples = wait_until(lambda: (s := scrape(lab)) and metric(s, "kracauer_kernel_syn_cookies_total") >= 2
+                         and metric(s, "kracauer_events_total", kind="syn_cookie_accepted") >= 2 and s,
+                         5, "the kernel's SYN cookies in the metrics", lambda: str(scrape(lab)))
+    assert metric(samples, "kracauer_kernel_syns_passed_total") == 0
+    assert metric(samples, "kracauer_events_total", kind="syn_cookie_accepted") >= 2
