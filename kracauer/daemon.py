@@ -48,6 +48,7 @@ from kracauer.systemd import Notifier
 from kracauer.tun import Tun, TunError, check_forwarding, open_tun, remove_tun
 from netstack.connect import ConnectPolicy
 from netstack.peek import Decision
+from netstack.syncookie import BLAKE2S, SynCookies
 from netstack.state import StateError, adopt, restore, snapshot
 from netstack.state import decode as decode_state, encode as encode_state
 from netstack.syncookie import SECRET_LEN
@@ -428,6 +429,9 @@ class Daemon:
             persist=self.persist,
         )
         self.kernel = self._start_kernel_path()
+        if self.kernel is None:
+            # No program makes cookies: Python's may use the faster hash (netstack/syncookie.py).
+            self.tracker.cookies = SynCookies(self.cookie_secret, BLAKE2S)
         for path, data in saved:
             self._restore(data, path, keep=(lambda addr, port: True) if len(saved) > 1 else None)
         if self.kernel is None:

@@ -43,7 +43,7 @@ from kracauer.tun import Tun
 from kracauer.workers import HEALTH, LOG, METRICS, READY, RELOAD, RELOADED, STATUS, Channel, TableCounts
 from netstack.state import adopt
 from netstack.steer import flow_key_owner
-from netstack.syncookie import SynCookies
+from netstack.syncookie import BLAKE2S, SynCookies
 
 log = logging.getLogger("kracauer")
 
@@ -164,6 +164,9 @@ class Worker(Daemon):
                        privileged=False, persistent=setup.persist, attached=setup.attached,
                        queue_fds=[setup.tun_fd])
         os.set_blocking(setup.tun_fd, False)
+        if setup.flows_fd < 0:
+            # No program makes cookies: Python's may use the faster hash (netstack/syncookie.py).
+            self.tracker.cookies = SynCookies(self.tracker.cookies.secret, BLAKE2S)
         if setup.flows_fd >= 0:
             from kracauer.bpf.libbpf import Map
             from kracauer.kernel_path import BpfFlowTable

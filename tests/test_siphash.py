@@ -89,3 +89,22 @@ def test_encoded_timestamps_are_never_ahead_of_the_clock_and_at_most_63_behind(t
     encoded = encode_options(tsval, wscale, sack)
     assert decode_options(encoded) == (wscale, sack)
     assert 0 <= (tsval - encoded) & M32 < 64
+
+
+def test_the_faster_python_only_hash_makes_cookies_of_the_same_layout_that_only_it_accepts():
+    from netstack.syncookie import BLAKE2S, SIPHASH, SynCookies
+
+    secret = bytes(range(16))
+    fast, kernel_like = SynCookies(secret, BLAKE2S), SynCookies(secret, SIPHASH)
+    args = (b"\xc6\x33\x64\x07", b"\xc0\x00\x02\x0a", 40000, 443, 123456789)
+    isn, ts_base = fast.make(1000.0, *args, 1460)
+    assert isn & 7 == 6 and (isn >> 3) & 31 == int(1000.0 // 64) & 31  # MSS 1460, this tick
+    assert fast.check(1000.0, isn, *args) == (1460, ts_base)
+    assert fast.check(1000.0 + 64, isn, *args) == (1460, ts_base)  # the next tick still
+    assert fast.check(1000.0 + 128, isn, *args) is None
+    assert fast.check(1000.0, isn ^ 0x100, *args) is None
+    # The kernel's hash is another: a cookie of one is not a cookie of the other.
+    assert kernel_like.check(1000.0, isn, *args) is None
+    assert kernel_like.make(1000.0, *args, 1460) != (isn, ts_base)
+    with pytest.raises(ValueError):
+        SynCookies(secret, "md5")
