@@ -1120,9 +1120,13 @@ def profile_kracauer(bench: Bench, seconds: int, workload: str, path: str = "kra
                            stderr=subprocess.DEVNULL)
     try:
         time.sleep(1.0)
+        # With several workers, the first worker (they run the same loop on their share); the
+        # supervisor only waits.
+        pid = bench.kracauers[path].pid
+        pid = next(iter(sorted(children_of(pid))), pid)
         # --native shows the C functions (the TUN syscalls) under the Python ones.
         for extra in (["--native"], []):
-            argv = [spy, "record", "-p", str(bench.kracauers[path].pid), "-d", str(seconds), "-r", "200", "--idle",
+            argv = [spy, "record", "-p", str(pid), "-d", str(seconds), "-r", "200", "--idle",
                     *extra, "-f", "raw", "-o", str(raw)]
             proc = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
             if proc.returncode == 0 and raw.exists():
