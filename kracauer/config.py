@@ -197,6 +197,8 @@ class Config:
     metrics: MetricsConfig | None = None   # None: no metrics endpoint
     state: StateConfig | None = None       # None: no state kept across restarts, TUN not persistent
     kernel_path: KernelPathConfig = KernelPathConfig()
+    # The TOML it was read from (a supervisor hands this text to its workers); not part of its value.
+    text: str = dataclasses.field(default="", compare=False, repr=False)
 
 
 # ---------------------------------------------------------------------------
@@ -228,7 +230,7 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise _syntax_error(e, source, text) from None
-    return _Validator(text, source).config(doc)
+    return dataclasses.replace(_Validator(text, source).config(doc), text=text)
 
 
 _TOML_POSITION = re.compile(r"\s*\(at line (\d+), column (\d+)\)$|\s*\(at end of document\)$")

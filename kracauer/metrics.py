@@ -62,6 +62,26 @@ class _Snapshot:
     kernel: dict[str, int] | None = None
 
 
+def process_metrics(registry: CollectorRegistry) -> tuple[Counter, Gauge]:
+    """The families every kracauer process has (build, start, uptime, process_*) and the reload ones."""
+    ProcessCollector(registry=registry)
+    started = time.monotonic()
+    Gauge("kracauer_build_info", "kracauer's version and Python's, always 1", ["version", "python"],
+          registry=registry).labels(__version__, platform.python_version()).set(1)
+    Gauge("kracauer_start_time_seconds", "When this kracauer process started (Unix time)",
+          registry=registry).set(time.time())
+    Gauge("kracauer_uptime_seconds", "Seconds since this kracauer process started",
+          registry=registry).set_function(lambda: time.monotonic() - started)
+    reloads = Counter("kracauer_config_reloads", "Configuration reloads (SIGHUP), by result", ["result"],
+                      registry=registry)
+    reload_ok = Gauge("kracauer_config_last_reload_successful",
+                      "1 if the last reload was applied (or there was none), 0 if it was refused", registry=registry)
+    reload_ok.set(1)
+    for result in ("ok", "failed"):
+        reloads.labels(result)
+    return reloads, reload_ok
+
+
 class Metrics:
     """The daemon's metrics on a registry of their own; `serve()` starts the HTTP thread."""
 
@@ -71,14 +91,7 @@ class Metrics:
         disable_created_metrics()
         self.registry = CollectorRegistry()
         registry = self.registry
-        ProcessCollector(registry=registry)
-        self._started = time.monotonic()
-        Gauge("kracauer_build_info", "kracauer's version and Python's, always 1", ["version", "python"],
-              registry=registry).labels(__version__, platform.python_version()).set(1)
-        Gauge("kracauer_start_time_seconds", "When this kracauer process started (Unix time)",
-              registry=registry).set(time.time())
-        Gauge("kracauer_uptime_seconds", "Seconds since this kracauer process started",
-              registry=registry).set_function(lambda: time.monotonic() - self._started)
+        self.reloads, self.reload_ok = process_metrics(registry)
         self.opened = Counter("kracauer_connections_opened", "Connections accepted (client handshake answered)",
                               ["listener"], registry=registry)
         self.closed = Counter("kracauer_connections_closed", "Connections that ended, by how they ended",
@@ -94,19 +107,11 @@ class Metrics:
                                     ["protocol"], buckets=HELLO_BUCKETS, registry=registry)
         self.duration = Histogram("kracauer_connection_duration_seconds", "Lifetime of connections that ended",
                                   buckets=DURATION_BUCKETS, registry=registry)
-        self.reloads = Counter("kracauer_config_reloads", "Configuration reloads (SIGHUP), by result",
-                               ["result"], registry=registry)
-        self.reload_ok = Gauge("kracauer_config_last_reload_successful",
-                               "1 if the last reload was applied (or there was none), 0 if it was refused",
-                               registry=registry)
-        self.reload_ok.set(1)
         self.restored = Gauge("kracauer_restored_connections",
                               "Connections restored from the state file at start", registry=registry)
         for direction in ("to_host", "to_client"):
             self.bytes.labels(direction)
             self.packets.labels(direction)
-        for result in ("ok", "failed"):
-            self.reloads.labels(result)
         self._bytes_to_host = self.bytes.labels("to_host")
         self._bytes_to_client = self.bytes.labels("to_client")
         self._packets_to_host = self.packets.labels("to_host")

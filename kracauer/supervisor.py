@@ -29,7 +29,6 @@ import ipaddress
 import json
 import logging
 import os
-import platform
 import select
 import signal
 import subprocess
@@ -38,22 +37,21 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector, disable_created_metrics
+from prometheus_client import CollectorRegistry, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import start_http_server
 
-from kracauer import __version__
-from kracauer.config import Config, ConfigError, parse_config
+from kracauer.config import Config
 from kracauer.daemon import (
     LOG_LEVELS, SYNC_INTERVAL, STATUS_INTERVAL, Daemon, DaemonError, _connections, _set_aside, check_state_directory,
     restart_needed, saved_shards, set_syn_cookies,
 )
 from kracauer.kernel_path import KernelPathError
-from kracauer.metrics import _Snapshot, _TrackerCollector
+from kracauer.metrics import _Snapshot, _TrackerCollector, process_metrics
 from kracauer.steering import Steering, SteeringError
 from kracauer.systemd import Notifier
 from kracauer.tun import add_routes, open_tun
-from kracauer.worker import EXIT_OK, INIT, state_shard
+from kracauer.worker import EXIT_OK, INIT
 from kracauer.workers import (
     HEALTH, LOG, METRICS, READY, RELOAD, RELOADED, STATUS, Channel, TableCounts, channel_pair, merge_expositions,
 )
@@ -95,22 +93,7 @@ class SupervisorMetrics:
         self.supervisor = supervisor
         self.own = CollectorRegistry()
         own = self.own
-        ProcessCollector(registry=own)
-        self._started = time.monotonic()
-        Gauge("kracauer_build_info", "kracauer's version and Python's, always 1", ["version", "python"],
-              registry=own).labels(__version__, platform.python_version()).set(1)
-        Gauge("kracauer_start_time_seconds", "When this kracauer process started (Unix time)",
-              registry=own).set(time.time())
-        Gauge("kracauer_uptime_seconds", "Seconds since this kracauer process started",
-              registry=own).set_function(lambda: time.monotonic() - self._started)
-        self.reloads = Counter("kracauer_config_reloads", "Configuration reloads (SIGHUP), by result",
-                               ["result"], registry=own)
-        self.reload_ok = Gauge("kracauer_config_last_reload_successful",
-                               "1 if the last reload was applied (or there was none), 0 if it was refused",
-                               registry=own)
-        self.reload_ok.set(1)
-        for result in ("ok", "failed"):
-            self.reloads.labels(result)
+        self.reloads, self.reload_ok = process_metrics(own)
         own.register(_SupervisorCollector(supervisor))
         self.registry = CollectorRegistry()
         self.registry.register(_MergedCollector(self))
@@ -197,8 +180,7 @@ class Supervisor(Daemon):
 
     def _set_up(self) -> None:
         config = self.config
-        with open(config.source, encoding="utf-8") as f:
-            self.text = f.read()
+        self.text = config.text
         if config.state is not None and self.persist:
             self._restore_files = saved_shards(config.state.file)
         ipv4_routes = [ipaddress.IPv4Network(a) for a in sorted({lst.address for lst in config.listeners})]
@@ -447,28 +429,8 @@ class Supervisor(Daemon):
 
     # -- reload -----------------------------------------------------------------------
 
-    def reload(self) -> bool:
-        """Read and check the configuration once; the workers each apply the same text."""
-        self.reload_requested = False
-        self.notifier.reloading()
-        source = self.config.source
-        try:
-            with open(source, encoding="utf-8") as f:
-                text = f.read()
-            ok = self._apply_text(parse_config(text, str(source)), text)
-        except OSError as exc:
-            log.error("reload refused, the running configuration stays: cannot read %s: %s", source, exc)
-            ok = False
-        except (ConfigError, DaemonError) as exc:
-            log.error("reload refused, the running configuration stays: %s", exc)
-            ok = False
-        if self.metrics is not None:
-            self.metrics.reloads.labels("ok" if ok else "failed").inc()
-            self.metrics.reload_ok.set(1 if ok else 0)
-        self.notifier.ready(self._status_text() + ("" if ok else "; last reload refused, see the log"))
-        return ok
-
-    def _apply_text(self, new: Config, text: str) -> bool:
+    def _apply(self, new: Config) -> bool:
+        """Check the new configuration once; the workers each apply the same text (Config.text)."""
         problems = restart_needed(self.config, new)
         if problems:
             log.error("reload refused, the running configuration stays: %s changed in %s, which needs a restart",
@@ -489,10 +451,10 @@ class Supervisor(Daemon):
             except (KernelPathError, OSError) as exc:
                 log.warning("the kernel path keeps answering SYNs as before the reload: %s", exc)
         self.config = new
-        self.text = text
+        self.text = new.text
         for w in self.workers:
             if w.channel is not None:
-                w.channel.send_json(RELOAD, {"text": text, "source": str(new.source)})
+                w.channel.send_json(RELOAD, {"text": new.text, "source": str(new.source)})
         log.info("reloaded %s: %d routes, fallback %s; connections already bound keep their host "
                  "(handed to %d workers)", new.source, len(new.routes), "yes" if new.fallback is not None else "no",
                  self.count)

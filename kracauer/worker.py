@@ -32,7 +32,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from kracauer import __version__
 from kracauer.accesslog import record_fields
 from kracauer.config import Config, ConfigError, parse_config
 from kracauer.daemon import Daemon, DaemonError, _connections, tracker_config
