@@ -40,7 +40,7 @@ from netstack.icmp import (
     ICMP6_UNREACHABLE, ICMP_HEADER_LEN, IcmpHeader, build_icmp4, build_icmp6, icmp4_to_icmp6, icmp6_to_icmp4,
 )
 from netstack.ip import (
-    IPV4_HEADER_LEN, IPV6_HEADER, IPV6_HEADER_LEN, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, IPv4Header, IPv6Header, PacketError,
+    IPV4_HEADER_LEN, IPV6_HEADER_LEN, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, IPv4Header, IPv6Header, PacketError,
     build_ipv4_header, build_ipv6_header,
 )
 from netstack.peek import NEED_DATA, BadRequest, Decision, NotProtocol
