@@ -778,6 +778,8 @@ class Daemon:
                 timeout = max_sleep
                 if deadline is not None:
                     timeout = min(max(deadline - time.monotonic(), 0.0), max_sleep)
+                # Wake for the once-a-second sync too, so the metrics are never more than a second old.
+                timeout = min(timeout, max(self._next_sync - time.monotonic(), 0.0))
                 for fd, _ in poller.poll(timeout):
                     if fd == tun_fd:
                         self._read_packets(tun_fd)

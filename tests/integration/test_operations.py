@@ -163,8 +163,12 @@ def test_access_log_metrics_and_status(lab, clean_box):
     finally:
         curl.kill()
         curl.wait()
-    time.sleep(1.2)  # one sync of the loop's counters
-    samples = scrape(lab)
+    # The loop copies its counters once a second (with several workers, each worker's reach the
+    # endpoint then): wait for the connections made above to be counted.
+    samples = wait_until(lambda: (s := scrape(lab)) and total(
+        s, "kracauer_connections_opened_total", listener=f"{SERVICE_ADDRESS}:80") >= 2 and total(
+        s, "kracauer_connections_opened_total", listener=f"{SERVICE_ADDRESS}:443") >= 2 and s, 5,
+        "the connections counted", lambda: str(scrape(lab)))
     assert total(samples, "kracauer_connections_opened_total", listener=f"{SERVICE_ADDRESS}:443") >= 2
     assert total(samples, "kracauer_connections_opened_total", listener=f"{SERVICE_ADDRESS}:80") >= 2
     assert total(samples, "kracauer_connections_closed_total", route="www.example.com", outcome="closed") >= 1
