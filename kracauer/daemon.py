@@ -720,11 +720,16 @@ class Daemon:
         self.notifier.ready(self._status_text() + ("" if ok else "; last reload refused, see the log"))
         return ok
 
-    def _apply(self, new: Config) -> bool:
+    def _needs_restart(self, new: Config) -> bool:
+        """True (and logged) if `new` changes what only a restart can change."""
         problems = restart_needed(self.config, new)
         if problems:
             log.error("reload refused, the running configuration stays: %s changed in %s, which needs a restart",
                       ", ".join(problems), new.source)
+        return bool(problems)
+
+    def _apply(self, new: Config) -> bool:
+        if self._needs_restart(new):
             return False
         if new.state is not None and new.state != self.config.state:
             # Written at stop by this process, as whatever user it runs as now.

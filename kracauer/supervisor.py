@@ -44,7 +44,7 @@ from prometheus_client.exposition import start_http_server
 from kracauer.config import Config
 from kracauer.daemon import (
     LOG_LEVELS, SYNC_INTERVAL, STATUS_INTERVAL, Daemon, DaemonError, _connections, _set_aside, check_state_directory,
-    restart_needed, saved_shards, set_syn_cookies,
+    saved_shards, set_syn_cookies,
 )
 from kracauer.kernel_path import KernelPathError
 from kracauer.metrics import _Snapshot, _TrackerCollector, process_metrics
@@ -424,17 +424,11 @@ class Supervisor(Daemon):
             text += f" ({self.restored} restored at start)"
         return text
 
-    def _kernel_stats(self) -> dict[str, int] | None:
-        return super()._kernel_stats()
-
     # -- reload -----------------------------------------------------------------------
 
     def _apply(self, new: Config) -> bool:
         """Check the new configuration once; the workers each apply the same text (Config.text)."""
-        problems = restart_needed(self.config, new)
-        if problems:
-            log.error("reload refused, the running configuration stays: %s changed in %s, which needs a restart",
-                      ", ".join(problems), new.source)
+        if self._needs_restart(new):
             return False
         if new.state is not None and new.state != self.config.state:
             check_state_directory(new.state.file, new.tun.user)
