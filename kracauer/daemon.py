@@ -44,6 +44,7 @@ from netstack.flow import FLOW_KEY, FLOW_VALUE
 from kracauer.metrics import Metrics
 from kracauer.routing import Router
 from kracauer.privileges import PrivilegeError, drop_privileges
+from kracauer.services import Services
 from kracauer.systemd import Notifier
 from kracauer.tun import Tun, TunError, check_forwarding, open_tun, remove_tun
 from netstack.connect import ConnectPolicy
@@ -357,6 +358,8 @@ class Daemon:
         self._next_watchdog: float | None = None
         # Descriptors the loop also waits on, and what to call when one is readable (a worker's channel).
         self._extra_fds: dict[int, Callable[[], None]] = {}
+        # The asyncio thread for socket work (kracauer.services), started by the first part that needs it.
+        self.services: Services | None = None
 
     # -- start and stop ------------------------------------------------------
 
@@ -384,6 +387,7 @@ class Daemon:
             self._start_outputs()
             self._set_up()
         except BaseException:
+            self._stop_services()
             self._abort_set_up()
             self._stop_outputs()
             restore_signals()
@@ -406,6 +410,21 @@ class Daemon:
 
     def _tracker_config(self, config: Config) -> TrackerConfig:
         return tracker_config(config)
+
+    def _use_services(self) -> Services:
+        """The services thread, started on first use (during set-up: the loop waits on its
+        wake-up pipe from its first round on, so it must exist before the loop starts)."""
+        if self.services is None:
+            self.services = Services()
+            self.services.start()
+            self._extra_fds[self.services.wake_fd] = self.services.run_posted
+        return self.services
+
+    def _stop_services(self) -> None:
+        if self.services is not None:
+            self._extra_fds.pop(self.services.wake_fd, None)
+            self.services.stop()
+            self.services = None
 
     def _preflight(self) -> None:
         """Checks before anything is made: forwarding on, the state directory writable."""
@@ -654,6 +673,7 @@ class Daemon:
     def _shutdown(self) -> None:
         """After the loop: log what ended, save the state (or not), keep or remove the TUN."""
         self.notifier.stopping("saving state" if self.persist else "stopping")
+        self._stop_services()
         self._log_records()
         saved = None
         if self.persist and self.config.state is not None:

@@ -458,6 +458,7 @@ class Supervisor(Daemon):
 
     def _shutdown(self) -> None:
         self.notifier.stopping("saving state" if self.persist else "stopping")
+        self._stop_services()
         # The return codes, not exit_status: the last SIGCHLD may not have been handled yet.
         saved_all = all(w.proc is not None and w.proc.poll() == EXIT_OK for w in self.workers)
         keep = self.persist and self.config.state is not None and saved_all
