@@ -174,9 +174,9 @@ _pack_unset_row = _packer("_pack_unset_row", "getattr(c, {slot!r}, {default!r})"
 # The loop that turns rows back into connections (_Loader.run), compiled for
 # the file's own field list: each row is unpacked into locals named after its
 # fields ({unpack}), the connection's slots are set from them ({stores}), and
-# the keys, the two rewrites (Tracker._make_flows, slot by slot: Flow()'s
-# keyword call cost more than all the rest) and the timer are made from the
-# same locals. Slots a file lacks ({defaults}) keep a new connection's value.
+# the keys and the timer are made from the same locals; the rewrites wait for
+# the connection's first packet. Slots a file lacks ({defaults}) keep a new
+# connection's value.
 _ROWS_BACK = """
 def _rows_back(rows, now, loader, tracker):
     listeners, targets, candidates, outcomes = loader.listeners, loader.targets, loader.candidates, loader.outcomes
@@ -185,8 +185,8 @@ def _rows_back(rows, now, loader, tracker):
     listener_ends = [lst.address if lst else b"" for lst in listeners]
     listener_ports = [U16.pack(lst.port) if lst else b"" for lst in listeners]
     target_ports = [U16.pack(t.port) for t in targets]
-    pack_port, new, new_flow = U16.pack, Connection.__new__, Flow.__new__
-    clients, hosts, timers, mss = tracker.clients, tracker.hosts, tracker._timers, tracker.config.mss
+    pack_port, new = U16.pack, Connection.__new__
+    clients, hosts, timers = tracker.clients, tracker.hosts, tracker._timers
     by_row, waiting = loader.by_row, loader.waiting
     seq = tracker._timer_seq
     keep = loader.keep
@@ -226,41 +226,9 @@ def _rows_back(rows, now, loader, tracker):
         else:
             c.target = None
             c.candidates = ()
-        if state == ESTABLISHED:
-            flags = (F_TIMESTAMPS if client_ts and host_ts else 0) | (F_SACK if client_sack else 0)
-            up = new_flow(Flow)
-            up.src = src6
-            up.dst = host
-            up.family = 4 if len(host) == 4 else 6
-            up.sport = host_sport
-            up.dport = target.port
-            up.seq_add = up.tsval_add = up.start_ns = up.ack_max = up.seq_next = up.window = up.window_max = 0
-            up.packets = up.bytes = up.last_seen = 0
-            # delta and ts_off were "I" fields, below 2**32 already: shared, not masked into new ints.
-            up.ack_add = delta
-            up.tsecr_add = ts_off
-            up.wscale_shift = c2h_shift
-            up.mss = mss
-            up.flags = flags | (NO_WSCALE if c.client_wscale is None else c.client_wscale)
-            up.seq_base = (client_isn + 1) & MOD32
-            down = new_flow(Flow)
-            down.src = listener.address
-            down.dst = client_addr
-            down.family = 4
-            down.sport = listener.port
-            down.dport = client_port
-            down.ack_add = down.tsecr_add = down.start_ns = down.ack_max = down.seq_next = down.window = 0
-            down.window_max = down.packets = down.bytes = down.last_seen = 0
-            down.seq_add = -delta & MOD32
-            down.tsval_add = -ts_off & MOD32
-            down.wscale_shift = h2c_shift
-            down.mss = client_mss
-            down.flags = flags | host_wscale
-            down.seq_base = (host_isn + 1) & MOD32
-            c.to_host_flow = up
-            c.to_client_flow = down
-        else:
-            c.to_host_flow = c.to_client_flow = None
+        # The two rewrites (Tracker._make_flows) are made on the connection's first packet:
+        # two objects and forty stores fewer here, for connections that may never send again.
+        c.to_host_flow = c.to_client_flow = None
         if state == PEEKING:
             c.host_key = b""
             waiting.append(c)
@@ -275,8 +243,7 @@ def _rows_back(rows, now, loader, tracker):
     return skipped, others
 """
 # The locals the loop uses besides the slots it sets.
-_LOOP_LOCALS = ("host", "src6", "host_sport", "delta", "ts_off", "client_ts", "host_ts", "client_sack", "c2h_shift",
-                "h2c_shift", "client_mss", "host_wscale", "client_isn", "host_isn")
+_LOOP_LOCALS = ("host", "src6", "host_sport")
 
 
 def _rows_back_for(names: list[str], complete: bool) -> Any:
@@ -287,9 +254,8 @@ def _rows_back_for(names: list[str], complete: bool) -> Any:
     defaults = "\n".join(f"        {name} = c.{name}" for name in _LOOP_LOCALS if name not in names) or "        pass"
     source = _ROWS_BACK.format(unpack=unpack, complete=complete, stores=stores, defaults=defaults)
     namespace: dict[str, Any] = {
-        "NAN": NAN, "U16": U16, "MOD32": MOD32, "Connection": Connection, "Flow": Flow, "PEEKING": PEEKING,
-        "CONNECTING": CONNECTING, "ESTABLISHED": ESTABLISHED, "F_TIMESTAMPS": F_TIMESTAMPS, "F_SACK": F_SACK,
-        "NO_WSCALE": NO_WSCALE,
+        "NAN": NAN, "U16": U16, "Connection": Connection, "PEEKING": PEEKING, "CONNECTING": CONNECTING,
+        "ESTABLISHED": ESTABLISHED,
     }
     exec(compile(source, "<netstack.state._rows_back>", "exec"), namespace)  # noqa: S102 (our own field names)
     return namespace["_rows_back"]

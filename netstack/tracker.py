@@ -1087,6 +1087,8 @@ class Tracker:
             return  # a CONNECT's 200 is still kracauer's to retransmit
         if conn.packets_to_host + conn.packets_to_client < OFFLOAD_PACKETS and now < conn.connect_start + OFFLOAD_DELAY:
             return
+        if conn.to_host_flow is None:  # restored, and no packet since
+            self._make_flows(conn)
         up, down = conn.to_host_flow, conn.to_client_flow
         # What the program tracks starts from what this tracker knows.
         up.ack_max, up.seq_next, up.window = conn.client_ack, conn.client_nxt, conn.client_win
@@ -1306,7 +1308,11 @@ class Tracker:
         partial = self._rx_flags & F_NEEDS_CSUM
         if tcp.ts_at >= 0 and conn.hello is not None:
             self._echo_host_synack_tsval(conn, buf, self._rx_start + ip.header_len, segment, tcp, partial)
-        start = to_host(buf, self._rx_start, ip, tcp, tcp_len, conn.to_host_flow, partial)
+        flow = conn.to_host_flow
+        if flow is None:  # restored from a state file: made on its first packet (netstack.state)
+            self._make_flows(conn)
+            flow = conn.to_host_flow
+        start = to_host(buf, self._rx_start, ip, tcp, tcp_len, flow, partial)
         if flags & FIN and conn.client_fin < 0:
             conn.client_fin = (tcp.seq + tcp_len - hl) & MOD32
         conn.packets_to_host += 1
@@ -1433,7 +1439,11 @@ class Tracker:
             conn.host_nxt = end
         buf = self._rx_buf
         partial = self._rx_flags & F_NEEDS_CSUM
-        start = to_client(buf, self._rx_start, ip, tcp, tcp_len, conn.to_client_flow, partial, conn.packets_to_client)
+        flow = conn.to_client_flow
+        if flow is None:  # restored from a state file: made on its first packet (netstack.state)
+            self._make_flows(conn)
+            flow = conn.to_client_flow
+        start = to_client(buf, self._rx_start, ip, tcp, tcp_len, flow, partial, conn.packets_to_client)
         if flags & FIN and conn.host_fin < 0:
             conn.host_fin = (tcp.seq - conn.delta + tcp_len - hl) & MOD32
         conn.packets_to_client += 1

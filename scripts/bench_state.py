@@ -223,6 +223,8 @@ def check_same(old: Tracker, new: Tracker) -> None:
             if a != b:
                 raise SystemExit(f"bench_state: parked connection {key.hex()} came back as {b}")
             continue
+        if b.to_host_flow is None and a.to_host_flow is not None:
+            new._make_flows(b)  # made on a restored connection's first packet
         for slot in ("state", "client_isn", "our_isn", "host_isn", "delta", "host_key", "decision", "target",
                      "packets_to_client", "to_host_flow", "to_client_flow"):
             if getattr(a, slot, None) != getattr(b, slot, None):

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import ipaddress
 import json
 import pathlib
 import random
 import struct
 
 import pytest
+from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import IPv6
 
 from netstack.peek import Decision
 from netstack.reassembly import StreamBuffer
@@ -234,6 +237,9 @@ def assert_same_tracker(old: Box, new: Box) -> None:
                     assert (copy.hello.data, copy.hello.ranges) == (conn.hello.data, conn.hello.ranges)
             elif slot == "peeker":  # rebuilt for those still peeking; the others are done with it
                 assert (copy.peeker is None) == (conn.peeker is None or conn.state != PEEKING), key
+            elif slot in ("to_host_flow", "to_client_flow"):
+                # Made on the connection's first packet (Tracker._make_flows), from the restored slots.
+                assert getattr(copy, slot) is None, (key, slot)
             elif hasattr(conn, slot):
                 assert getattr(copy, slot) == getattr(conn, slot), (key, slot)
             else:  # never set (the host side of one still peeking): a new connection's value
@@ -307,13 +313,17 @@ def test_2000_connections_of_every_kind_come_back_as_they_were():
     assert_same_tracker(box, again)
 
 
-def test_the_rewrites_are_made_as_the_tracker_makes_them():
-    new = restart(mixed_box(300, seed=8))
-    for conn in new.tracker.clients.values():
-        if conn.__class__ is Connection and conn.state == ESTABLISHED:
-            restored = conn.to_host_flow, conn.to_client_flow
-            new.tracker._make_flows(conn)
-            assert (conn.to_host_flow, conn.to_client_flow) == restored
+def test_the_rewrites_come_back_as_they_were_once_made_from_the_restored_slots():
+    box = mixed_box(300, seed=8)
+    new = restart(box)
+    established = [key for key, conn in box.tracker.clients.items()
+                   if conn.__class__ is Connection and conn.state == ESTABLISHED]
+    assert established
+    for key in established:
+        conn, copy = box.tracker.clients[key], new.tracker.clients[key]
+        assert copy.to_host_flow is None and copy.to_client_flow is None
+        new.tracker._make_flows(copy)
+        assert (copy.to_host_flow, copy.to_client_flow) == (conn.to_host_flow, conn.to_client_flow)
 
 
 def test_a_version_2_file_as_the_previous_kracauer_wrote_it_is_still_read():
@@ -333,9 +343,10 @@ def test_a_version_2_file_as_the_previous_kracauer_wrote_it_is_still_read():
     assert established.decision.name == CHROME_META["sni"] and established.decision.hello_size == len(CHROME) - 5
     assert bytes(peeking.hello.data) == CHROME[:900] and peeking.peeker is not None
     assert list(tracker.peeking) == [peeking.client_key] and tracker.hosts[connecting.host_key] is connecting
-    flows = established.to_host_flow, established.to_client_flow
+    assert established.to_host_flow is None  # made on its first packet
     tracker._make_flows(established)
-    assert (established.to_host_flow, established.to_client_flow) == flows
+    assert established.to_host_flow.ack_add == established.delta
+    assert established.to_client_flow.seq_add == -established.delta & 0xFFFFFFFF
     assert tracker.health == {(V6_ORG, 8443): (2, pytest.approx(new.now + 12.5))}
     # Saved again, in this format, it comes back the same.
     assert_same_tracker(new, restart(new))
@@ -420,7 +431,9 @@ def test_a_field_the_file_lacks_keeps_the_new_connections_default(lacking):
     assert restore(fresh, saved, 0.0) == 2
     assert all(getattr(conn, lacking) == 0 and conn.state == ESTABLISHED for conn in fresh.clients.values())
     # The rewrites are made with that value too.
-    assert all(conn.to_host_flow.tsecr_add == conn.ts_off for conn in fresh.clients.values())
+    for conn in fresh.clients.values():
+        fresh._make_flows(conn)
+        assert conn.to_host_flow.tsecr_add == conn.ts_off
 
 
 def test_a_restored_copy_translates_like_the_original():
@@ -430,10 +443,30 @@ def test_a_restored_copy_translates_like_the_original():
         copy = new.tracker.clients[key]
         assert new.tracker.hosts[conn.host_key] is copy
         for slot in Connection.__slots__:
-            if slot in ("peeker", "hello") or slot in TIMES:
+            if slot in ("peeker", "hello", "to_host_flow", "to_client_flow") or slot in TIMES:
                 continue
             assert getattr(copy, slot, None) == getattr(conn, slot, None), slot
         assert copy.timer_at - new.now == pytest.approx(conn.timer_at - box.now)
+        # Its first packets each way (which make its rewrites) come out as the original's do.
+        for packet in (data_from_client(conn, b"more of the request"), data_from_host(conn, b"the answer")):
+            out_old = [bytes(p) for p in box.tracker.receive(bytes(packet), box.now)]
+            out_new = [bytes(p) for p in new.tracker.receive(bytes(packet), new.now)]
+            assert out_new == out_old and out_old
+        assert (copy.to_host_flow, copy.to_client_flow) == (conn.to_host_flow, conn.to_client_flow)
+
+
+def data_from_client(conn: Connection, payload: bytes):
+    """The client's next segment: in order, acknowledging what it has."""
+    return (IP(src=str(ipaddress.IPv4Address(conn.client_addr)), dst=str(ipaddress.IPv4Address(conn.listener.address)))
+            / TCP(sport=conn.client_port, dport=conn.listener.port, seq=conn.client_nxt, ack=conn.client_ack,
+                  flags="PA", window=conn.client_win) / payload)
+
+
+def data_from_host(conn: Connection, payload: bytes):
+    """The host's next segment, in its own sequence space (ours plus delta)."""
+    return (IPv6(src=str(ipaddress.IPv6Address(conn.host)), dst=str(ipaddress.IPv6Address(conn.src6)))
+            / TCP(sport=conn.target.port, dport=conn.host_sport, seq=(conn.host_nxt + conn.delta) & 0xFFFFFFFF,
+                  ack=conn.host_ack, flags="PA", window=conn.host_win) / payload)
 
 
 def test_the_state_benchmark_runs(tmp_path):
