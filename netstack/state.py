@@ -485,18 +485,16 @@ def restore(tracker: Tracker, state: dict[str, Any], now: float,
     # all again and again (more than halves the time); none of them is garbage.
     collecting = gc.isenabled()
     gc.disable()
+    # What the tracker held before (an earlier shard's connections, with `keep`): a damaged file
+    # takes back only what it added.
+    before = _Tables(tracker)
     try:
         loader = _Loader(tracker, state, now, keep)
         restored = loader.run() + loader.parked()
         for host, port, fails, left in state.get("health", []):
             tracker.health[(bytes.fromhex(host), int(port))] = (int(fails), now + float(left) if left else 0.0)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, struct.error, binascii.Error) as exc:
-        tracker.clients.clear()
-        tracker.hosts.clear()
-        tracker.peeking.clear()
-        tracker.half_open = 0
-        tracker.in_kernel = 0
-        tracker._timers.clear()
+        before.put_back(tracker)
         if isinstance(exc, StateError):
             raise
         raise StateError(f"saved state is damaged: {exc!r}") from exc
@@ -504,6 +502,29 @@ def restore(tracker: Tracker, state: dict[str, Any], now: float,
         if collecting:
             gc.enable()
     return restored
+
+
+class _Tables:
+    """The tracker's tables as they were before a restore, to go back to if the file is damaged."""
+
+    def __init__(self, tracker: Tracker) -> None:
+        self.clients = dict(tracker.clients)
+        self.hosts = dict(tracker.hosts)
+        self.peeking = dict(tracker.peeking)
+        self.timers = list(tracker._timers)
+        self.half_open = tracker.half_open
+        self.in_kernel = tracker.in_kernel
+        self.health = dict(tracker.health)
+
+    def put_back(self, tracker: Tracker) -> None:
+        for name in ("clients", "hosts", "peeking", "health"):
+            table = getattr(tracker, name)
+            table.clear()
+            table.update(getattr(self, name))
+        tracker._timers[:] = self.timers
+        heapq.heapify(tracker._timers)
+        tracker.half_open = self.half_open
+        tracker.in_kernel = self.in_kernel
 
 
 def _check_fields(fields: list[tuple], known: dict[str, str], required: Iterable[str]) -> None:

@@ -494,3 +494,23 @@ def test_with_keep_only_the_connections_it_accepts_are_restored_parked_ones_too(
     # The rest, from the same file, into the same tracker.
     assert restore(fresh.tracker, saved, fresh.now, keep=lambda addr, port: port not in mine) == 2
     assert_same_tracker(box, fresh)
+
+
+def test_a_damaged_second_shard_leaves_the_first_shards_connections_in_place():
+    box = small_box()
+    saved = through_a_file(snapshot(box.tracker, box.now))
+    fresh = Box()
+    fresh.now = box.now
+    mine = {40001, 40003}
+    assert restore(fresh.tracker, saved, fresh.now, keep=lambda addr, port: port in mine) == 2
+    tables = (dict(fresh.tracker.clients), dict(fresh.tracker.hosts), list(fresh.tracker.peeking),
+              sorted(fresh.tracker._timers, key=lambda entry: entry[1]), fresh.tracker.half_open,
+              fresh.tracker.in_kernel)
+    # The other shard is damaged half way (its parked section cut short): what it added goes again.
+    broken = dict(saved, parked=saved["parked"][:-1])
+    with pytest.raises(StateError):
+        restore(fresh.tracker, broken, fresh.now, keep=lambda addr, port: port not in mine)
+    assert (dict(fresh.tracker.clients), dict(fresh.tracker.hosts), list(fresh.tracker.peeking),
+            sorted(fresh.tracker._timers, key=lambda entry: entry[1]), fresh.tracker.half_open,
+            fresh.tracker.in_kernel) == tables
+    assert {int.from_bytes(key[8:10], "big") for key in fresh.tracker.clients} == mine
