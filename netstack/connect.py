@@ -30,9 +30,10 @@ a caller that needs them (the bridge peer of ../shared/design/bridge.md reads
 ``Forwarded``). The same peeker serves wherever a CONNECT head is read: the
 TUN listener and, later, the bridge's relay and peer.
 
-Like ``netstack.http.HttpPeeker`` (and h11's receive buffer) it remembers
+It reads the head with ``netstack.http.RequestHeadReader``, as
+``netstack.http.HttpPeeker`` does (and like h11's receive buffer it remembers
 where its search for the next line end stopped, so each byte is scanned once
-however the stream is cut:
+however the stream is cut):
 
     method (checked byte by byte) -> request line -> field lines -> blank line
 """
@@ -41,21 +42,15 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Iterable
 
-from .peek import NEED_DATA, BadRequest, Decision, NotProtocol, PeekResult
+from .http import _TCHAR, RequestHeadReader, host_of
+from .peek import NEED_DATA, BadRequest, Decision, PeekResult
 
-# RFC 9110 §5.6.2: token = 1*tchar. Methods (§9.1) and field names (§5.1) are tokens.
-_TCHAR = rb"!#$%&'*+\-.^_`|~0-9A-Za-z"
-_TCHARS = re.compile(rb"[%s]*" % _TCHAR)
 # RFC 9112 §3: request-line = method SP request-target SP HTTP-version, lines
 # ending in CRLF or a bare LF (§2.2 lets a recipient accept LF alone).
 _REQUEST_LINE = re.compile(rb"([%s]+) ([^\x00-\x20\x7f]+) HTTP/([0-9]\.[0-9])\r?\n" % _TCHAR)
-# RFC 9112 §5: field-line = field-name ":" OWS field-value OWS; RFC 9110 §5.5:
-# CR, LF and NUL never appear in a value.
-_FIELD_LINE = re.compile(rb"([%s]+):([\t\x20-\x7e\x80-\xff]*)\r?\n" % _TCHAR)
-_OWS = b" \t"
 # RFC 9112 §3.2.3: authority-form = uri-host ":" port, where uri-host is an
 # IP-literal in brackets or a reg-name (RFC 3986 §3.2.2, which covers IPv4
 # addresses too) and port = *DIGIT (§3.2.3); no userinfo, no path.
@@ -92,103 +87,40 @@ NOT_IMPLEMENTED = _refusal(b"501 Not Implemented", b"501 Not Implemented: this p
 BAD_GATEWAY = _refusal(b"502 Bad Gateway", b"502 Bad Gateway: the host did not accept the connection.\n")
 
 
-class ConnectPeeker:
+class ConnectPeeker(RequestHeadReader):
     """Feed the client's bytes in order; get NEED_DATA, a Decision, a BadRequest or NotProtocol."""
 
     def __init__(self, max_bytes: int = 16384, keep: Iterable[str] = ()) -> None:
-        self._max_bytes = max_bytes
+        super().__init__(max_bytes)
         self._keep = frozenset(name.lower().encode("ascii") for name in keep)
         #: The values of the fields named in ``keep`` (by lowercased name), in order of arrival.
         self.fields: dict[str, list[str]] = {}
-        self._fed = 0
-        self._result: PeekResult = NEED_DATA
-        self._head = bytearray()
-        self._method_checked = 0  # leading bytes known to be tchar
-        self._method_done = False
-        self._line_start = 0  # where the current, unfinished line starts
-        self._scan = 0  # where the search for the next LF resumes
-        self._request_line_done = False
         self._method = b""
         self._target: tuple[str, int] | None = None
         self._bad_target = ""  # why the request target is unusable, if it is
 
-    def feed(self, data: bytes | memoryview) -> PeekResult:
-        """Take the next bytes of the client's stream (each byte exactly once)."""
-        if self._result is not NEED_DATA:
-            return self._result
-        # Bytes past the cap are never looked at, so the answer does not depend
-        # on how the stream was cut into pieces.
-        room = max(self._max_bytes - self._fed, 0)
-        self._fed += len(data)
-        self._head += memoryview(data)[:room]
-        result = self._advance()
-        if result is NEED_DATA and self._fed > self._max_bytes:
-            # As h11's max_incomplete_event_size: a head that has not ended within the cap never will be read.
-            result = BadRequest(f"request head larger than {self._max_bytes} bytes", hello_size=self._max_bytes)
-        self._result = result
-        return result
+    # Refused part way through the head: hello_size is what was read up to the end of the bad line.
 
-    def _advance(self) -> PeekResult:
-        if not self._method_done:
-            result = self._check_method()
-            if result is not NEED_DATA or not self._method_done:
-                return result
-        while True:
-            end = self._head.find(b"\n", self._scan)
-            if end < 0:
-                self._scan = len(self._head)
-                return NEED_DATA
-            line = bytes(self._head[self._line_start:end + 1])
-            self._line_start = self._scan = end + 1
-            result = self._on_line(line)
-            if isinstance(result, BadRequest) and not result.hello_size:
-                # Refused part way through the head: what was read up to the end of the bad line.
-                result = replace(result, hello_size=self._line_start)
-            if result is not NEED_DATA:
-                return result
+    def _malformed(self, reason: str) -> PeekResult:
+        return BadRequest(reason, hello_size=self._line_start)
 
-    def _check_method(self) -> PeekResult:
-        # RFC 9110 §9.1, RFC 9112 §3: the request starts with a token method and
-        # one SP. Checked byte by byte, so that other protocols are turned away
-        # at their first byte (0x16 for TLS) or within a few.
-        end = _TCHARS.match(self._head, self._method_checked).end()
-        self._method_checked = end
-        if end == len(self._head):
-            return NEED_DATA
-        byte = self._head[end]
-        if end == 0:
-            return NotProtocol(f"byte 0x{byte:02x} cannot start an HTTP request")
-        if byte != 0x20:
-            return NotProtocol(f"byte 0x{byte:02x} cannot be in an HTTP method")
-        self._method_done = True
-        return NEED_DATA
+    def _oversized(self) -> PeekResult:
+        return BadRequest(f"request head larger than {self._max_bytes} bytes", hello_size=self._max_bytes)
 
-    def _on_line(self, line: bytes) -> PeekResult:
-        if not self._request_line_done:
-            return self._on_request_line(line)
-        if line in (b"\r\n", b"\n"):
-            return self._on_head_end()
-        # RFC 9112 §5.2: a server may reject obsolete line folding with a 400.
-        if line[0] in _OWS:
-            return BadRequest("obsolete line folding in the request head")
-        match = _FIELD_LINE.fullmatch(line)
-        if match is None:
-            return BadRequest("malformed header field line")
-        name = match[1].lower()
+    def _on_field(self, name: bytes, value: bytes) -> PeekResult:
         if name in self._keep:
-            self.fields.setdefault(name.decode("ascii"), []).append(match[2].strip(_OWS).decode("latin-1"))
+            self.fields.setdefault(name.decode("ascii"), []).append(value.decode("latin-1"))
         return NEED_DATA
 
     def _on_request_line(self, line: bytes) -> PeekResult:
-        self._request_line_done = True
         match = _REQUEST_LINE.fullmatch(line)
         if match is None:
             # Nothing after a broken request line can be trusted to end a head: answered at once.
-            return BadRequest("malformed request line")
+            return self._malformed("malformed request line")
         self._method, target, version = match.groups()
         # RFC 9112 §2.3: we speak HTTP/1.0 and HTTP/1.1 only.
         if version not in (b"1.0", b"1.1"):
-            return BadRequest(f"HTTP version {version.decode()} is not 1.0 or 1.1")
+            return self._malformed(f"HTTP version {version.decode()} is not 1.0 or 1.1")
         if self._method != METHOD:
             return NEED_DATA  # answered (501) once the head is complete
         try:
@@ -223,15 +155,7 @@ def parse_authority(value: bytes) -> tuple[str, int]:
         raise ValueError("no port")
     if len(port) > 5 or not 1 <= int(port) <= 65535:
         raise ValueError(f"port {port[:8].decode()} out of range")
-    if literal is not None:
-        ipaddress.IPv6Address(literal.decode("ascii"))  # raises ValueError
-        return literal.decode("ascii").lower(), int(port)
-    # Names compare case-insensitively; a trailing dot names the same host.
-    name = reg_name.decode("ascii").lower()
-    name = name[:-1] if name.endswith(".") else name
-    if not name:
-        raise ValueError("empty host")
-    return name, int(port)
+    return host_of(literal, reg_name), int(port)
 
 
 @dataclass(frozen=True, slots=True)

@@ -66,10 +66,17 @@ BAD_REQUEST: bytes = (
 ) + _BAD_REQUEST_BODY
 
 
-class HttpPeeker:
-    """Feed the client's bytes in order; get NEED_DATA, a Decision or NotProtocol."""
+class RequestHeadReader:
+    """What both HTTP/1 peekers share (this module's and netstack.connect's): the method checked
+    byte by byte, then the head line by line, each byte scanned once, bytes past the cap never read.
 
-    def __init__(self, max_bytes: int = 16384) -> None:
+    A subclass says what a request line, a field and the end of the head mean
+    (``_on_request_line``, ``_on_field``, ``_on_head_end``) and what a malformed or
+    oversized head gets (``_malformed``, ``_oversized``); ``_lines_done`` stops the line
+    scan early (the HTTP/2 preface) and ``_after_lines`` takes over from there.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
         self._max_bytes = max_bytes
         self._fed = 0
         self._result: PeekResult = NEED_DATA
@@ -79,12 +86,7 @@ class HttpPeeker:
         self._line_start = 0  # where the current, unfinished line starts
         self._scan = 0  # where the search for the next LF resumes
         self._request_line_done = False
-        self._preface = False
-        self._version = b""
-        self._target_name: str | None = None  # from an absolute-form target
-        self._host: str | None = None
-        self._host_lines = 0
-        self._bad_host = ""  # why the Host field is unusable, if it is
+        self._lines_done = False
 
     def feed(self, data: bytes | memoryview) -> PeekResult:
         """Take the next bytes of the client's stream (each byte exactly once)."""
@@ -97,7 +99,8 @@ class HttpPeeker:
         self._head += memoryview(data)[:room]
         result = self._advance()
         if result is NEED_DATA and self._fed > self._max_bytes:
-            result = NotProtocol(f"request head larger than {self._max_bytes} bytes")
+            # As h11's max_incomplete_event_size: a head that has not ended within the cap never will be read.
+            result = self._oversized()
         self._result = result
         return result
 
@@ -106,17 +109,17 @@ class HttpPeeker:
             result = self._check_method()
             if result is not NEED_DATA or not self._method_done:
                 return result
-        while not self._preface:
+        while not self._lines_done:
             end = self._head.find(b"\n", self._scan)
             if end < 0:
                 self._scan = len(self._head)
                 return NEED_DATA
-            line = bytes(self._head[self._line_start : end + 1])
+            line = bytes(self._head[self._line_start:end + 1])
             self._line_start = self._scan = end + 1
             result = self._on_line(line)
             if result is not NEED_DATA:
                 return result
-        return self._check_preface()
+        return self._after_lines()
 
     def _check_method(self) -> PeekResult:
         # RFC 9110 §9.1, RFC 9112 §3: the request starts with a token method
@@ -136,16 +139,59 @@ class HttpPeeker:
 
     def _on_line(self, line: bytes) -> PeekResult:
         if not self._request_line_done:
+            self._request_line_done = True
             return self._on_request_line(line)
         if line in (b"\r\n", b"\n"):
             return self._on_head_end()
         # RFC 9112 §5.2: obsolete line folding may be rejected with a 400.
         if line[0] in _OWS:
-            return NotProtocol("obsolete line folding in the request head")
+            return self._malformed("obsolete line folding in the request head")
         match = _FIELD_LINE.fullmatch(line)
         if match is None:
-            return NotProtocol("malformed header field line")
-        if match[1].lower() != b"host":
+            return self._malformed("malformed header field line")
+        return self._on_field(match[1].lower(), match[2].strip(_OWS))
+
+    # What a subclass says.
+
+    def _on_request_line(self, line: bytes) -> PeekResult:
+        raise NotImplementedError
+
+    def _on_field(self, name: bytes, value: bytes) -> PeekResult:
+        """One field line: its name lowercased, its value without the surrounding whitespace."""
+        return NEED_DATA
+
+    def _on_head_end(self) -> PeekResult:
+        raise NotImplementedError
+
+    def _after_lines(self) -> PeekResult:
+        raise NotImplementedError
+
+    def _malformed(self, reason: str) -> PeekResult:
+        raise NotImplementedError
+
+    def _oversized(self) -> PeekResult:
+        raise NotImplementedError
+
+
+class HttpPeeker(RequestHeadReader):
+    """Feed the client's bytes in order; get NEED_DATA, a Decision or NotProtocol."""
+
+    def __init__(self, max_bytes: int = 16384) -> None:
+        super().__init__(max_bytes)
+        self._version = b""
+        self._target_name: str | None = None  # from an absolute-form target
+        self._host: str | None = None
+        self._host_lines = 0
+        self._bad_host = ""  # why the Host field is unusable, if it is
+
+    def _malformed(self, reason: str) -> PeekResult:
+        return NotProtocol(reason)
+
+    def _oversized(self) -> PeekResult:
+        return NotProtocol(f"request head larger than {self._max_bytes} bytes")
+
+    def _on_field(self, name: bytes, value: bytes) -> PeekResult:
+        if name != b"host":
             return NEED_DATA
         # RFC 9112 §3.2: more than one Host field line, or an invalid Host
         # value, MUST get a 400 (Bad Request). The answer waits for the end of
@@ -155,15 +201,14 @@ class HttpPeeker:
             self._bad_host = self._bad_host or "more than one Host header"
             return NEED_DATA
         try:
-            self._host = _parse_host(match[2].strip(_OWS))
+            self._host = _parse_host(value)
         except ValueError as exc:
             self._bad_host = f"invalid Host header: {exc}"
         return NEED_DATA
 
     def _on_request_line(self, line: bytes) -> PeekResult:
-        self._request_line_done = True
         if line == _HTTP2_PREFACE_LINE:
-            self._preface = True
+            self._lines_done = True  # the rest of the preface is not lines
             return NEED_DATA
         match = _REQUEST_LINE.fullmatch(line)
         if match is None:
@@ -200,7 +245,8 @@ class HttpPeeker:
             return Decision(name=None, hello_size=size, unrouted="refused_bad_request")
         return Decision(name=name, hello_size=size)
 
-    def _check_preface(self) -> PeekResult:
+    def _after_lines(self) -> PeekResult:
+        """After the HTTP/2 preface's first line: the rest of the preface, byte for byte."""
         if not HTTP2_PREFACE.startswith(self._head[: len(HTTP2_PREFACE)]):
             return NotProtocol("broken HTTP/2 connection preface")
         if len(self._head) < len(HTTP2_PREFACE):
@@ -216,11 +262,17 @@ def _parse_host(value: bytes) -> str:
     literal, reg_name, port = match.groups()
     if port is not None and int(port) > 65535:
         raise ValueError(f"port {port.decode()} out of range")
+    return host_of(literal, reg_name)
+
+
+def host_of(literal: bytes | None, reg_name: bytes | None) -> str:
+    """An authority's host (RFC 3986 §3.2.2) as routes name it: an IPv6 literal without its brackets,
+    or a name lowercased without its trailing dot; ValueError if it is neither."""
     if literal is not None:
         ipaddress.IPv6Address(literal.decode("ascii"))  # raises ValueError
         return literal.decode("ascii").lower()
     # Names compare case-insensitively; a trailing dot names the same host.
-    name = reg_name.decode("ascii").lower()
+    name = reg_name.decode("ascii").lower() if reg_name is not None else ""
     name = name[:-1] if name.endswith(".") else name
     if not name:
         raise ValueError("empty host")
