@@ -890,6 +890,17 @@ class Lab:
         k = k or self._kracauers[-1]
         return k.stop(sig, timeout)
 
+    def reset_box(self, timeout: float = 10, tun: str = "kracauer0") -> None:
+        """After a test: every kracauer stopped and, if one left its TUN (with [state]), that TUN
+        removed with `kracauer cleanup`; then checks the box has no TUN of that name."""
+        for k in list(self._kracauers):
+            k.stop(timeout=timeout)
+        if self.link_exists("box", tun) and self._kracauers:
+            self.run("box", [*self.kracauer_cmd, "cleanup", "--config", str(self._kracauers[-1].config_path)],
+                     timeout=20)
+        if self.link_exists("box", tun):
+            raise LabError(f"the box still has {tun} after the test")
+
     def decode(self, address: str) -> str:
         """``kracauer decode ADDRESS`` (run on the host side, no namespace needed)."""
         proc = subprocess.run([*self.kracauer_cmd, "decode", address], capture_output=True, text=True, timeout=10)

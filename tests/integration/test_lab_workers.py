@@ -46,11 +46,7 @@ def lab():
 @pytest.fixture
 def box(lab):
     yield lab
-    for k in list(lab._kracauers):
-        k.stop(timeout=30)
-    if lab.link_exists("box", "kracauer0"):
-        lab.run("box", [*lab.kracauer_cmd, "cleanup", "--config", str(lab._kracauers[-1].config_path)], timeout=20)
-    assert not lab.link_exists("box", "kracauer0")
+    lab.reset_box(timeout=30)
     (lab.dir / "access.log").unlink(missing_ok=True)
 
 

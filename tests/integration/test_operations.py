@@ -45,11 +45,7 @@ def lab():
 def clean_box(lab):
     """After the test: no kracauer running and no TUN left in the box."""
     yield lab
-    for k in list(lab._kracauers):
-        k.stop(timeout=10)
-    if lab.link_exists("box", "kracauer0"):
-        lab.run("box", [*lab.kracauer_cmd, "cleanup", "--config", str(lab._kracauers[-1].config_path)], timeout=20)
-    assert not lab.link_exists("box", "kracauer0")
+    lab.reset_box(timeout=10)
 
 
 def config(lab, *, access=True, metrics=True, state=False, extra="", **kw) -> str:
