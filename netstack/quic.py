@@ -688,18 +688,23 @@ def _agrees(stream: StreamBuffer, offset: int, payload: bytes) -> bool:
 # ------------------------------------------------------------------ the refusal
 
 
-def encode_packet_number(packet_number: int, largest_acked: int | None = None) -> bytes:
+def encode_packet_number(packet_number: int, largest_acked: int | None = None, length: int | None = None) -> bytes:
     # RFC 9000 §17.1 and Appendix A.2: enough bytes for twice the unacknowledged range.
-    unacked = packet_number + 1 if largest_acked is None else packet_number - largest_acked
-    length = next(n for n in (1, 2, 3, 4) if unacked < 1 << (8 * n - 1))
+    if length is None:
+        unacked = packet_number + 1 if largest_acked is None else packet_number - largest_acked
+        length = next(n for n in (1, 2, 3, 4) if unacked < 1 << (8 * n - 1))
     return (packet_number & ((1 << (8 * length)) - 1)).to_bytes(length, "big")
 
 
 def build_initial(keys: InitialKeys, dcid: bytes, scid: bytes, payload: bytes, *, packet_number: int = 0,
-                  server: bool = True, token: bytes = b"") -> bytes:
-    """One protected Initial packet (RFC 9000 §17.2.2) carrying ``payload`` (frames)."""
+                  server: bool = True, token: bytes = b"", pn_length: int | None = None) -> bytes:
+    """One protected Initial packet (RFC 9000 §17.2.2) carrying ``payload`` (frames).
+
+    ``server`` picks the direction's keys; ``pn_length`` forces a packet
+    number length (1 to 4 bytes) instead of the shortest safe one.
+    """
     version = keys.version
-    pn = encode_packet_number(packet_number)
+    pn = encode_packet_number(packet_number, length=pn_length)
     # RFC 9001 §5.4.2: the sample needs 4 - pn_length + 16 bytes after the
     # packet number's start: pad with PADDING frames when the frames are shorter.
     payload += bytes(max(4 - len(pn) - len(payload), 0))
