@@ -645,3 +645,11 @@ def test_the_fuzz_target_replays_inputs_without_atheris():
         atheris_quic.TestOneInput(rng.randbytes(rng.randrange(1, 200)))
     for seed in ALL_INITIALS:
         atheris_quic.TestOneInput(bytes([0]) + seed)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=100), st.binary(max_size=200))
+def test_the_hmac_with_precomputed_pads_is_hmac_sha256(key, message):
+    import hashlib
+    import hmac
+    assert quic.HmacSha256(key).digest(message) == hmac.digest(key, message, hashlib.sha256)
