@@ -39,7 +39,8 @@ class Decision:
     ``alpn``: the TLS ALPN protocols offered, in order; () for HTTP.
     ``hello_size``: TLS: bytes of the ClientHello handshake message including
     its 4-byte header; HTTP: bytes of the request head including the blank line.
-    ``records``: TLS: how many TLS records the ClientHello spanned; HTTP: 0.
+    ``records``: TLS: how many TLS records the ClientHello spanned; HTTP and
+    QUIC (a hello in CRYPTO frames, no record layer): 0.
     ``unrouted``: the outcome when no route takes the connection; the tracker
     answers by it: "refused_unknown_name" (TLS alert, HTTP 421, CONNECT 403), or
     "refused_bad_request" (HTTP 400) for a request that names no host at all.

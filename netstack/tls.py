@@ -13,6 +13,11 @@ The stream is read as a small state machine, each byte once:
 Record payloads are appended to the handshake message until its 4-byte header
 and then its whole body are in; only then is the ClientHello parsed, with a
 ``Buffer`` cursor. Bytes after the ClientHello are not looked at.
+
+QUIC carries the handshake without the record layer (RFC 9001 §4: CRYPTO
+frames hold the handshake messages themselves): ``TlsPeeker(record_layer=False)``
+reads the stream as handshake messages straight away, with the same checks,
+caps and parser (``netstack.quic`` feeds it the reassembled CRYPTO stream).
 """
 
 from __future__ import annotations
@@ -57,8 +62,11 @@ class ClientHelloError(ValueError):
 class TlsPeeker:
     """Feed the client's bytes in order; get NEED_DATA, a Decision or NotProtocol."""
 
-    def __init__(self, max_bytes: int = 16384) -> None:
+    def __init__(self, max_bytes: int = 16384, *, record_layer: bool = True) -> None:
         self._max_bytes = max_bytes
+        # False: the stream is the handshake messages themselves (QUIC's CRYPTO
+        # stream, RFC 9001 §4), with no TLS record header to read.
+        self._record_layer = record_layer
         self._fed = 0
         self._result: PeekResult = NEED_DATA
         self._record_header = bytearray()  # the part of a record header read so far
@@ -85,7 +93,11 @@ class TlsPeeker:
         pos = 0
         result: PeekResult = NEED_DATA
         while pos < len(data) and result is NEED_DATA:
-            if self._record_left:
+            if not self._record_layer:
+                n = min(self._message_wanted(), len(data) - pos)
+                self._message += data[pos : pos + n]
+                result = self._check_message()
+            elif self._record_left:
                 n = min(self._message_wanted(), self._record_left, len(data) - pos)
                 self._message += data[pos : pos + n]
                 self._record_left -= n

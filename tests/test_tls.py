@@ -492,3 +492,38 @@ def test_corrupted_captures_in_arbitrary_chunks_give_the_same_result_as_at_once(
 def test_every_strict_prefix_of_a_capture_needs_data(entry, cut, sizes):
     data = capture(entry)
     assert feed_chunked(data[: cut % len(data)], sizes) is NEED_DATA
+
+
+# --- without the record layer (QUIC's CRYPTO stream, RFC 9001 §4) -----------
+
+
+@pytest.mark.parametrize("entry", CAPTURES, ids=lambda e: e["file"])
+def test_a_hello_without_records_decides_as_with_them_at_its_last_byte(entry):
+    message = handshake_message(capture(entry))
+    peeker = TlsPeeker(record_layer=False)
+    results = [peeker.feed(message[i : i + 1]) for i in range(len(message))]
+    assert all(result is NEED_DATA for result in results[:-1])
+    with_records = described_decision(entry)
+    assert results[-1] == Decision(name=with_records.name, alpn=with_records.alpn,
+                                   hello_size=with_records.hello_size, records=0)
+
+
+def test_without_records_a_record_header_is_not_a_client_hello():
+    result = TlsPeeker(record_layer=False).feed(CURL)
+    assert isinstance(result, NotProtocol) and "handshake message type 22" in result.reason
+
+
+def test_without_records_the_cap_still_holds():
+    message = handshake_message(CHROME)
+    result = TlsPeeker(max_bytes=len(message) - 1, record_layer=False).feed(message)
+    assert isinstance(result, NotProtocol) and "larger than" in result.reason
+    assert TlsPeeker(max_bytes=len(message), record_layer=False).feed(message).name == "www.example.com"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(CAPTURES), st.integers(0, 2000), st.integers(0, 255), chunk_sizes)
+def test_without_records_corrupted_hellos_in_chunks_answer_as_at_once(entry, at, value, sizes):
+    data = bytearray(handshake_message(capture(entry)))
+    data[at % len(data)] = value
+    data = bytes(data)
+    assert feed_chunked(data, sizes, record_layer=False) == TlsPeeker(record_layer=False).feed(data)
