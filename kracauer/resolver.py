@@ -263,9 +263,13 @@ def _negative(message: dns.Message) -> float:
     return 0.0 if ttl is None else float(ttl)
 
 
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
 def _lower(name: str) -> str:
+    """As netstack.dns returns names: ASCII letters lowercased (RFC 4343), no trailing dot."""
     name = name[:-1] if name.endswith(".") else name
-    return name.translate(str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz"))
+    return name.translate(_ASCII_LOWER)
 
 
 def _server_text(server: Server) -> str:

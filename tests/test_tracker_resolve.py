@@ -11,18 +11,15 @@ client keeps it for retransmission), and the hello timeout still applies.
 from __future__ import annotations
 
 import ipaddress
-import random
 
 import pytest
 
 from netstack import http, tls
-from netstack.connect import FORBIDDEN_NAME, ConnectPolicy
+from netstack.connect import FORBIDDEN_NAME
 from netstack.peek import Decision
-from netstack.tracker import PEEKING, Listener, Pending, Refused, Target, Tracker, TrackerConfig
-from tests.test_tracker import (
-    CHROME, HOST_ORG, HOST_WWW, LISTENERS, M32, PREFIX, Box, Walk,
-)
-from tests.test_tracker_connect import PROXY, ConnectBox, ProxyWalk
+from netstack.tracker import PEEKING, Listener, Pending, Refused, Target
+from tests.test_tracker import CHROME, HOST_ORG, HOST_WWW, M32, Box, Walk, parse
+from tests.test_tracker_connect import ConnectBox, ProxyWalk
 
 V6 = ipaddress.IPv6Address
 HELLO_TIMEOUT = 10.0
@@ -56,8 +53,6 @@ def resolving_box(**config) -> tuple[Box, Lookups]:
 
 
 def resume(box: Box, name: str) -> list:
-    from tests.test_tracker import parse
-
     return [parse(raw) for raw in box.tracker.resume(name, box.now)]
 
 
