@@ -174,9 +174,17 @@ def _plural(n: int, word: str) -> str:
 
 def _check_config(path: str) -> int:
     config = load_config(path)
+    resolving = [route for route in config.routes if route.resolve]
     print(f"{path}: OK ({_plural(len(config.listeners), 'listener')}, "
           f"{_plural(len(config.routes), 'route')}, "
           f"fallback: {'yes' if config.fallback is not None else 'no'})")
+    if resolving:
+        servers = ", ".join(f"[{a}]:{p}" if a.version == 6 else f"{a}:{p}" for a, p in config.resolver.servers)
+        print(f"  {_plural(len(resolving), 'route')} by DNS (AAAA records, looked up when the hello arrives) "
+              f"via {servers or 'the nameservers of /etc/resolv.conf'}:")
+        for route in resolving:
+            print(f"    {route.name}{f' (alpn {route.alpn})' if route.alpn else ''}: "
+                  f"hosts inside {', '.join(map(str, route.networks))}")
     return EXIT_OK
 
 

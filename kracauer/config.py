@@ -41,6 +41,7 @@ __all__ = [
     "MetricsConfig",
     "StateConfig",
     "PROTOCOLS",
+    "ResolverConfig",
     "Route",
     "TunConfig",
     "load_config",
@@ -105,10 +106,14 @@ class Listener:
 @dataclass(frozen=True)
 class Route:
     name: str                    # as written in the file
-    host: ipaddress.IPv6Address  # the first host
+    host: ipaddress.IPv6Address | None  # the first host; None for a resolve route
     port: int | None = None      # None: the listener's port
     hosts: tuple[ipaddress.IPv6Address, ...] = ()   # every host (a client's address picks one)
     alpn: str | None = None      # only for TLS clients that offer this ALPN protocol
+    # resolve = true: the hosts are the client's name's AAAA records (kracauer.resolver),
+    # those inside `networks` only; such a route has no host.
+    resolve: bool = False
+    networks: tuple[ipaddress.IPv6Network, ...] = ()
 
     def __post_init__(self) -> None:
         _all_hosts(self)
@@ -140,6 +145,20 @@ class Limits:
     max_peeking: int = 10_000        # connections still sending their hello; the oldest is reset past it
     syn_backlog: int = 1024          # half-open handshakes kept with state; SYN cookies past it
     host_try_timeout: float = 3.0    # with several hosts, seconds one may take before the next is tried; <= connect_timeout
+
+
+@dataclass(frozen=True)
+class ResolverConfig:
+    """``[resolver]``: how resolve routes look names up (kracauer.resolver)."""
+
+    # (address, port) of each DNS server, tried in order; () for the system's (/etc/resolv.conf).
+    servers: tuple[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int], ...] = ()
+    timeout: float = 2.0         # seconds one query waits for an answer from one server
+    attempts: int = 2            # rounds over the servers before a lookup gives up (a timeout)
+    cache_size: int = 10_000     # names cached; the oldest goes past it
+    max_ttl: int = 3600          # cap on the TTL of an answer (seconds)
+    negative_ttl: int = 60       # cap on the TTL of a name without AAAA (RFC 2308 §5: the SOA's)
+    failure_ttl: int = 5         # how long a timeout or server failure is remembered (RFC 2308 §7)
 
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -197,6 +216,7 @@ class Config:
     metrics: MetricsConfig | None = None   # None: no metrics endpoint
     state: StateConfig | None = None       # None: no state kept across restarts, TUN not persistent
     kernel_path: KernelPathConfig = KernelPathConfig()
+    resolver: ResolverConfig = ResolverConfig()
     # The TOML it was read from (a supervisor hands this text to its workers); not part of its value.
     text: str = dataclasses.field(default="", compare=False, repr=False)
 
@@ -433,7 +453,7 @@ def _route_name_key(name: str) -> tuple[str, str] | str:
 # ---------------------------------------------------------------------------
 # Validation
 
-_TOP_KEYS = ("tun", "translate", "listen", "route", "fallback", "limits", "health", "log", "metrics", "state",
+_TOP_KEYS = ("tun", "translate", "listen", "route", "fallback", "limits", "health", "log", "metrics", "state", "resolver",
              "kernel_path")
 _KERNEL_PATH_KEYS = ("enabled", "pin_dir", "max_flows", "python_syn_rate")
 _LOG_KEYS = ("access", "level")
@@ -447,7 +467,12 @@ _TRANSLATE_KEYS = ("prefix",)
 _LISTEN_KEYS = ("address", "port", "protocol", "host", "prefix", "allow", "ports")
 # The target ports a connect listener's CONNECT may name when `ports` is not given.
 CONNECT_PORTS = (443,)
-_ROUTE_KEYS = ("name", "host", "port", "alpn")
+_ROUTE_KEYS = ("name", "host", "port", "alpn", "resolve", "networks")
+_RESOLVER_KEYS = ("servers", "timeout", "attempts", "cache_size", "max_ttl", "negative_ttl", "failure_ttl")
+# [resolver] integer keys and their ranges (seconds for the TTLs).
+_RESOLVER_COUNTS = {"attempts": (1, 10), "cache_size": (1, 1_000_000), "max_ttl": (1, 86400),
+                    "negative_ttl": (0, 86400), "failure_ttl": (0, 300)}
+MAX_RESOLVER_TIMEOUT = 30.0
 _FALLBACK_KEYS = ("host", "port")
 _LIMITS_KEYS = ("hello_timeout", "hello_max_bytes", "connect_timeout", "host_try_timeout", "idle_timeout",
                 "max_connections", "max_peeking", "syn_backlog")
@@ -640,6 +665,7 @@ class _Validator:
         metrics = self.metrics(doc)
         state = self.state(doc)
         kernel_path = self.kernel_path(doc)
+        resolver = self.resolver(doc)
         if not routes and fallback is None:
             named = [i for i, l in enumerate(listeners) if l.protocol != "tcp"]
             if named:
@@ -647,7 +673,8 @@ class _Validator:
                 raise self.error(("listen", i), f"nothing to route to: this {listeners[i].protocol} listener needs at least one [[route]] or a [fallback]")
         return Config(tun=tun, prefix=self.prefix, listeners=tuple(listeners), routes=tuple(routes),
                       fallback=fallback, limits=limits, source=self.source, health=health, log=log,
-                      metrics=metrics, state=state, kernel_path=kernel_path)
+                      metrics=metrics, state=state, kernel_path=kernel_path,
+                      resolver=resolver)
 
     def tun(self, doc: dict) -> TunConfig:
         table = self.table(doc, ("tun",), _TUN_KEYS)
@@ -798,10 +825,89 @@ class _Validator:
                 raise self.error(path + ("name",), f"{_quote(name)} duplicates route[{seen[kind, alpn]}].name "
                                                    f"{_quote(items[seen[kind, alpn]]['name'])}")
             seen[kind, alpn] = i
-            hosts = self.ipv6_hosts(self.require(item, path + ("host",)), path + ("host",))
             port = self.port(item["port"], path + ("port",)) if "port" in item else None
+            resolve = self.boolean(item["resolve"], path + ("resolve",)) if "resolve" in item else False
+            if resolve:
+                routes.append(self.resolve_route(item, path, name, port, alpn))
+                continue
+            if "networks" in item:
+                raise self.error(path + ("networks",), "networks only goes with resolve = true "
+                                                       "(the addresses a looked-up name may have)")
+            hosts = self.ipv6_hosts(self.require(item, path + ("host",)), path + ("host",))
             routes.append(Route(name=name, host=hosts[0], port=port, hosts=hosts, alpn=alpn))
         return routes
+
+    def resolve_route(self, item: dict, path: Path, name: str, port: int | None, alpn: str | None) -> Route:
+        """A route whose hosts are the name's AAAA records inside `networks`."""
+        if "host" in item:
+            raise self.error(path + ("host",), "a route with resolve = true has no host: its hosts are the "
+                                               "name's AAAA records (inside networks)")
+        if "networks" not in item:
+            raise self.error(path + ("networks",), "required with resolve = true: the IPv6 networks the "
+                                                   "looked-up addresses must lie in (others are refused)")
+        value = item["networks"]
+        if not isinstance(value, list) or not value:
+            raise self.error(path + ("networks",), f"expected a non-empty list of IPv6 networks like "
+                                                   f"[\"2001:db8:100::/48\"], got {_describe(value)}")
+        networks = tuple(self.ipv6_network(v, path + ("networks",)) for v in value)
+        return Route(name=name, host=None, port=port, alpn=alpn, resolve=True, networks=networks)
+
+    def ipv6_network(self, value: Any, path: Path) -> ipaddress.IPv6Network:
+        text = self.string(value, path)
+        try:
+            network = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise self.error(path, f"expected an IPv6 network like \"2001:db8:100::/48\", got {_quote(text)}") from None
+        if network.version != 6:
+            raise self.error(path, f"expected an IPv6 network (hosts are reached over IPv6), got {_quote(text)}")
+        if ipaddress.ip_interface(text).ip != network.network_address and "/" in text:
+            raise self.error(path, f"{_quote(text)} has host bits set; the network is \"{network}\"")
+        if self.prefix is not None and network.overlaps(self.prefix):
+            raise self.error(path, f"{_quote(text)} overlaps the translate prefix {self.prefix}, which is kept "
+                                   f"for embedded client addresses")
+        return network
+
+    def resolver(self, doc: dict) -> ResolverConfig:
+        table = self.table(doc, ("resolver",), _RESOLVER_KEYS)
+        if table is None:
+            return ResolverConfig()
+        values: dict[str, Any] = {}
+        if "servers" in table:
+            path = ("resolver", "servers")
+            servers = table["servers"]
+            if not isinstance(servers, list) or not servers:
+                raise self.error(path, f"expected a non-empty list of DNS servers like [\"2001:db8::53\", "
+                                       f"\"192.0.2.53:5353\"], got {_describe(servers)}")
+            values["servers"] = tuple(self.dns_server(v, path) for v in servers)
+        if "timeout" in table:
+            timeout = self.seconds(table["timeout"], ("resolver", "timeout"))
+            if timeout > MAX_RESOLVER_TIMEOUT:
+                raise self.error(("resolver", "timeout"), f"expected at most {_show(MAX_RESOLVER_TIMEOUT)} "
+                                                          f"seconds, got {_show(timeout)}")
+            values["timeout"] = timeout
+        for key, (low, high) in _RESOLVER_COUNTS.items():
+            if key in table:
+                values[key] = self.integer(table[key], ("resolver", key), low, high)
+        return ResolverConfig(**values)
+
+    def dns_server(self, value: Any, path: Path) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+        """"192.0.2.53", "192.0.2.53:5353", "2001:db8::53" or "[2001:db8::53]:5353" (port 53 by default)."""
+        text = self.string(value, path)
+        host, port = text, 53
+        match = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:]+):(\d+)", text)
+        if match:
+            host = match.group(1) or match.group(3)
+            port = int(match.group(2) or match.group(4))
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise self.error(path, f"expected a DNS server's address, optionally with a port (\"192.0.2.53:5353\", "
+                                   f"\"[2001:db8::53]:5353\"), got {_quote(text)}") from None
+        if not 1 <= port <= 65535:
+            raise self.error(path, f"expected a port from 1 to 65535 in {_quote(text)}")
+        if address.is_unspecified or address.is_multicast:
+            raise self.error(path, f"{_quote(text)} is not a unicast address")
+        return address, port
 
     def fallback(self, doc: dict) -> Fallback | None:
         table = self.table(doc, ("fallback",), _FALLBACK_KEYS)

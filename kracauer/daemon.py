@@ -42,7 +42,8 @@ from kracauer.config import Config, ConfigError, load_config
 from kracauer.kernel_path import BpfFlowTable, KernelPath, KernelPathError, remove_pins
 from netstack.flow import FLOW_KEY, FLOW_VALUE
 from kracauer.metrics import Metrics
-from kracauer.routing import Router
+from kracauer.resolver import REFUSED_ERROR, NameResolver, hosts_for
+from kracauer.routing import Resolve, Router
 from kracauer.privileges import PrivilegeError, drop_privileges
 from kracauer.services import Services
 from kracauer.systemd import Notifier
@@ -54,7 +55,8 @@ from netstack.state import StateError, adopt, restore, snapshot
 from netstack.state import decode as decode_state, encode as encode_state
 from netstack.syncookie import SECRET_LEN
 from netstack.tracker import (
-    HEADROOM, OUR_WSCALE, SYN_WINDOW, ConnectionRecord, Listener, Resolver, Target, Tracker, TrackerConfig,
+    HEADROOM, OUR_WSCALE, SYN_WINDOW, ConnectionRecord, Listener, Pending, Refused, Resolver, Target, Tracker,
+    TrackerConfig,
 )
 
 log = logging.getLogger("kracauer")
@@ -88,8 +90,21 @@ def tracker_listeners(config: Config) -> list[Listener]:
     ]
 
 
-def build_resolver(config: Config) -> Resolver:
-    """(listener, decision) → target over the config's routes; tcp listeners have fixed hosts."""
+# Shared Targets kept for resolve routes, whose host sets change with the answers: past this many, start afresh.
+MAX_SHARED_TARGETS = 4096
+
+
+def has_resolve_routes(config: Config) -> bool:
+    return any(route.resolve for route in config.routes)
+
+
+def build_resolver(config: Config, names: NameResolver | None = None) -> Resolver:
+    """(listener, decision) → target over the config's routes; tcp listeners have fixed hosts.
+
+    A resolve route's hosts come from `names` (kracauer.resolver): a cached
+    answer gives the Target (or a Refused), no answer yet starts a lookup and
+    gives Pending(name); the daemon calls Tracker.resume(name) when it is in.
+    """
     tcp_targets = {
         (lst.address.packed, lst.port): Target(lst.hosts[0].packed, lst.port, "listener",
                                                tuple(h.packed for h in lst.hosts))
@@ -106,13 +121,31 @@ def build_resolver(config: Config) -> Resolver:
         target = router.lookup(decision.name, port, decision.alpn)
         if target is None:
             return None
-        # One Target per (route, port), shared by all its connections: less memory per connection.
-        key = (target.route, target.port, target.hosts)
-        shared = cache.get(key)
-        if shared is None:
-            shared = cache[key] = Target(target.host.packed, target.port, target.route,
-                                         tuple(h.packed for h in target.hosts))
-        return shared
+        if isinstance(target, Resolve):
+            return resolved(target)
+        return shared(target.route, target.port, target.hosts)
+
+    def shared(route: str, port: int, hosts: tuple[ipaddress.IPv6Address, ...]) -> Target:
+        # One Target per (route, port, hosts), shared by all its connections: less memory per connection.
+        key = (route, port, hosts)
+        target = cache.get(key)
+        if target is None:
+            if len(cache) >= MAX_SHARED_TARGETS:
+                cache.clear()
+            target = cache[key] = Target(hosts[0].packed, port, route, tuple(h.packed for h in hosts))
+        return target
+
+    def resolved(wanted: Resolve) -> Target | Pending | Refused:
+        if names is None:
+            return Refused(REFUSED_ERROR)
+        answer = names.cached(wanted.name)
+        if answer is None:
+            names.request(wanted.name)
+            return Pending(wanted.name)
+        hosts = hosts_for(answer, wanted.networks)
+        if isinstance(hosts, str):
+            return Refused(hosts)
+        return shared(wanted.route, wanted.port, hosts)
 
     return resolve
 
@@ -145,9 +178,9 @@ def tracker_config(config: Config, workers: int = 1) -> TrackerConfig:
 
 
 def build_tracker(config: Config, random32: Callable[[], int] | None = None,
-                  cookie_secret: bytes | None = None) -> Tracker:
+                  cookie_secret: bytes | None = None, names: NameResolver | None = None) -> Tracker:
     """A tracker for `config`: its listeners, and a resolver over its routes."""
-    return Tracker(tracker_config(config), tracker_listeners(config), build_resolver(config),
+    return Tracker(tracker_config(config), tracker_listeners(config), build_resolver(config, names),
                    random32 or RandomPool(), cookie_secret=cookie_secret)
 
 
@@ -333,7 +366,10 @@ class Daemon:
     def __init__(self, config: Config, *, keep_tun: bool = True, notifier: Notifier | None = None) -> None:
         self.config = config
         self.cookie_secret = new_cookie_secret()
-        self.tracker = build_tracker(config, cookie_secret=self.cookie_secret)
+        # Route by DNS (kracauer.resolver): made with the first resolve route, its thread on first lookup.
+        self.names: NameResolver | None = None
+        self._names_for(config)
+        self.tracker = build_tracker(config, cookie_secret=self.cookie_secret, names=self.names)
         self.tun: Tun | None = None
         self.kernel: KernelPath | None = None
         # With no kernel path this time: the map an earlier kracauer pinned, and where.
@@ -346,6 +382,8 @@ class Daemon:
         self.persist = config.state is not None and keep_tun
         self.notifier = notifier if notifier is not None else Notifier()
         self.metrics: Metrics | None = Metrics(self.tracker) if config.metrics is not None else None
+        if self.metrics is not None:
+            self.metrics.dns_cache_entries.set_function(lambda: len(self.names) if self.names is not None else 0)
         self.access_log: AccessLog | None = None
         self.restored = 0
         self._restored_from: list[str] = []
@@ -360,6 +398,8 @@ class Daemon:
         self._extra_fds: dict[int, Callable[[], None]] = {}
         # The asyncio thread for socket work (kracauer.services), started by the first part that needs it.
         self.services: Services | None = None
+        # The running loop's poller: a services thread started later (a reload) registers its pipe in it.
+        self._loop_poller: select.epoll | None = None
 
     # -- start and stop ------------------------------------------------------
 
@@ -418,7 +458,36 @@ class Daemon:
             self.services = Services()
             self.services.start()
             self._extra_fds[self.services.wake_fd] = self.services.run_posted
+            if self._loop_poller is not None:
+                self._loop_poller.register(self.services.wake_fd, select.EPOLLIN)
         return self.services
+
+    # -- route by DNS ------------------------------------------------------------------
+
+    def _names_for(self, config: Config) -> NameResolver | None:
+        """The resolver for `config`'s resolve routes: the running one, or a new one when
+        ``[resolver]`` changed (its cache starts empty; lookups in flight still re-drive their
+        connections, which then ask the new one)."""
+        if not has_resolve_routes(config):
+            return self.names
+        if self.names is None or self.names.settings != config.resolver:
+            self.names = NameResolver(config.resolver, self._use_services, self._names_answered,
+                                      count=self._count_lookup, hit=self._count_cache_hit)
+        return self.names
+
+    def _names_answered(self, name: str) -> None:
+        """On the packet loop: a lookup is done; the connections waiting for it go on."""
+        if self.tun is None or self.tun.fd < 0:
+            return
+        self._write(self.tun.fd, self.tracker.resume(name, time.monotonic()))
+
+    def _count_lookup(self, outcome: str) -> None:
+        if self.metrics is not None and hasattr(self.metrics, "dns_lookups"):
+            self.metrics.dns_lookups.labels(outcome).inc()
+
+    def _count_cache_hit(self) -> None:
+        if self.metrics is not None and hasattr(self.metrics, "dns_cache_hits"):
+            self.metrics.dns_cache_hits.inc()
 
     def _stop_services(self) -> None:
         if self.services is not None:
@@ -758,7 +827,7 @@ class Daemon:
         if new.log.access != self.config.log.access:
             access_log = self._open_access_log(new.log.access) if new.log.access is not None else None
         try:
-            self.tracker.reconfigure(self._tracker_config(new), build_resolver(new))
+            self.tracker.reconfigure(self._tracker_config(new), build_resolver(new, self._names_for(new)))
         except ValueError as exc:  # the checks above should have caught it
             log.error("reload refused, the running configuration stays: %s", exc)
             if access_log is not self.access_log and access_log is not None:
@@ -789,7 +858,7 @@ class Daemon:
     def _loop(self, wake_fd: int) -> None:
         tun_fd = self.tun.fd
         tracker = self.tracker
-        poller = select.epoll()
+        poller = self._loop_poller = select.epoll()
         poller.register(tun_fd, select.EPOLLIN)
         poller.register(wake_fd, select.EPOLLIN)
         for fd in self._extra_fds:
@@ -825,6 +894,7 @@ class Daemon:
                     self.notifier.watchdog()
                     self._next_watchdog = now + self.notifier.watchdog_interval
         finally:
+            self._loop_poller = None
             poller.close()
 
     def _after_poll(self) -> None:

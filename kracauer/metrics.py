@@ -109,6 +109,14 @@ class Metrics:
                                   buckets=DURATION_BUCKETS, registry=registry)
         self.restored = Gauge("kracauer_restored_connections",
                               "Connections restored from the state file at start", registry=registry)
+        # Route by DNS (kracauer.resolver): counted on the services thread (prometheus_client locks).
+        self.dns_lookups = Counter("kracauer_dns_lookups", "AAAA lookups sent for resolve routes, by outcome "
+                                   "(answer, nxdomain, nodata, timeout, error)", ["outcome"], registry=registry)
+        self.dns_cache_hits = Counter("kracauer_dns_cache_hits", "Resolve-route names answered from the cache",
+                                      registry=registry)
+        # Its value is read at scrape time (the daemon sets the function).
+        self.dns_cache_entries = Gauge("kracauer_dns_cache_entries", "Names in the resolver's cache",
+                                       registry=registry)
         for direction in ("to_host", "to_client"):
             self.bytes.labels(direction)
             self.packets.labels(direction)

@@ -34,6 +34,11 @@ matching (exact, wildcard, regex); then the routes without ``alpn``.
 in file order and the tracker picks one per client address (rendezvous
 hashing) and fails over to the others.
 
+**Resolve routes.** A route with ``resolve = true`` has no hosts of its own:
+``lookup`` returns a ``Resolve`` for it (the name to look up, the port, and
+the networks the AAAA addresses must lie in), and the caller looks the name
+up (kracauer.resolver) and makes the Target from the answer.
+
 A route without a port uses the listener's port. ``Target.route`` says which
 rule matched: the route's name as written, ``"fallback"``, or ``"listener"``
 (set by the daemon for tcp listeners, which do not go through the router).
@@ -49,7 +54,7 @@ from typing import Sequence
 
 from kracauer.config import Fallback, Route
 
-__all__ = ["Router", "Target", "normalize_name"]
+__all__ = ["Resolve", "Router", "Target", "normalize_name"]
 
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
@@ -82,6 +87,16 @@ class Target:
             object.__setattr__(self, "hosts", (self.host,))
 
 
+@dataclass(frozen=True)
+class Resolve:
+    """A resolve route matched: the hosts are `name`'s AAAA records inside `networks`."""
+
+    name: str           # the client's name, normalized: what is looked up
+    port: int
+    route: str          # the route's name as written
+    networks: tuple[ipaddress.IPv6Network, ...]
+
+
 class Router:
     """Name → Target look-ups over the routes of a configuration."""
 
@@ -109,8 +124,9 @@ class Router:
                 self._exact.setdefault(name, route)
         self._fallback = fallback
 
-    def lookup(self, name: str | None, port: int, alpn: Sequence[str] = ()) -> Target | None:
-        """The target for ``name`` (and the ALPN protocols offered) on a listener with ``port``, or None to refuse."""
+    def lookup(self, name: str | None, port: int, alpn: Sequence[str] = ()) -> Target | Resolve | None:
+        """The target for ``name`` (and the ALPN protocols offered) on a listener with ``port``, or None to refuse;
+        a ``Resolve`` for a resolve route."""
         if name is not None:
             name = normalize_name(name)
         if name:
@@ -124,12 +140,26 @@ class Router:
             if route is None:
                 route = self._match(name)
             if route is not None:
+                if route.resolve:
+                    return Resolve(name, route.port if route.port is not None else port, route.name, route.networks)
                 return Target(route.host, route.port if route.port is not None else port, route.name, route.hosts)
         fallback = self._fallback
         if fallback is None:
             return None
         return Target(fallback.host, fallback.port if fallback.port is not None else port, "fallback",
                       fallback.hosts)
+
+    @property
+    def resolves(self) -> bool:
+        """Whether some route is a resolve route (and so needs kracauer.resolver)."""
+        return any(r.resolve for r in self._all_routes())
+
+    def _all_routes(self):
+        yield from self._exact.values()
+        yield from self._wildcards.values()
+        yield from (route for _, route in self._regexes)
+        for router in self._alpn.values():
+            yield from router._all_routes()
 
     def _match(self, name: str) -> Route | None:
         route = self._exact.get(name)

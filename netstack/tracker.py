@@ -7,7 +7,9 @@ to run. The clock and the random source are the caller's.
 One connection, as ../shared/DESIGN.md describes it:
 
     PEEKING     kracauer answered the client's SYN with its own ISN k and
-                buffers the first bytes unacknowledged until the name is known.
+                buffers the first bytes unacknowledged until the name is known
+                and, for a name whose hosts are looked up (the resolver
+                answered ``Pending``), until ``resume`` brings the answer.
     CONNECTING  a route was chosen; kracauer sent the host a SYN from
                 prefix::client with the client's ISN c and options.
     ESTABLISHED the host answered (ISN h): delta = h - k; the buffered bytes
@@ -28,7 +30,7 @@ import heapq
 import ipaddress
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Hashable, Iterable, Mapping
 
 from netstack import connect, http, tls
 from netstack.checksum import is_valid, ones_sum, update
@@ -115,8 +117,17 @@ REFUSALS = {
     ("connect", "host_refused"): connect.BAD_GATEWAY,
     ("connect", "host_unreachable"): connect.BAD_GATEWAY,
 }
+# A name whose hosts were looked up (route by DNS) and none came back is refused
+# as an unknown name is; the outcome says why, for operators.
+UNRESOLVED_OUTCOMES = ("refused_unresolved", "refused_outside_networks", "refused_resolver_timeout",
+                       "refused_resolver_error")
+for _protocol in ("tls", "http", "connect"):
+    for _outcome in UNRESOLVED_OUTCOMES:
+        REFUSALS[(_protocol, _outcome)] = REFUSALS[(_protocol, "refused_unknown_name")]
 # How often kracauer's 200 to a CONNECT is sent before the client is given up on.
 ANSWER_TRIES = 5
+
+_NOT_WAITING = object()
 
 # Bytes a frame buffer must leave free before a packet: an IPv4 header of 20
 # bytes becomes an IPv6 header of 40, and a vnet header goes before it.
@@ -150,8 +161,24 @@ class Target:
             object.__setattr__(self, "hosts", (self.host,))
 
 
-# (listener, decision) -> target, or None to refuse the name.
-Resolver = Callable[[Listener, Decision], "Target | None"]
+@dataclass(frozen=True, slots=True)
+class Pending:
+    """The resolver is still finding the hosts (a DNS lookup for `key`): the connection waits in
+    PEEKING, its hello unacknowledged, until the caller's ``Tracker.resume(key, now)``."""
+
+    key: Hashable
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """The resolver found no host for the name: refused as an unknown name, with this outcome
+    (one of UNRESOLVED_OUTCOMES)."""
+
+    outcome: str
+
+
+# (listener, decision) -> target, None to refuse the name, Pending to wait, Refused to refuse with a reason.
+Resolver = Callable[[Listener, Decision], "Target | Pending | Refused | None"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,6 +358,9 @@ class Tracker:
         # and how many of them have not completed the handshake.
         self.peeking: dict[bytes, Connection] = {}
         self.half_open = 0
+        # Connections waiting for the resolver (Pending), by its key, and each one's key by client key.
+        self.waiting: dict[Hashable, dict[bytes, Connection]] = {}
+        self._waiting_on: dict[bytes, Hashable] = {}
         # The SYN cookie secret: the caller's, so that the BPF program on the TUN (and
         # other workers) make and accept the same cookies; else one of our own.
         if cookie_secret is None:
@@ -530,6 +560,13 @@ class Tracker:
     def _leave_peeking(self, conn: Connection) -> None:
         if self.peeking.pop(conn.client_key, None) is not None and not conn.acked:
             self.half_open -= 1
+        key = self._waiting_on.pop(conn.client_key, _NOT_WAITING)
+        if key is not _NOT_WAITING:
+            group = self.waiting.get(key)
+            if group is not None:
+                group.pop(conn.client_key, None)
+                if not group:
+                    del self.waiting[key]
 
     # RFC 4987 §3.6: past syn_backlog half-open handshakes, answer with a SYN
     # cookie and keep nothing; the client's ACK brings the state back.
@@ -712,6 +749,12 @@ class Tracker:
             conn.client_fin_offset = offset + len(payload)
         if conn.state == CONNECTING:
             return self._absorb("hello_buffered")
+        if conn.decision is not None:
+            # Routed by name already and waiting for the resolver: nothing to do until it answers
+            # (a connection restored from a state file while it waited asks again here).
+            if conn.client_key in self._waiting_on:
+                return self._absorb("hello_buffered_resolving")
+            return self._route(conn, now)
         out = self._peek(conn, now)
         if repeated and not out and conn.state == PEEKING and conn.hello.contiguous:
             return [self._ack_held_hello(conn, now)]
@@ -789,7 +832,40 @@ class Tracker:
         target = self.resolve(conn.listener, conn.decision)
         if target is None:
             return self._refuse(conn, now, conn.decision.unrouted)
+        if isinstance(target, (Pending, Refused)):
+            return self._unresolved(conn, target, now)
         return self._bind(conn, target, now)
+
+    # ------------------------------------------------------ waiting for hosts
+    #
+    # ../shared/design/bridge.md, "Route by DNS": a route's hosts may come from a
+    # lookup that must not block the caller's loop. The resolver then answers
+    # Pending(key); the connection stays in PEEKING with its hello buffered and
+    # unacknowledged (as while the hello arrives: the client keeps it for a
+    # retransmission, the hello timeout still runs), grouped with the others
+    # waiting for that key. When the caller has the answer it calls
+    # resume(key, now), and each of them is routed again.
+
+    def _unresolved(self, conn: Connection, result: Pending | Refused, now: float) -> list[bytearray]:
+        if isinstance(result, Refused):
+            return self._refuse(conn, now, result.outcome)
+        key = result.key
+        self.waiting.setdefault(key, {})[conn.client_key] = conn
+        self._waiting_on[conn.client_key] = key
+        self.events["waiting_for_resolver"] += 1
+        return self._absorb("hello_buffered_resolving")
+
+    def resume(self, key: Hashable, now: float) -> list[bytearray]:
+        """The resolver has the answer for `key`: route the connections that wait for it."""
+        group = self.waiting.pop(key, None)
+        if not group:
+            return []
+        out: list[bytearray] = []
+        for conn in group.values():
+            self._waiting_on.pop(conn.client_key, None)
+            if conn.state == PEEKING:
+                out.extend(self._route(conn, now))
+        return out
 
     # ---------------------------------------------------- the explicit proxy
     #
@@ -828,6 +904,8 @@ class Tracker:
         target = self.resolve(conn.listener, conn.decision)
         if target is None:
             return self._refuse(conn, now, conn.decision.unrouted)
+        if isinstance(target, (Pending, Refused)):
+            return self._unresolved(conn, target, now)
         self._consume_head(conn)
         return self._bind(conn, target, now)
 

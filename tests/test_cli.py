@@ -216,3 +216,15 @@ def test_python_dash_m_kracauer_check_config_exit_status(tmp_path):
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.startswith(f"kracauer: {bad}:1:")
+
+
+def test_check_config_lists_routes_by_dns_with_their_networks_and_servers(tmp_path, capsys):
+    path = tmp_path / "k.toml"
+    path.write_text(MINIMAL + '\n[[route]]\nname = "*.service.example.com"\nresolve = true\n'
+                    'networks = ["2001:db8:100::/48"]\n\n[resolver]\nservers = ["2001:db8::53", "192.0.2.53:5353"]\n')
+    assert main(["check-config", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"{path}: OK (1 listener, 1 route, fallback: yes)"
+    assert out[1] == ("  1 route by DNS (AAAA records, looked up when the hello arrives) via "
+                      "[2001:db8::53]:53, 192.0.2.53:5353:")
+    assert out[2] == "    *.service.example.com: hosts inside 2001:db8:100::/48"

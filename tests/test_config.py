@@ -749,3 +749,16 @@ def test_python_syn_rate_defaults_to_1000_and_0_is_allowed():
 def test_python_syn_rate_must_be_an_integer_in_range(value):
     message = error(MINIMAL + f"\n[kernel_path]\npython_syn_rate = {value}\n")
     assert "kernel_path.python_syn_rate" in message and "expected an integer from 0 to 16777216" in message
+
+
+def test_example_files_commented_out_resolve_route_and_resolver_are_valid_when_uncommented():
+    text = EXAMPLE.read_text()
+    block = re.search(r"^# \[\[route\]\]\n(?:# \w+ = .*\n)+#\n(?:# .*\n)+", text, re.M)
+    assert block is not None and "resolve = true" in block[0] and "[resolver]" in block[0]
+    uncommented = "\n".join(line[2:] for line in block[0].splitlines() if line.startswith("# ") and
+                            ("=" in line or line.startswith("# [")))
+    config = parse(text.replace(block[0], uncommented + "\n"))
+    [route] = [r for r in config.routes if r.resolve]
+    assert route.networks == (ipaddress.IPv6Network("2001:db8:100::/48"),)
+    assert config.resolver.servers == ((V6("2001:db8::53"), 53), (V4("192.0.2.53"), 5353))
+    assert (config.resolver.timeout, config.resolver.attempts, config.resolver.max_ttl) == (2.0, 2, 3600)
