@@ -39,7 +39,7 @@ from netstack.tracker import TrackerConfig
 from kracauer.privileges import drop_privileges
 from kracauer.systemd import Notifier
 from kracauer.tun import Tun
-from kracauer.workers import HEALTH, LOG, METRICS, READY, RELOAD, RELOADED, STATUS, Channel, TableCounts
+from kracauer.workers import HEALTH, LOG, METRICS, QUIC_CID, READY, RELOAD, RELOADED, STATUS, Channel, TableCounts
 from netstack.state import adopt
 from netstack.steer import flow_key_owner
 from netstack.syncookie import BLAKE2S, SynCookies
@@ -130,6 +130,8 @@ class Worker(Daemon):
         tracker.reconfigure(self._tracker_config(config), tracker.resolve)
         tracker.queue, tracker.queues = setup.index, setup.count
         tracker.health_changes = []
+        if tracker.udp is not None:
+            tracker.udp.cid_changes = []
         tracker.cookies = SynCookies(bytes.fromhex(setup.secret))
         self._extra_fds[channel.fileno()] = self._on_channel
         self.save_failed = False
@@ -258,6 +260,12 @@ class Worker(Daemon):
         return None  # the supervisor reads the kernel path's counters
 
     def _after_poll(self) -> None:
+        udp = self.tracker.udp
+        if udp is not None and udp.cid_changes:
+            # Sent at once, not with the next tick: a client may rebind soon after its handshake.
+            for cid, flow in udp.cid_changes:
+                self.channel.send_json(QUIC_CID, udp.export_cid(cid, flow))
+            udp.cid_changes.clear()
         index = self.setup.index
         self.counts.set(index, len(self.tracker.clients))
         self.tracker.elsewhere = self.counts.others(index)
@@ -292,6 +300,9 @@ class Worker(Daemon):
             for kind, payload in self.channel.receive():
                 if kind == RELOAD:
                     self._reload_from(json.loads(payload))
+                elif kind == QUIC_CID:
+                    if self.tracker.udp is not None:
+                        self.tracker.udp.learn_remote(json.loads(payload))
                 elif kind == HEALTH:
                     host, port, fails, until = json.loads(payload)
                     key = (bytes.fromhex(host), port)
