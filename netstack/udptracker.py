@@ -183,7 +183,7 @@ class UdpTracker:
             return self._peek(flow, ip, data[UDP_HEADER_LEN:udp.length], now)
         listener = self.listeners.get(ip.dst + data[2:4].tobytes())
         if listener is None:
-            return self._drop("not_listener")
+            return self._drop("no_listener")
         payload = data[UDP_HEADER_LEN:udp.length]
         if payload and not payload[0] & LONG_HEADER_BIT:
             return self._short_header(listener, key, ip, udp, payload, now)
@@ -202,8 +202,8 @@ class UdpTracker:
         if len(self.peeking) >= config.udp_max_peeking:
             # As for TCP: the oldest peeking flow makes room (a slow or stuck client).
             oldest = next(iter(self.peeking.values()))
-            self._finish(oldest, "peek_evicted", now)
-            self.tracker.events["udp_peeking_evicted"] += 1
+            self._finish(oldest, "evicted_while_peeking", now)
+            self.tracker.events["peeking_evicted"] += 1
         flow = UdpFlow(listener, ip.src, _U16.unpack_from(key, 8)[0], key, now)
         flow.reader = reader
         self.flows[key] = flow

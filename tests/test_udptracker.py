@@ -259,7 +259,7 @@ def test_udp_to_no_listener_and_short_headers_of_no_flow_are_dropped():
     assert tracker.receive(stray, 1.0) == []
     assert tracker.receive(from_client(b"\x40" + b"q" * 40), 1.0) == []
     assert tracker.receive(from_host(b"\x40abc"), 1.0) == []
-    assert (tracker.drops["not_listener"], tracker.drops["quic_no_flow"], tracker.drops["no_connection"]) == (1, 1, 1)
+    assert (tracker.drops["no_listener"], tracker.drops["quic_no_flow"], tracker.drops["no_connection"]) == (1, 1, 1)
 
 
 def test_a_tcp_syn_to_the_quic_port_goes_to_the_tls_listener_not_the_quic_one():
@@ -336,7 +336,7 @@ def test_past_udp_max_peeking_the_oldest_peeking_flow_goes():
     tracker.receive(from_client(CHROMIUM[0], sport=1000), 1.0)
     tracker.receive(from_client(CHROMIUM[0], sport=1001), 1.1)
     assert list(f.client_port for f in tracker.udp.flows.values()) == [1001]
-    assert tracker.events["udp_peeking_evicted"] == 1 and tracker.records[0].outcome == "peek_evicted"
+    assert tracker.events["peeking_evicted"] == 1 and tracker.records[0].outcome == "evicted_while_peeking"
 
 
 def test_udp_peek_max_datagrams_and_bytes_refuse_a_hello_that_needs_more():
