@@ -49,7 +49,7 @@ def bad_config_file(tmp_path):
 def test_check_config_ok_prints_a_summary_and_exits_0(capsys):
     assert main(["check-config", str(EXAMPLE)]) == 0
     out, err = capsys.readouterr()
-    assert out == f"{EXAMPLE}: OK (3 listeners, 2 routes, fallback: yes)\n"
+    assert out == f"{EXAMPLE}: OK (4 listeners, 2 routes, fallback: yes)\n"
     assert err == ""
 
 

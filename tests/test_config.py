@@ -68,6 +68,7 @@ def test_example_file_loads_with_the_documented_values():
         listeners=(
             Listener(V4("192.0.2.10"), 443, "tls"),
             Listener(V4("192.0.2.10"), 80, "http"),
+            Listener(V4("192.0.2.10"), 443, "quic"),
             Listener(V4("192.0.2.10"), 22, "tcp", V6("2001:db8::22")),
         ),
         routes=(
@@ -94,6 +95,7 @@ def test_example_file_documents_the_optional_limits_commented_out():
     assert re.search(r"^# connect_timeout = 10\.0$", text, re.M)
     assert re.search(r"^# idle_timeout = 7440\.0$", text, re.M)
     assert re.search(r"^# host_try_timeout = 3\.0$", text, re.M)
+    assert re.search(r"^# udp_idle_timeout = 60\.0$", text, re.M)
 
 
 # -- defaults and types ---------------------------------------------------------
