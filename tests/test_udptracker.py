@@ -523,3 +523,42 @@ def test_a_rebinding_learnt_by_another_worker_reaches_the_same_host():
     pkt = parse(out)
     assert (pkt.src, pkt.dst, pkt[UDP].sport, pkt[UDP].dport) == (CLIENT6, HOST_WWW, 62000, 443)
     assert two.events["quic_rebinding"] == 1
+
+
+# ============================================================ properties
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@given(payloads=st.lists(st.binary(max_size=1400) | st.sampled_from(CHROMIUM[:1] + [b"\x40" * 30, b"\xc0" * 1300]),
+                         max_size=6),
+       host_payloads=st.lists(st.binary(max_size=200), max_size=3))
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_nothing_is_forwarded_for_datagrams_that_carry_no_whole_hello(payloads, host_payloads):
+    """Whatever a client sends short of a whole ClientHello, and whatever a host sends to a client of
+    no bound flow, nothing leaves kracauer (never an open relay)."""
+    tracker = make_tracker()
+    for i, payload in enumerate(payloads):
+        assert tracker.receive(from_client(payload, sport=1000 + i % 2), 1.0 + i) == []
+    for payload in host_payloads:
+        assert tracker.receive(from_host(payload, dport=1000), 9.0) == []
+    tracker.on_timer(100.0)
+    assert not tracker.udp.flows and not tracker.udp.hosts and not tracker.udp.peeking
+
+
+@given(sizes=st.lists(st.integers(0, 1400), min_size=1, max_size=8), tos=st.integers(0, 255),
+       ttl=st.integers(2, 255), zero=st.booleans())
+@settings(max_examples=100, deadline=None)
+def test_every_bound_datagram_keeps_its_payload_and_gets_a_valid_checksum(sizes, tos, ttl, zero):
+    tracker = make_tracker()
+    decided_flow(tracker)
+    for n, size in enumerate(sizes):
+        payload = bytes((n + i) & 0xFF for i in range(size))
+        (up,) = tracker.receive(from_client(payload, tos=tos, ttl=ttl, checksum=0 if zero else None), 2.0)
+        pkt = parse(up)
+        assert (bytes(pkt[UDP].payload), pkt.tc, pkt.hlim, pkt[UDP].len) == (payload, tos, ttl - 1, size + 8)
+        (down,) = tracker.receive(from_host(payload, tc=tos, hlim=ttl), 2.0)
+        pkt = parse(down)
+        assert (bytes(pkt[UDP].payload), pkt.tos, pkt.ttl) == (payload, tos, ttl - 1)
