@@ -189,6 +189,22 @@ def test_a_client_datagram_without_checksum_gets_one_for_ipv6():
     assert parse(up)[UDP].chksum != 0
 
 
+def test_a_corrupted_datagram_stays_detectably_corrupted():
+    """RFC 1624 updates keep a wrong checksum wrong: the receiving stack drops what the path corrupted."""
+    from netstack.checksum import ones_sum
+    tracker = make_tracker()
+    decided_flow(tracker)
+    good = bytearray(from_client(b"\x40" + b"k" * 60))
+    bad = bytearray(good)
+    bad[40] ^= 0x01  # a payload bit flipped after the client computed the checksum
+    for packet, valid in ((good, True), (bad, False)):
+        (out,) = tracker.receive(bytes(packet), 2.0)
+        pkt = IPv6(out)
+        datagram = bytes(pkt[UDP])
+        total = ones_sum(V6(pkt.src).packed + V6(pkt.dst).packed) + len(datagram) + 17 + ones_sum(datagram)
+        assert (total % 0xFFFF == 0) is valid
+
+
 def test_a_host_datagram_with_a_zero_checksum_is_dropped():
     tracker = make_tracker()
     decided_flow(tracker)
@@ -562,3 +578,57 @@ def test_every_bound_datagram_keeps_its_payload_and_gets_a_valid_checksum(sizes,
         (down,) = tracker.receive(from_host(payload, tc=tos, hlim=ttl), 2.0)
         pkt = parse(down)
         assert (bytes(pkt[UDP].payload), pkt.tos, pkt.ttl) == (payload, tos, ttl - 1)
+
+
+HOST_CID = bytes(range(1, 9))
+HOST_HANDSHAKE = bytes([0xE0]) + (1).to_bytes(4, "big") + bytes([4]) + b"dcid" + bytes([8]) + HOST_CID + bytes(30)
+
+
+@st.composite
+def hostile(draw):
+    """A datagram or ICMP error around a bound flow whose host CID is known."""
+    kind = draw(st.sampled_from(["client", "rebound", "host", "icmp4", "icmp6", "raw"]))
+    payload = draw(st.binary(max_size=300))
+    sport = draw(st.sampled_from([50000, 50001, 61000]))
+    if kind == "client":
+        # (A wrong checksum stays wrong: test_a_corrupted_datagram_stays_detectably_corrupted.)
+        return from_client(payload, sport=sport, ttl=draw(st.integers(0, 255)),
+                           checksum=draw(st.sampled_from([None, 0])))
+    if kind == "rebound":
+        return from_client(b"\x40" + HOST_CID[:draw(st.integers(0, 8))] + payload, sport=sport,
+                           client=draw(st.sampled_from([CLIENT, CLIENT_B])))
+    if kind == "host":
+        return from_host(payload, dport=sport, hlim=draw(st.integers(0, 255)),
+                         checksum=draw(st.sampled_from([None, 0])))
+    if kind == "icmp4":
+        quote = bytes(IP(src=SERVICE, dst=CLIENT) / UDP(sport=443, dport=sport) / Raw(payload))
+        return bytes(IP(src=ROUTER4, dst=SERVICE) / ICMP(type=draw(st.sampled_from([3, 11, 12])),
+                                                        code=draw(st.integers(0, 15)), nexthopmtu=1300)
+                     / Raw(quote[:draw(st.integers(0, len(quote)))]))
+    if kind == "icmp6":
+        quote = bytes(IPv6(src=CLIENT6, dst=HOST_WWW) / UDP(sport=sport, dport=443) / Raw(payload))
+        return bytes(IPv6(src="2001:db8::1", dst=CLIENT6) / ICMPv6PacketTooBig(mtu=draw(st.integers(0, 2**32 - 1)))
+                     / Raw(quote[:draw(st.integers(0, len(quote)))]))
+    return draw(st.binary(min_size=1, max_size=80))
+
+
+@given(packets=st.lists(hostile(), max_size=12), vnet=st.booleans())
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_hostile_datagrams_around_a_bound_flow_get_only_well_formed_answers_and_leave_nothing(packets, vnet):
+    tracker = make_tracker(vnet=vnet)
+    frame = (lambda p: PLAIN + p) if vnet else (lambda p: p)
+    for d in AIOQUIC:
+        tracker.receive(frame(from_client(d)), 1.0)
+    tracker.receive(frame(from_host(HOST_HANDSHAKE)), 1.1)
+    for n, packet in enumerate(packets):
+        for out in tracker.receive(frame(packet), 2.0 + n):
+            pkt = parse(out[VNET_HEADER_LEN:] if vnet else out)
+            if pkt.version == 6:
+                assert pkt.dst == HOST_WWW and pkt.src in (CLIENT6, CLIENT_B6, str(V6(PREFIX + V4(ROUTER4).packed)))
+            else:
+                assert pkt.src == SERVICE and pkt.dst in (CLIENT, CLIENT_B)
+        flows = {id(f) for f in tracker.udp.flows.values()}
+        assert all(id(f) in flows for f in tracker.udp.hosts.values())
+        assert all(id(f) in flows for f in tracker.udp.cids.values())
+    tracker.on_timer(1e7)
+    assert not tracker.udp.flows and not tracker.udp.hosts and not tracker.udp.cids and not tracker.udp.peeking
