@@ -632,3 +632,17 @@ def test_hostile_datagrams_around_a_bound_flow_get_only_well_formed_answers_and_
         assert all(id(f) in flows for f in tracker.udp.cids.values())
     tracker.on_timer(1e7)
     assert not tracker.udp.flows and not tracker.udp.hosts and not tracker.udp.cids and not tracker.udp.peeking
+
+
+def test_a_reload_routes_new_flows_anew_and_bound_flows_keep_their_host():
+    tracker = make_tracker()
+    decided_flow(tracker, sport=1000)
+    tracker.reconfigure(TrackerConfig(prefix=PREFIX, udp_idle_timeout=5.0),
+                        lambda lst, dec: Target(V6(HOST_ORG).packed, 443, "moved"))
+    (old,) = tracker.receive(from_client(b"\x40" * 20, sport=1000), 2.0)
+    (new,) = decided_flow(tracker, sport=1001)
+    assert (parse(old).dst, parse(new).dst) == (HOST_WWW, HOST_ORG)
+    tracker.on_timer(7.5)  # the new idle timeout: the new flow's now, the old one's at its old deadline
+    assert [f.client_port for f in tracker.udp.flows.values()] == [1000]
+    tracker.on_timer(61.0)
+    assert not tracker.udp.flows
