@@ -1,5 +1,9 @@
 """UDP flows of quic listeners: QUIC routed by the SNI in its Initial packets (../shared/design/quic.md).
 
+QUIC v1 (RFC 9000, RFC 9001) and v2 (RFC 9369); the Initials are read by
+``netstack.quic``, the datagrams rewritten by ``netstack.udp`` (RFC 768, RFC
+7915, RFC 8200 §8.1).
+
 Sans-I/O like the TCP tracker, and part of it: ``Tracker`` hands this module
 the UDP datagrams and the ICMP errors about them (``netstack.tracker`` does
 the frame handling, the vnet header and the dispatch by protocol), and it
