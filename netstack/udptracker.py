@@ -54,7 +54,9 @@ from netstack.icmp import icmp4_to_icmp6, icmp6_to_icmp4
 from netstack.checksum import ones_sum, update
 from netstack.ip import IPV4_HEADER_LEN, IPV6_HEADER_LEN, IPv4Header, IPv6Header, build_ipv4_header, build_ipv6_header
 from netstack.peek import NEED_DATA, Decision, NotProtocol
-from netstack.quic import LONG_HEADER_BIT, InitialReader, long_header_cids, short_header_dcid
+from netstack.quic import (
+    LONG_HEADER_BIT, NOT_INITIAL, TYPE_BITS, VERSION_1, VERSION_2, InitialReader, long_header_cids, short_header_dcid,
+)
 from netstack.udp import PROTO_UDP, UDP_CSUM_OFFSET, UDP_HEADER, UDP_HEADER_LEN, UdpHeader, build_datagram, to_client, to_host, udp_checksum
 from netstack.vnet import F_NEEDS_CSUM, GSO_NONE, PLAIN, VNET_HEADER, VNET_HEADER_LEN
 
@@ -70,8 +72,10 @@ STATE_NAMES = ("PEEKING", "BOUND", "GONE")
 MAX_CIDS_PER_FLOW = 4
 # Bindings other workers learnt (a rebinding client may steer to any worker); oldest dropped past this.
 MAX_REMOTE_CIDS = 65536
-# Datagrams held while a flow waits for the resolver (its hello was whole).
+# Datagrams held while a flow waits for the resolver (its hello was whole), and 0-RTT datagrams held.
 MAX_HELD_WAITING = 16
+# The long-header Packet Type of 0-RTT: RFC 9000 §17.2 (v1: 0b01), RFC 9369 §3.2 (v2: 0b10).
+ZERO_RTT_TYPES = {VERSION_1: 0b01, VERSION_2: 0b10}
 _U16 = struct.Struct("!H")
 
 
@@ -223,13 +227,30 @@ class UdpTracker:
                 return self._drop("quic_held_full")
             flow.held.append((bytes(payload), ip.ttl, ip.tos))
             return self._absorb("quic_held_resolving")
-        result = flow.reader.feed(payload)
+        reader = flow.reader
+        result = reader.feed(payload)
         if isinstance(result, NotProtocol):
             self._finish(flow, "not_quic", now)
             return self._drop("quic_bad_hello")
         if result is not NEED_DATA and not isinstance(result, Decision):
+            if result.reason == NOT_INITIAL and self._is_0rtt(reader, payload) and len(flow.held) < MAX_HELD_WAITING:
+                # RFC 9001 §4.6.1: 0-RTT packets of this connection, in datagrams of their own: held
+                # with the Initials (never read: their keys are the client's and the host's) and
+                # sent after them, so that the host need not wait for their retransmission.
+                flow.held.append((bytes(payload), ip.ttl, ip.tos))
+                return self._absorb("quic_0rtt_held")
             return self._drop(_reason(result.reason))
         return self._held(flow, ip, payload, result, now)
+
+    @staticmethod
+    def _is_0rtt(reader: InitialReader, payload: memoryview) -> bool:
+        """A 0-RTT long header (RFC 9000 §17.2.3; RFC 9369 §3.2 numbers it 0b10) of the reader's connection."""
+        if reader.dcid is None:
+            return False
+        cids = long_header_cids(payload)
+        if cids is None or cids[0] != reader.version or cids[1] != reader.dcid:
+            return False
+        return (payload[0] & TYPE_BITS) >> 4 == ZERO_RTT_TYPES.get(reader.version)
 
     def _held(self, flow: UdpFlow, ip: IPv4Header, payload: memoryview, result, now: float) -> list:
         flow.held.append((bytes(payload), ip.ttl, ip.tos))

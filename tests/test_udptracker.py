@@ -166,6 +166,20 @@ def test_chromiums_two_datagram_hello_is_held_then_both_go_to_the_host_in_order(
     assert not tracker.udp.peeking and len(tracker.udp.hosts) == 1
 
 
+def test_0rtt_datagrams_of_the_connection_are_held_with_the_hello_and_sent_after_it():
+    tracker = make_tracker()
+    tracker.receive(from_client(CHROMIUM[0]), 1.0)
+    header = quic.parse_long_header(CHROMIUM[0])
+    zero_rtt = bytes([0xD0]) + (1).to_bytes(4, "big") + bytes([len(header.dcid)]) + header.dcid + \
+        bytes([len(header.scid)]) + header.scid + b"\x44\xd0" + bytes(1200)
+    other = bytes([0xD0]) + (1).to_bytes(4, "big") + bytes([8]) + b"otherdci" + bytes([0]) + bytes(1200)
+    assert tracker.receive(from_client(zero_rtt), 1.05) == []
+    assert tracker.receive(from_client(other), 1.06) == []
+    assert (tracker.absorbed["quic_0rtt_held"], tracker.drops["quic_not_initial"]) == (1, 1)
+    out = tracker.receive(from_client(CHROMIUM[1]), 1.1)
+    assert [bytes(parse(p)[UDP].payload) for p in out] == [CHROMIUM[0], zero_rtt, CHROMIUM[1]]
+
+
 def test_a_bound_flow_is_translated_in_place_both_ways_with_valid_checksums():
     tracker = make_tracker()
     decided_flow(tracker)
