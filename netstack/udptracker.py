@@ -195,13 +195,20 @@ class UdpTracker:
         payload = data[UDP_HEADER_LEN:udp.length]
         if payload and not payload[0] & LONG_HEADER_BIT:
             return self._short_header(listener, key, ip, udp, payload, now)
-        return self._new(listener, key, ip, payload, now)
+        return self._new(listener, key, ip, udp, payload, now)
 
-    def _new(self, listener: Listener, key: bytes, ip: IPv4Header, payload: memoryview, now: float) -> list:
+    def _new(self, listener: Listener, key: bytes, ip: IPv4Header, udp: UdpHeader, payload: memoryview,
+             now: float) -> list:
         config = self.config
         reader = InitialReader(config.udp_peek_max_bytes, config.udp_peek_max_datagrams)
         result = reader.feed(payload)
         if result is not NEED_DATA and not isinstance(result, Decision):
+            if result.reason == NOT_INITIAL:
+                # A Handshake (or 0-RTT) packet from a new 4-tuple: a client that rebound
+                # during its handshake addresses the host by the host's ID as well.
+                cids = long_header_cids(payload)
+                if cids is not None and (cids[1] in self.cids or cids[1] in self.remote_cids):
+                    return self._rebind(listener, key, ip, udp, cids[1], now)
             # A first datagram that is no readable Initial makes no flow (a flood of
             # garbage costs no state); one whose hello is refused neither.
             return self._drop("quic_bad_hello" if isinstance(result, NotProtocol) else _reason(result.reason))
@@ -370,30 +377,35 @@ class UdpTracker:
         """A short-header packet of no known 4-tuple: a client that rebound (RFC 9000 §9.3), or nobody's."""
         for length in self.cid_lengths:
             cid = short_header_dcid(payload, length)
-            if cid is None:
-                continue
-            old = self.cids.get(cid)
-            if old is not None and old.state == BOUND and old.listener == listener:
-                flow = self._rebound(listener, key, ip, old.decision, old.target, old.host, now)
-                if flow is None:
-                    return []
-                # The connection's IDs now lead to the new path.
-                for c in old.cids:
-                    self.cids[c] = flow
-                flow.cids, old.cids = old.cids, []
-                return self._to_host(flow, ip, udp)
-            remote = self.remote_cids.get(cid)
-            if remote is not None and remote[0] == listener.address + _U16.pack(listener.port):
-                _, host, port, route, name, alpn = remote
-                from netstack.tracker import Target
+            if cid is not None and (cid in self.cids or cid in self.remote_cids):
+                return self._rebind(listener, key, ip, udp, cid, now)
+        return self._drop("quic_no_flow")
 
-                target = Target(host, port, route)
-                flow = self._rebound(listener, key, ip, Decision(name=name, alpn=tuple(alpn)), target, host, now)
-                if flow is None:
-                    return []
-                flow.cids = [cid]
-                self.cids[cid] = flow
-                return self._to_host(flow, ip, udp)
+    def _rebind(self, listener: Listener, key: bytes, ip: IPv4Header, udp: UdpHeader, cid: bytes,
+                now: float) -> list:
+        """A new 4-tuple whose packet names a connection ID a host chose: the same host, a new path."""
+        old = self.cids.get(cid)
+        if old is not None and old.state == BOUND and old.listener == listener:
+            flow = self._rebound(listener, key, ip, old.decision, old.target, old.host, now)
+            if flow is None:
+                return []
+            # The connection's IDs now lead to the new path.
+            for c in old.cids:
+                self.cids[c] = flow
+            flow.cids, old.cids = old.cids, []
+            return self._to_host(flow, ip, udp)
+        remote = self.remote_cids.get(cid)
+        if remote is not None and remote[0] == listener.address + _U16.pack(listener.port):
+            _, host, port, route, name, alpn = remote
+            from netstack.tracker import Target
+
+            target = Target(host, port, route)
+            flow = self._rebound(listener, key, ip, Decision(name=name, alpn=tuple(alpn)), target, host, now)
+            if flow is None:
+                return []
+            flow.cids = [cid]
+            self.cids[cid] = flow
+            return self._to_host(flow, ip, udp)
         return self._drop("quic_no_flow")
 
     def _rebound(self, listener: Listener, key: bytes, ip: IPv4Header, decision: Decision | None, target: Target,

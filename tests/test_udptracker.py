@@ -660,3 +660,15 @@ def test_a_reload_routes_new_flows_anew_and_bound_flows_keep_their_host():
     assert [f.client_port for f in tracker.udp.flows.values()] == [1000]
     tracker.on_timer(61.0)
     assert not tracker.udp.flows
+
+
+def test_a_handshake_packet_from_a_new_port_is_a_rebinding_too():
+    tracker = make_tracker()
+    decided_flow(tracker)
+    tracker.receive(from_host(HOST_HANDSHAKE), 1.1)
+    handshake = bytes([0xE0]) + (1).to_bytes(4, "big") + bytes([8]) + HOST_CID + bytes([0]) + bytes(60)
+    (out,) = tracker.receive(from_client(handshake, sport=50002), 1.2)
+    assert (parse(out)[UDP].sport, parse(out).dst, tracker.events["quic_rebinding"]) == (50002, HOST_WWW, 1)
+    stranger = bytes([0xE0]) + (1).to_bytes(4, "big") + bytes([8]) + b"unknown!" + bytes([0]) + bytes(60)
+    assert tracker.receive(from_client(stranger, sport=50003), 1.3) == []
+    assert tracker.drops["quic_not_initial"] == 1
