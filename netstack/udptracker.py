@@ -36,8 +36,9 @@ flow is dropped at once: a client that sends its Initial again is refused again.
 NAT rebinding (RFC 9000 §9.3): the host's long-header packets carry, as their
 Source Connection ID, a connection ID the host chose (RFC 9000 §7.2); the
 client's short-header packets carry it as their Destination Connection ID
-(§17.3). A short-header datagram from a 4-tuple kracauer does not know, to
-a quic listener, whose DCID is one of those, becomes a new BOUND flow to the
+(§17.3). A short-header datagram (or a Handshake packet: a rebinding during
+the handshake) from a 4-tuple kracauer does not know, to a quic listener,
+whose DCID is one of those, becomes a new BOUND flow to the
 same host and port: the host's QUIC stack validates the new path (§8.2) and
 sees the client's new embedded address. Connection IDs the host hands out
 later (NEW_CONNECTION_ID frames) are encrypted: a client that migrates on
