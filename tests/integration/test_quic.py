@@ -6,7 +6,8 @@ namespace runs aioquic's HTTP/3 client against 192.0.2.10:443 with a server
 name. kracauer reads the name from the client's Initial packets and passes
 the datagrams on with the client's address embedded, so the host must log
 ``64:ff9b:1::c633:6402``. Headless Chromium with QUIC forced runs too when
-it is installed.
+it is installed (it is not in scripts/setup-env's packages: the test skips
+without it).
 
 Runs with the lab's kernel-path mode and workers (KRACAUER_LAB_KERNEL_PATH,
 KRACAUER_LAB_WORKERS): UDP is translated in Python either way (the BPF program
@@ -19,6 +20,7 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -52,19 +54,15 @@ def lab():
         for host in HOSTS:
             cert, key = lab.host_certs[host]
             log = lab.host_dir(host) / "h3.log"
-            proc = lab.popen(host, [sys.executable, str(PEERS), "server", "--cert", str(cert), "--key", str(key),
-                                    "--name", host, "--www", str(lab.host_dir(host) / "www"), "--log", str(log),
-                                    "--port", "443", "--port", "8443"],
-                             stdout=open(lab.host_dir(host) / "h3.out", "wb"), stderr=subprocess_stdout())
+            with open(lab.host_dir(host) / "h3.out", "wb") as out:
+                proc = lab.popen(host, [sys.executable, str(PEERS), "server", "--cert", str(cert), "--key", str(key),
+                                        "--name", host, "--www", str(lab.host_dir(host) / "www"), "--log", str(log),
+                                        "--port", "443", "--port", "8443"],
+                                 stdout=out, stderr=subprocess.STDOUT)
             wait_until(lambda proc=proc, host=host: _listening(lab, host, proc), 15,
                        f"the HTTP/3 server in {host} to listen",
                        lambda host=host: (lab.host_dir(host) / "h3.out").read_text(errors="replace"))
         yield lab
-
-
-def subprocess_stdout():
-    import subprocess
-    return subprocess.STDOUT
 
 
 def _listening(lab: Lab, host: str, proc) -> bool:
