@@ -788,7 +788,8 @@ class Daemon:
             log.error("could not save the state to %s: %s; the TUN is removed and the %d connections are lost",
                       path, exc, len(self.tracker))
             return None
-        return data["count"] + data["parked_count"]  # parked: carried by the kernel, their numbers in its map
+        # parked: carried by the kernel, their numbers in its map; udp_flows: quic listeners' bound flows
+        return data["count"] + data["parked_count"] + len(data.get("udp_flows", ()))
 
     # -- signals -------------------------------------------------------------
 

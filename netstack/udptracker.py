@@ -586,6 +586,72 @@ class UdpTracker:
                 self._finish(flow, "idle_timeout", now)
         return []
 
+    # ------------------------------------------------------ saved state
+
+    def saved(self, now: float) -> list[list]:
+        """The bound flows, JSON-ready, for netstack.state (peeking ones are not kept: clients send
+        their Initials again). Times are ages, as for TCP connections."""
+        out = []
+        for flow in self.flows.values():
+            if flow.state != BOUND:
+                continue
+            lst, target, decision = flow.listener, flow.target, flow.decision
+            out.append([flow.client_addr.hex(), flow.client_port, lst.address.hex(), lst.port, flow.host.hex(),
+                        target.port, target.route, [h.hex() for h in target.hosts], flow.host_sport,
+                        decision.name if decision else None, list(decision.alpn) if decision else [],
+                        decision.hello_size if decision else 0, [c.hex() for c in flow.cids],
+                        now - flow.start, now - flow.last_seen, flow.datagrams_to_host, flow.datagrams_to_client,
+                        flow.bytes_to_host, flow.bytes_to_client, flow.hello_datagrams])
+        return out
+
+    def restore(self, entries: list, now: float, keep=None) -> tuple[int, int]:
+        """Put saved bound flows back (those of listeners this tracker has and, with `keep`, whose client
+        it accepts); (restored, skipped). Every entry is read before any goes in: a damaged one raises
+        (ValueError, TypeError, IndexError...) with the tables as they were."""
+        from netstack.tracker import Target
+
+        flows = []
+        skipped = 0
+        for entry in entries:
+            (client, cport, address, port, host, host_port, route, hosts, sport, name, alpn, hello_size, cids,
+             age, idle, up, down, bytes_up, bytes_down, hello_datagrams) = entry
+            client, host = bytes.fromhex(client), bytes.fromhex(host)
+            listener = self.listeners.get(bytes.fromhex(address) + _U16.pack(int(port)))
+            if len(client) != 4 or len(host) != 16 or not 0 < int(cport) < 65536 or not 0 < int(sport) < 65536:
+                raise ValueError(f"a saved quic flow is damaged: {entry!r}")
+            if listener is None:
+                skipped += 1
+                continue
+            if keep is not None and not keep(client, int(cport)):
+                continue
+            key = client + listener.address + _U16.pack(int(cport)) + _U16.pack(listener.port)
+            flow = UdpFlow(listener, client, int(cport), key, now - float(age))
+            flow.last_seen = now - float(idle)
+            flow.decision = Decision(name=name, alpn=tuple(alpn), hello_size=int(hello_size))
+            flow.target = Target(host, int(host_port), route, tuple(bytes.fromhex(h) for h in hosts) or (host,))
+            flow.host = host
+            flow.src6 = (listener.prefix or self.config.prefix) + client
+            flow.host_sport = int(sport)
+            flow.host_key = host + flow.src6 + _U16.pack(int(host_port)) + _U16.pack(int(sport))
+            flow.cids = [bytes.fromhex(c) for c in cids][:MAX_CIDS_PER_FLOW]
+            flow.datagrams_to_host, flow.datagrams_to_client = int(up), int(down)
+            flow.bytes_to_host, flow.bytes_to_client = int(bytes_up), int(bytes_down)
+            flow.hello_datagrams = int(hello_datagrams)
+            flow.state = BOUND
+            flows.append(flow)
+        restored = 0
+        for flow in flows:
+            if flow.client_key in self.flows or flow.host_key in self.hosts:
+                continue
+            self.flows[flow.client_key] = flow
+            self.hosts[flow.host_key] = flow
+            for cid in flow.cids:
+                self.cids[cid] = flow
+                self.cid_lengths.add(len(cid))
+            self._set_timer(flow, flow.last_seen + self.config.udp_idle_timeout)
+            restored += 1
+        return restored, skipped
+
     # ------------------------------------------------------------ the end
 
     def _finish(self, flow: UdpFlow, outcome: str, now: float) -> None:

@@ -672,3 +672,44 @@ def test_a_handshake_packet_from_a_new_port_is_a_rebinding_too():
     stranger = bytes([0xE0]) + (1).to_bytes(4, "big") + bytes([8]) + b"unknown!" + bytes([0]) + bytes(60)
     assert tracker.receive(from_client(stranger, sport=50003), 1.3) == []
     assert tracker.drops["quic_not_initial"] == 1
+
+
+def test_bound_flows_survive_a_restart_through_the_state_file_with_their_connection_ids():
+    from netstack.state import decode, encode, restore, snapshot
+    tracker = make_tracker()
+    decided_flow(tracker, sport=1000)
+    tracker.receive(from_host(HOST_HANDSHAKE, dport=1000), 1.1)
+    tracker.receive(from_client(CHROMIUM[0], sport=1001), 1.2)  # still peeking: not saved
+    state = decode(encode(snapshot(tracker, 10.0)))
+    assert len(state["udp_flows"]) == 1
+    again = make_tracker()
+    assert restore(again, state, 500.0) == 1
+    (up,) = again.receive(from_client(b"\x40" * 40, sport=1000), 501.0)
+    assert (parse(up).src, parse(up).dst, parse(up)[UDP].sport) == (CLIENT6, HOST_WWW, 1000)
+    (down,) = again.receive(from_host(b"\x40" * 40, dport=1000), 501.0)
+    assert (parse(down).dst, parse(down)[UDP].dport) == (CLIENT, 1000)
+    # The host's connection ID came along: a rebinding after the restart is followed.
+    (moved,) = again.receive(from_client(b"\x41" + HOST_CID + b"x" * 30, sport=1002), 502.0)
+    assert parse(moved)[UDP].sport == 1002 and again.events["quic_rebinding"] == 1
+    # Ages carry over: the flow idles out udp_idle_timeout after its last datagram, as before.
+    again.on_timer(600.0)
+    assert not again.udp.flows
+    record = next(r for r in again.records if r.client_port == 1000)
+    assert record.packets_to_host == 2 and record.packets_to_client == 2 and record.name == CAPTURES["aioquic"]["sni"]
+    # A worker keeps the flows that steer to it; a tracker without the listener skips them.
+    other = make_tracker()
+    assert restore(other, state, 500.0, keep=lambda addr, port: port != 1000) == 0
+    tcp_only = Tracker(TrackerConfig(prefix=PREFIX), LISTENERS[:1], resolve, Counter32())
+    assert restore(tcp_only, state, 500.0) == 0 and tcp_only.events["state_skipped"] == 1
+
+
+def test_a_damaged_saved_quic_flow_is_an_error_that_leaves_the_tables_as_they_were():
+    from netstack.state import StateError, restore, snapshot
+    tracker = make_tracker()
+    decided_flow(tracker)
+    state = snapshot(tracker, 10.0)
+    state["udp_flows"][0][1] = 0  # port 0
+    again = make_tracker()
+    with pytest.raises(StateError):
+        restore(again, state, 50.0)
+    assert not again.udp.flows and not again.udp.hosts

@@ -73,8 +73,7 @@ def _listening(lab: Lab, host: str, proc) -> bool:
     return ":443 " in out and ":8443 " in out
 
 
-@pytest.fixture(scope="module")
-def kracauer(lab):
+def quic_config(lab: Lab) -> str:
     text = example_config() + f"""
 [[listen]]
 address = "{SERVICE_ADDRESS}"
@@ -88,8 +87,19 @@ listen = "{METRICS}"
 access = "{lab.dir}/access-quic.log"
 """
     # Short, so that a flow's access-log line comes soon after its last datagram.
-    text = text.replace("[limits]\n", f"[limits]\nudp_idle_timeout = {IDLE}\n")
+    return text.replace("[limits]\n", f"[limits]\nudp_idle_timeout = {IDLE}\n")
+
+
+def started(lab: Lab, text: str):
     k = lab.start_kracauer(text)
+    wait_until(lambda: not k.running() or "running on" in k.stderr(), 15, "kracauer to run", k.stderr)
+    assert k.running(), k.stderr()
+    return k
+
+
+@pytest.fixture(scope="module")
+def kracauer(lab):
+    k = lab.start_kracauer(quic_config(lab))
     wait_until(lambda: not k.running() or "running on" in k.stderr(), 15, "kracauer to run", k.stderr)
     assert k.running(), k.stderr()
     yield k
@@ -209,3 +219,38 @@ def test_headless_chromium_with_quic_forced_reaches_the_host(lab, kracauer, tmp_
     assert "host1" in proc.stdout, (proc.stdout, proc.stderr[-2000:])
     entries = host_log(lab, "host1")[before:]
     assert entries and entries[-1]["peer"] == embed(CLIENT_ADDRESS), entries
+
+
+def test_an_http3_download_carries_on_across_a_stop_and_start_with_state(lab, kracauer):
+    """Last in the file: it stops the module's kracauer and runs two of its own, with [state]."""
+    code, stderr = kracauer.stop()
+    assert code == 0, stderr
+    (lab.dir / "state").mkdir(exist_ok=True)
+    # Long enough an idle timeout for the gap between the two processes.
+    text = quic_config(lab).replace(f"udp_idle_timeout = {IDLE}", "udp_idle_timeout = 30")
+    text += f'\n[state]\nfile = "{lab.dir}/state/state.json"\n'
+    k1 = started(lab, text)
+    before = len(host_log(lab, "host1"))
+    argv = [sys.executable, str(PEERS), "client", "--cafile", str(lab.ca_cert), "--name", "www.example.com",
+            "--connect", f"{SERVICE_ADDRESS}:443", "--timeout", "60", "--path", "/big.bin"]
+    client = lab.popen("client", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    k2 = None
+    try:
+        wait_until(lambda: len(host_log(lab, "host1")) > before, 20, "the download to start")
+        code, stderr = k1.stop()
+        assert code == 0 and "saved 1 connection" in stderr, stderr
+        k2 = started(lab, text)
+        wait_until(lambda: "restored 1 connection" in k2.stderr(), 10, "the flow to be restored", k2.stderr)
+        stdout, stderr = client.communicate(timeout=90)
+    finally:
+        if client.poll() is None:
+            client.kill()
+    result = json.loads(stdout.strip().splitlines()[-1])
+    (request,) = result["requests"]
+    assert (request["status"], request["length"], request["sha256"]) == (200, BIG, lab.big_sha256), (result, stderr)
+    # One request, one connection: the host saw nothing new.
+    assert [e["path"] for e in host_log(lab, "host1")[before:]] == ["/big.bin"]
+    code, stderr = k2.stop()
+    assert code == 0, stderr
+    r = lab.run("box", [*lab.kracauer_cmd, "cleanup", "--config", str(k2.config_path)], timeout=20)
+    assert r.returncode == 0, r.stdout + r.stderr
