@@ -316,7 +316,7 @@ def test_bad_listener_ports_are_rejected(port, expected):
 
 def test_unknown_protocol_is_rejected_with_the_choices_and_the_line():
     text = HEAD + listen() + listen(port="80", protocol='"udp"')
-    assert error(text) == 'k.toml:15: listen[1].protocol: expected one of "tls", "http", "tcp", "connect", got "udp"'
+    assert error(text) == 'k.toml:15: listen[1].protocol: expected one of "tls", "http", "tcp", "connect", "bridge", got "udp"'
 
 
 def test_protocol_names_are_case_sensitive():
