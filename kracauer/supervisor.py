@@ -219,6 +219,8 @@ class Supervisor(Daemon):
 
             if self._leftover_pins is not None and remove_pins(self._leftover_pins):
                 log.info("removed the kernel path's maps left in %s", self._leftover_pins)
+        # The bridge's sockets live here (the supervisor stays root; the workers only see the TUN).
+        self._start_bridge()
         self.restored = sum(w.status.get("restored", 0) for w in self.workers)
         if self.restored:
             log.info("restored %s from %s", _connections(self.restored), ", ".join(self._restore_files))
@@ -444,6 +446,7 @@ class Supervisor(Daemon):
                 set_syn_cookies(self.kernel, new, self.cookie_secret)
             except (KernelPathError, OSError) as exc:
                 log.warning("the kernel path keeps answering SYNs as before the reload: %s", exc)
+        self._reconfigure_bridge(new)
         self.config = new
         self.text = new.text
         for w in self.workers:
@@ -458,7 +461,7 @@ class Supervisor(Daemon):
 
     def _shutdown(self) -> None:
         self.notifier.stopping("saving state" if self.persist else "stopping")
-        self._stop_services()
+        self._stop_bridge()
         # The return codes, not exit_status: the last SIGCHLD may not have been handled yet.
         saved_all = all(w.proc is not None and w.proc.poll() == EXIT_OK for w in self.workers)
         keep = self.persist and self.config.state is not None and saved_all
