@@ -1,0 +1,201 @@
+"""The TLS bridge in the lab, with real curl, openssl and nginx (issue #10, tests.bridgelab).
+
+First the peer alone: curl as an HTTPS-proxy client with the ingress box's
+client certificate talks to the peer's bridge listener directly and gets the
+service, whose log shows the client's embedded address from the peer's own
+prefix. Then the whole chain: client → ingress kracauer (TUN) → the
+SNI-filtering firewall → peer kracauer → hosts. The data path of the ingress
+follows KRACAUER_LAB_KERNEL_PATH and both kracauers KRACAUER_LAB_WORKERS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+
+import pytest
+
+from tests import netlab
+from tests.bridgelab import (
+    BCLIENT_ADDRESS, BRIDGE_NAME, BRIDGE_PORT, FW_INGRESS_SIDE, HASH_SERVER, PEER_ADDRESS, PEER_PREFIX, BridgeLab,
+)
+from tests.netlab import HOSTS, SERVICE_ADDRESS, wait_until
+
+MISSING = netlab.missing_requirements()
+
+pytestmark = [
+    pytest.mark.netns,
+    pytest.mark.skipif(bool(MISSING), reason="netns lab needs " + ", ".join(MISSING)),
+]
+
+BIG = 100 * 1024 * 1024
+UPLOAD_PORT = 8444
+
+
+@pytest.fixture(scope="module")
+def lab():
+    with BridgeLab(big_file_size=BIG) as lab:
+        host1 = lab.host_dir("host1")
+        script = host1 / "hash_server.py"
+        script.write_text(HASH_SERVER)
+        cert, key = lab.host_certs["host1"]
+        proc = lab.popen("host1", [sys.executable, str(script), str(UPLOAD_PORT), str(cert), str(key)],
+                         stdout=open(host1 / "hash.out", "wb"), stderr=open(host1 / "hash.err", "wb"))
+        wait_until(lambda: str(UPLOAD_PORT) in lab.listening_ports("host1"), 10, "the hash server",
+                   lambda: (host1 / "hash.err").read_text())
+        assert proc.poll() is None
+        yield lab
+
+
+@pytest.fixture(scope="module")
+def peer(lab):
+    k = lab.start_kracauer(lab.peer_config(f'\n[log]\naccess = "{lab.dir}/peer-access.log"\n'))
+    wait_until(lambda: not k.running() or "running on" in k.stderr(), 15, "the peer kracauer", k.stderr)
+    assert k.running(), k.stderr()
+    yield k
+    code, stderr = k.stop()
+    assert code == 0, stderr
+
+
+@pytest.fixture(scope="module")
+def ingress(lab, peer):
+    k = lab.start_kracauer(lab.ingress_config(extra=f'\n[log]\naccess = "{lab.dir}/ingress-access.log"\n'),
+                           role="ingress")
+    wait_until(lambda: not k.running() or "running on" in k.stderr(), 15, "the ingress kracauer", k.stderr)
+    assert k.running(), k.stderr()
+    yield k
+    code, stderr = k.stop()
+    assert code == 0, stderr
+
+
+def records(lab, name: str) -> list[dict]:
+    path = lab.dir / name
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def direct_to_peer(lab, url: str, *args: str, cert: str = "ingress", forwarded: str | None = f'for="{BCLIENT_ADDRESS}"'):
+    """curl from the firewall's namespace, with the peer as its HTTPS proxy (no firewall in between)."""
+    c, k = lab.certs[cert]
+    argv = ["curl", "-sS", "--max-time", "15", "--cacert", str(lab.ca_cert), "-p",
+            "--proxy", f"https://{BRIDGE_NAME}:{BRIDGE_PORT}", "--resolve", f"{BRIDGE_NAME}:{BRIDGE_PORT}:{PEER_ADDRESS}",
+            "--proxy-cacert", str(lab.certs["peer-ca"][0]), "--proxy-cert", str(c), "--proxy-key", str(k),
+            "-w", "\n%{http_connect}"]
+    if forwarded is not None:
+        argv += ["--proxy-header", f"Forwarded: {forwarded}"]
+    return lab.run("fw", [*argv, *args, url], timeout=30)
+
+
+# -- the peer alone ---------------------------------------------------------------
+
+
+def test_peer_alone_serves_curl_as_https_proxy_and_the_host_sees_the_forwarded_client(lab, peer):
+    result = direct_to_peer(lab, "https://www.example.com/")
+    assert result.returncode == 0, result.stderr
+    body, status = result.stdout.rsplit("\n", 1)
+    assert (body, status) == ("host1", "200")
+    embedded = netlab.embed(BCLIENT_ADDRESS, PEER_PREFIX)
+    lab.wait_for_log("host1", lambda e: e["remote_addr"] == embedded and e["sni"] == "www.example.com")
+
+
+def test_peer_alone_refuses_an_unknown_name_with_403(lab, peer):
+    result = direct_to_peer(lab, "https://nowhere.example.com/")
+    assert result.returncode != 0
+    assert result.stdout.rsplit("\n", 1)[-1] == "403", result.stdout + result.stderr
+
+
+def test_peer_alone_refuses_a_missing_forwarded_with_400(lab, peer):
+    result = direct_to_peer(lab, "https://www.example.com/", forwarded=None)
+    assert result.stdout.rsplit("\n", 1)[-1] == "400", result.stdout + result.stderr
+
+
+def test_peer_alone_refuses_a_client_certificate_from_another_ca(lab, peer):
+    result = direct_to_peer(lab, "https://www.example.com/", cert="outsider")
+    assert result.returncode != 0
+    assert result.stdout.rsplit("\n", 1)[-1] in ("", "000"), result.stdout
+    refused = [r for r in records(lab, "peer-access.log") if r["outcome"] == "client_tls_failed"]
+    assert refused, records(lab, "peer-access.log")
+
+
+# -- the whole chain ---------------------------------------------------------------
+
+
+def via_bridge(lab, url: str, *args: str, max_time: float = 20):
+    return lab.curl(url, "-w", "\n%{http_code}", *args, role="bclient", max_time=max_time)
+
+
+def test_each_service_is_reached_by_its_own_name_through_the_firewall(lab, ingress):
+    for name, host in (("www.example.com", "host1"), ("a.example.org", "host2")):
+        url = f"https://{name}/" if host == "host1" else f"https://{name}:443/"
+        result = via_bridge(lab, url)
+        assert result.returncode == 0, (name, result.stderr, ingress.stderr())
+        assert result.stdout == f"{host}\n200", result.stdout
+        embedded = netlab.embed(BCLIENT_ADDRESS, PEER_PREFIX)
+        lab.wait_for_log(host, lambda e, name=name: e["remote_addr"] == embedded and e["sni"] == name)
+    tunnels = [r for r in records(lab, "ingress-access.log") if r["side"] == "ingress" and r["outcome"] == "closed"]
+    assert {r["name"] for r in tunnels} >= {"www.example.com", "a.example.org"}
+    assert all(r["outer_name"] == BRIDGE_NAME and r["client"] == BCLIENT_ADDRESS for r in tunnels)
+
+
+def test_openssl_verifies_the_services_own_certificate(lab, ingress):
+    proc = lab.run("bclient", ["openssl", "s_client", "-connect", f"{SERVICE_ADDRESS}:443", "-servername",
+                               "www.example.com", "-CAfile", str(lab.ca_cert), "-verify_return_error",
+                               "-verify_hostname", "www.example.com"], input="", timeout=20)
+    assert "Verify return code: 0 (ok)" in proc.stdout, proc.stdout + proc.stderr
+    assert "CN = host1.lab" in proc.stdout  # the service's certificate, not a proxy's
+
+
+def test_the_connect_listener_goes_through_the_bridge_and_the_relay_answers_the_connect(lab, ingress):
+    result = lab.run("bclient", ["curl", "-sS", "--max-time", "20", "--cacert", str(lab.ca_cert), "-p",
+                                 "-x", f"http://{SERVICE_ADDRESS}:3128", "-w", "\n%{http_connect} %{http_code}",
+                                 "https://www.example.com/"], timeout=30)
+    assert result.returncode == 0, result.stderr + ingress.stderr()
+    assert result.stdout == "host1\n200 200"
+
+
+def test_the_firewall_drops_a_direct_connection_with_the_services_name(lab, ingress):
+    proc = lab.run("ingress", ["openssl", "s_client", "-connect", f"{FW_INGRESS_SIDE}:{BRIDGE_PORT}",
+                               "-servername", "www.example.com", "-CAfile", str(lab.ca_cert)], input="", timeout=20)
+    assert "Verify return code: 0" not in proc.stdout
+    assert "CN = host1.lab" not in proc.stdout
+
+
+def test_a_name_the_peer_does_not_route_is_a_reset_for_the_client(lab, ingress):
+    result = via_bridge(lab, "https://nowhere.example.com/")
+    assert result.returncode in (35, 56), (result.returncode, result.stderr)  # reset during the handshake
+    wait_until(lambda: any(r["outcome"] == "peer_refused_403" and r["name"] == "nowhere.example.com"
+                           for r in records(lab, "ingress-access.log")), 5, "the ingress's record of the 403")
+    assert any(r["outcome"] == "refused_unknown_name" and r["name"] == "nowhere.example.com"
+               for r in records(lab, "peer-access.log"))
+
+
+def test_a_wrong_ingress_client_certificate_is_refused(lab, peer, ingress):
+    k = lab.start_kracauer(lab.ingress_config(cert="outsider").replace(
+        f'port = 443\nprotocol = "tls"', 'port = 8443\nprotocol = "tls"').replace('name = "kracauer0"',
+                                                                               'name = "kracauer1"').replace(
+        f'address = "{SERVICE_ADDRESS}"\nport = 3128', 'address = "192.0.2.11"\nport = 3128').replace(
+        f'address = "{SERVICE_ADDRESS}"', 'address = "192.0.2.11"').replace(
+        netlab.PREFIX, "64:ff9b:3::/96"), role="ingress")
+    try:
+        result = lab.curl("https://www.example.com:8443/", role="bclient", address="192.0.2.11", max_time=15)
+        assert result.returncode in (35, 56), (result.returncode, result.stdout, result.stderr)
+        assert "bridge relay: TLS with peer" in k.stderr() or "peer_tls_failed" in k.stderr() or \
+            wait_until(lambda: "peer_tls_failed" in k.stderr() or "TLS with peer" in k.stderr(), 5, "the refusal",
+                       k.stderr)
+    finally:
+        code, stderr = k.stop()
+        assert code == 0, stderr
+
+
+def test_100_mb_download_and_upload_are_intact(lab, ingress):
+    result = lab.curl("https://www.example.com/big.bin", "-o", "-", role="bclient", max_time=120, text=False)
+    assert result.returncode == 0, result.stderr
+    assert hashlib.sha256(result.stdout).hexdigest() == lab.big_sha256
+    result = lab.curl(f"https://upload.example.org/", "--data-binary", f"@{lab.dir / 'big.bin'}",
+                      "-H", "Content-Type: application/octet-stream", role="bclient", max_time=120)
+    assert result.returncode == 0, result.stderr
+    digest, client = result.stdout.split()
+    assert digest == lab.big_sha256
+    assert client == netlab.embed(BCLIENT_ADDRESS, PEER_PREFIX)
+    moved = [r for r in records(lab, "ingress-access.log") if r["name"] == "upload.example.org"]
+    assert moved and moved[-1]["bytes_to_host"] > BIG
