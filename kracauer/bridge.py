@@ -198,6 +198,18 @@ class TlsStream(Stream):
                 await self.writer.drain()
                 if not await self._fill():
                     raise ConnectionResetError("the connection ended during the TLS handshake")
+            except ssl.SSLError:
+                # RFC 8446 §6.2: the alert that says why (unknown_ca, certificate_required…) is
+                # in the outgoing BIO; send it so that the other end can log the reason.
+                self._flush()
+                await self._drain_quietly()
+                raise
+
+    async def _drain_quietly(self) -> None:
+        try:
+            await asyncio.wait_for(self.writer.drain(), 1.0)
+        except (OSError, asyncio.TimeoutError, ConnectionError):
+            pass
 
     async def read(self, n: int = CHUNK) -> bytes:
         while True:
@@ -657,7 +669,14 @@ class IngressRelay:
             peer.write(connect.connect_request(decision.name, port, tunnel.client))
             await peer.drain()
             head, rest = await asyncio.wait_for(self._read_answer(peer), limits.connect_timeout)
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
+        except ssl.SSLError as exc:
+            # TLS 1.3 (RFC 8446 §4.4.2): the peer checks this box's certificate after the client's
+            # handshake is done, so a refused certificate is an alert on the first read.
+            log.warning("bridge relay: TLS with peer %s (%s) failed: %s", tunnel.peer, bridge.server_name, exc)
+            peer.reset()
+            client.reset()
+            return "peer_tls_failed"
+        except (OSError, asyncio.TimeoutError, ConnectionError) as exc:
             log.info("bridge relay: peer %s did not answer the CONNECT: %s", tunnel.peer, exc)
             peer.reset()
             client.reset()
