@@ -45,6 +45,9 @@ daemon drops its privileges.
 from __future__ import annotations
 
 import asyncio
+# ssl encodes server names with the idna codec, which Python imports on first use: after the
+# privileges are dropped the interpreter's own files may no longer be readable (a root-only prefix).
+import encodings.idna  # noqa: F401
 import ipaddress
 import json
 import logging

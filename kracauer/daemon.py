@@ -552,27 +552,43 @@ class Daemon:
                 log.warning("could not remove the state file %s after restoring it: %s", path, exc)
 
     def _start_bridge(self) -> None:
-        """The TLS bridge (kracauer.bridge), if configured, on the services loop.
+        """The TLS bridge (kracauer.bridge), if configured: its plumbing, then its service."""
+        self._add_bridge_plumbing()
+        self._start_bridge_service()
 
-        Everything that needs root is done here, before the privileges are
-        dropped: the listening sockets bound (ports below 1024 included), the
-        peer prefixes' `local` routes and the relay's addresses added, the
-        certificate and key files read.
+    def _add_bridge_plumbing(self) -> None:
+        """As root: the peer prefixes' `local` routes and the relay's addresses on the TUN.
+
+        A supervisor adds them (it stays root and removes them at the end);
+        its first worker runs the service (kracauer.worker).
         """
         config = self.config
         if not config.bridges and not config.bridge_listeners:
             return
-        import ssl
-
-        from kracauer.bridge import BridgeCollector, BridgeService, relay_addresses
+        from kracauer.bridge import relay_addresses
         from kracauer.tun import add_local_routes, add_tun_addresses
 
         try:
             self._bridge_routes = add_local_routes(sorted({lst.prefix for lst in config.bridge_listeners}))
             if config.bridges:
                 self._bridge_addresses = add_tun_addresses(self.tun.name, list(relay_addresses(config.prefix).values()))
+        except (OSError, TunError) as exc:
+            self._remove_bridge_plumbing()
+            raise DaemonError(f"the bridge cannot start: {exc}") from None
+
+    def _start_bridge_service(self) -> None:
+        """The bridge's two ends on the services loop, made before privileges are dropped: the
+        listening sockets bound (ports below 1024 included), the certificate and key files read."""
+        config = self.config
+        if not config.bridges and not config.bridge_listeners:
+            return
+        import ssl
+
+        from kracauer.bridge import BridgeCollector, BridgeService
+
+        try:
             service = BridgeService(config, self._bridge_log_line, self.tun.name)
-        except (OSError, ssl.SSLError, TunError) as exc:
+        except (OSError, ssl.SSLError) as exc:
             self._remove_bridge_plumbing()
             raise DaemonError(f"the bridge cannot start: {exc}") from None
         self._use_services().run(service.start(), timeout=10)
@@ -586,6 +602,11 @@ class Daemon:
                  if service.relay is not None else "off")
 
     def _bridge_log_line(self, line: str) -> None:
+        """An access-log record of a tunnel, from the services thread."""
+        if self.services is not None:
+            self.services.post(self._write_log_line, line)
+
+    def _write_log_line(self, line: str) -> None:
         access_log = self.access_log  # read at each call: a reload may open another
         if access_log is not None:
             access_log.write_line(line)
@@ -618,6 +639,7 @@ class Daemon:
 
     def _abort_set_up(self) -> None:
         """A start that failed half way: undo what it made, keep what it found."""
+        self._stop_bridge()
         if self.kernel is not None:
             self.kernel.close(keep=self.tun is not None and self.tun.attached and self.persist)
             self.kernel = None

@@ -203,6 +203,9 @@ class Supervisor(Daemon):
                               f"(workers = 1 runs without it)") from None
         self._poller = select.epoll()
         self._previous_sigchld = signal.signal(signal.SIGCHLD, self._on_child)
+        # The bridge's routes and addresses are the supervisor's (it stays root and removes them at the
+        # end); its sockets and tunnels are worker 0's, which binds them and then drops privileges.
+        self._add_bridge_plumbing()
         for w in self.workers:
             self._spawn(w, restore=self._restore_files, adopt=self.kernel is not None and self.tun.attached)
         self._wait_ready()
@@ -219,8 +222,6 @@ class Supervisor(Daemon):
 
             if self._leftover_pins is not None and remove_pins(self._leftover_pins):
                 log.info("removed the kernel path's maps left in %s", self._leftover_pins)
-        # The bridge's sockets live here (the supervisor stays root; the workers only see the TUN).
-        self._start_bridge()
         self.restored = sum(w.status.get("restored", 0) for w in self.workers)
         if self.restored:
             log.info("restored %s from %s", _connections(self.restored), ", ".join(self._restore_files))

@@ -171,6 +171,7 @@ class BridgeLab(Lab):
         return f"""\
 [tun]
 name = "kracauer0"
+user = "nobody"  # the bridge's ends run without privileges, as the daemon does
 
 [translate]
 prefix = "{netlab.PREFIX}"
@@ -205,6 +206,7 @@ port = 8444
         return f"""\
 [tun]
 name = "kracauer0"
+user = "nobody"  # the bridge's ends run without privileges, as the daemon does
 
 [translate]
 prefix = "{netlab.PREFIX}"

@@ -113,8 +113,8 @@ def test_peer_alone_refuses_a_client_certificate_from_another_ca(lab, peer):
     result = direct_to_peer(lab, "https://www.example.com/", cert="outsider")
     assert result.returncode != 0
     assert result.stdout.rsplit("\n", 1)[-1] in ("", "000"), result.stdout
-    refused = [r for r in records(lab, "peer-access.log") if r["outcome"] == "client_tls_failed"]
-    assert refused, records(lab, "peer-access.log")
+    wait_until(lambda: any(r["outcome"] == "client_tls_failed" for r in records(lab, "peer-access.log")), 5,
+               "the peer's record of the refused handshake", lambda: str(records(lab, "peer-access.log")))
 
 
 # -- the whole chain ---------------------------------------------------------------
