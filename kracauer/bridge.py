@@ -60,7 +60,9 @@ from typing import Any, Callable, Iterator
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from kracauer.config import Bridge, BridgeListener, Config, relay_address
-from kracauer.routing import Router, Target
+from kracauer.resolver import REFUSED_ERROR, NameResolver
+from kracauer.routing import Resolve, Router, Target
+from netstack.tracker import Refused
 from netstack import connect, http, tls
 from netstack.peek import NEED_DATA, BadRequest, Decision, NotProtocol
 
@@ -505,9 +507,13 @@ class PeerListener:
         tunnel.client, tunnel.client_port = str(client), 0
         if result.port not in self.listener.ports:
             return await self._refuse(stream, connect.FORBIDDEN_PORT, "refused_port")
-        target = self.service.resolve_peer(result.name, result.port)
+        target = await self.service.resolve_peer(result.name, result.port)
         if target is None:
             return await self._refuse(stream, connect.FORBIDDEN_NAME, "refused_unknown_name")
+        if isinstance(target, Refused):
+            # A resolve route with no usable AAAA: refused as an unknown name is (403), as a
+            # connect listener does; the outcome says why.
+            return await self._refuse(stream, connect.FORBIDDEN_NAME, target.outcome)
         tunnel.route = target.route
         host, outcome = await self._connect_host(client, target, limits.connect_timeout)
         if host is None:
@@ -772,27 +778,35 @@ class BridgeService:
     """The bridge's two ends in one process. Made during set-up (root: sockets bound, routes and the
     relay's addresses added, certificate files read); runs on the services loop."""
 
-    def __init__(self, config: Config, log_line: Callable[[str], None], device: str) -> None:
+    def __init__(self, config: Config, log_line: Callable[[str], None], device: str,
+                 names: NameResolver | None = None) -> None:
         self.config = config
         self.router = Router(config.routes, config.fallback)
+        self.names = names
         self.bridges = {bridge.name: bridge for bridge in config.bridges}
         self.tunnels = Tunnels(config.limits.max_tunnels, log_line)
         self.device = device
         self.peers = [PeerListener(self, lst) for lst in config.bridge_listeners]
         self.relay = IngressRelay(self, config, device) if config.bridges else None
 
-    def resolve_peer(self, name: str | None, port: int) -> Target | None:
-        """The peer's routing: its own [[route]] table. The seam for routes with `resolve` (route by DNS):
-        a resolving route would be looked up here (awaitable, on this loop) instead of a static host."""
-        target = self.router.lookup(name, port)
-        if target is None or target.bridge is not None:
+    async def resolve_peer(self, name: str | None, port: int) -> Target | Refused | None:
+        """The peer's routing: its own [[route]] table, resolve routes (route by DNS) included,
+        looked up on this loop with the daemon's resolver and its cache."""
+        if self.names is not None:
+            target = await self.names.lookup_route(self.router, name, port)
+        else:
+            target = self.router.lookup(name, port)
+            if isinstance(target, Resolve):
+                return Refused(REFUSED_ERROR)  # no resolver: cannot happen with a valid configuration
+        if isinstance(target, Target) and target.bridge is not None:
             return None  # a bridge route is an ingress's: a peer never bridges onwards
         return target
 
-    def reconfigure(self, config: Config) -> None:
+    def reconfigure(self, config: Config, names: NameResolver | None = None) -> None:
         """A reload (on the services loop): new routes and limits for new tunnels; open ones go on."""
         self.config = config
         self.router = Router(config.routes, config.fallback)
+        self.names = names
         self.tunnels.max_tunnels = config.limits.max_tunnels
 
     async def start(self) -> None:

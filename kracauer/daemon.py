@@ -587,7 +587,7 @@ class Daemon:
         from kracauer.bridge import BridgeCollector, BridgeService
 
         try:
-            service = BridgeService(config, self._bridge_log_line, self.tun.name)
+            service = BridgeService(config, self._bridge_log_line, self.tun.name, names=self._names_for(config))
         except (OSError, ssl.SSLError) as exc:
             self._remove_bridge_plumbing()
             raise DaemonError(f"the bridge cannot start: {exc}") from None
@@ -957,7 +957,7 @@ class Daemon:
     def _reconfigure_bridge(self, new: Config) -> None:
         """New routes and limits for new tunnels; the open ones go on (on the services loop)."""
         if self.bridge is not None and self.services is not None:
-            self.services.call_soon(self.bridge.reconfigure, new)
+            self.services.call_soon(self.bridge.reconfigure, new, self._names_for(new))
 
     def _report_reload(self, new: Config) -> None:
         log.info("reloaded %s: %d routes, fallback %s; connections already bound keep their host",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 
 import pytest
@@ -31,6 +32,19 @@ pytestmark = [
 
 BIG = 100 * 1024 * 1024
 UPLOAD_PORT = 8444
+# The peer routes *.example.net by DNS (route by DNS): dnsmasq in host2's namespace answers.
+DNS_ADDRESS, DNS_PORT = HOSTS["host2"], 5353
+DNS_RECORDS = {"dyn.example.net": HOSTS["host1"], "out.example.net": HOSTS["host2"]}
+RESOLVE_ROUTE = f"""
+[[route]]
+name = "*.example.net"
+resolve = true
+networks = ["{HOSTS['host1']}/128"]
+
+[resolver]
+servers = ["[{DNS_ADDRESS}]:{DNS_PORT}"]
+timeout = 1.0
+"""
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +59,22 @@ def lab():
         wait_until(lambda: str(UPLOAD_PORT) in lab.listening_ports("host1"), 10, "the hash server",
                    lambda: (host1 / "hash.err").read_text())
         assert proc.poll() is None
+        if shutil.which("dnsmasq"):
+            hosts = lab.dir / "dns-hosts"
+            hosts.write_text("".join(f"{address} {name}\n" for name, address in DNS_RECORDS.items()))
+            dnsmasq = lab.popen("host2", [
+                "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
+                f"--addn-hosts={hosts}", "--local=/example.net/", f"--listen-address={DNS_ADDRESS}",
+                "--bind-interfaces", f"--port={DNS_PORT}", "--user=root", "--group=root",
+                f"--pid-file={lab.dir}/dnsmasq.pid"], stdin=None, stdout=None, stderr=None)
+            wait_until(lambda: str(DNS_PORT) in " ".join(lab.listening_ports("host2")) or dnsmasq.poll() is not None,
+                       10, "dnsmasq to listen")
         yield lab
 
 
 @pytest.fixture(scope="module")
 def peer(lab):
-    k = lab.start_kracauer(lab.peer_config(f'\n[log]\naccess = "{lab.dir}/peer-access.log"\n'))
+    k = lab.start_kracauer(lab.peer_config(RESOLVE_ROUTE + f'\n[log]\naccess = "{lab.dir}/peer-access.log"\n'))
     wait_until(lambda: not k.running() or "running on" in k.stderr(), 15, "the peer kracauer", k.stderr)
     assert k.running(), k.stderr()
     yield k
@@ -102,6 +126,23 @@ def test_peer_alone_refuses_an_unknown_name_with_403(lab, peer):
     result = direct_to_peer(lab, "https://nowhere.example.com/")
     assert result.returncode != 0
     assert result.stdout.rsplit("\n", 1)[-1] == "403", result.stdout + result.stderr
+
+
+@pytest.mark.skipif(shutil.which("dnsmasq") is None, reason="needs dnsmasq (scripts/setup-env)")
+def test_peer_alone_routes_by_dns_and_refuses_an_answer_outside_networks(lab, peer):
+    # The peer's own resolve route: the AAAA record names the host (RFC 3596), inside `networks`.
+    result = direct_to_peer(lab, "https://dyn.example.net/", "-k")
+    assert result.returncode == 0, result.stderr
+    body, status = result.stdout.rsplit("\n", 1)
+    assert (body.strip(), status) == ("host1", "200")
+    embedded = netlab.embed(BCLIENT_ADDRESS, PEER_PREFIX)
+    lab.wait_for_log("host1", lambda e: e["remote_addr"] == embedded and e["sni"] == "dyn.example.net")
+    # host2's address is outside the route's networks: refused as an unknown name is.
+    result = direct_to_peer(lab, "https://out.example.net/", "-k")
+    assert result.stdout.rsplit("\n", 1)[-1] == "403", result.stdout + result.stderr
+    wait_until(lambda: any(r["outcome"] == "refused_outside_networks" and r["name"] == "out.example.net"
+                           for r in records(lab, "peer-access.log")), 5, "the peer's record of the refusal",
+               lambda: str(records(lab, "peer-access.log")))
 
 
 def test_peer_alone_refuses_a_missing_forwarded_with_400(lab, peer):
