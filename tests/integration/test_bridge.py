@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import signal
 import sys
 
 import pytest
@@ -31,6 +32,7 @@ pytestmark = [
 ]
 
 BIG = 100 * 1024 * 1024
+METRICS = "127.0.0.1:9477"  # each kracauer's, in its own namespace
 UPLOAD_PORT = 8444
 # The peer routes *.example.net by DNS (route by DNS): dnsmasq in host2's namespace answers.
 DNS_ADDRESS, DNS_PORT = HOSTS["host2"], 5353
@@ -74,7 +76,10 @@ def lab():
 
 @pytest.fixture(scope="module")
 def peer(lab):
-    k = lab.start_kracauer(lab.peer_config(RESOLVE_ROUTE + f'\n[log]\naccess = "{lab.dir}/peer-access.log"\n'))
+    text = lab.peer_config(RESOLVE_ROUTE + f'\n[log]\naccess = "{lab.dir}/peer-access.log"\n'
+                                          f'\n[metrics]\nlisten = "{METRICS}"\n')
+    k = lab.start_kracauer(text)
+    k.config_text = text
     wait_until(lambda: not k.running() or "running on" in k.stderr(), 15, "the peer kracauer", k.stderr)
     assert k.running(), k.stderr()
     yield k
@@ -84,8 +89,10 @@ def peer(lab):
 
 @pytest.fixture(scope="module")
 def ingress(lab, peer):
-    k = lab.start_kracauer(lab.ingress_config(extra=f'\n[log]\naccess = "{lab.dir}/ingress-access.log"\n'),
-                           role="ingress")
+    text = lab.ingress_config(extra=f'\n[log]\naccess = "{lab.dir}/ingress-access.log"\n'
+                                    f'\n[metrics]\nlisten = "{METRICS}"\n')
+    k = lab.start_kracauer(text, role="ingress")
+    k.config_text = text
     wait_until(lambda: not k.running() or "running on" in k.stderr(), 15, "the ingress kracauer", k.stderr)
     assert k.running(), k.stderr()
     yield k
@@ -233,6 +240,51 @@ def test_a_wrong_ingress_client_certificate_is_refused(lab, peer, ingress):
     finally:
         code, stderr = k.stop()
         assert code == 0, stderr
+
+
+def metric(lab, role: str, name: str, **labels: str) -> float:
+    """One sample of a kracauer's /metrics (0 when absent), read from inside its namespace."""
+    text = lab.run(role, ["curl", "-sS", "--max-time", "5", f"http://{METRICS}/metrics"], timeout=10).stdout
+    wanted = name + ("{" + ",".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}" if labels else "")
+    for line in text.splitlines():
+        sample, _, value = line.rpartition(" ")
+        if sample == wanted:
+            return float(value)
+    return 0.0
+
+
+def test_metrics_count_tunnels_and_bytes_on_both_ends(lab, ingress):
+    before = metric(lab, "ingress", "kracauer_bridge_tunnels_total", side="ingress", outcome="closed")
+    peer_before = metric(lab, "box", "kracauer_bridge_bytes_total", side="peer", direction="to_client")
+    result = via_bridge(lab, "https://www.example.com/")
+    assert result.stdout == "host1\n\n200", result.stdout + result.stderr
+    # Worker 0's counters reach the supervisor's /metrics within about a second.
+    wait_until(lambda: metric(lab, "ingress", "kracauer_bridge_tunnels_total", side="ingress",
+                              outcome="closed") == before + 1, 5, "the ingress's tunnel count")
+    wait_until(lambda: metric(lab, "box", "kracauer_bridge_bytes_total", side="peer", direction="to_client")
+               > peer_before + 1000, 5, "the peer's byte count (the service's certificate and answer)")
+    assert metric(lab, "ingress", "kracauer_bridge_tunnels_active", side="ingress") == 0
+
+
+def test_a_reload_keeps_an_open_tunnel_and_routes_new_names(lab, peer, ingress):
+    out = lab.dir / "reload-download.bin"
+    download = lab.popen("bclient", ["curl", "-sS", "--max-time", "60", "--cacert", str(lab.ca_cert),
+                                     "--resolve", f"www.example.com:443:{SERVICE_ADDRESS}", "--limit-rate", "25M",
+                                     "-o", str(out), "https://www.example.com/big.bin"])
+    wait_until(lambda: out.exists() and out.stat().st_size > 5_000_000, 15, "the download to start")
+    assert via_bridge(lab, "https://later.example.com/", "-k").returncode != 0  # the peer has no such route yet
+    # Both ends reload while the tunnel is open: the peer gains a route, the ingress a limit.
+    peer.rewrite_config(peer.config_text + f'\n[[route]]\nname = "later.example.com"\nhost = "{HOSTS["host2"]}"\n'
+                                           'port = 8443\n')
+    ingress.rewrite_config(ingress.config_text.replace("[log]", "[limits]\nmax_tunnels = 500\n\n[log]", 1))
+    for k in (peer, ingress):
+        k.popen.send_signal(signal.SIGHUP)
+        wait_until(lambda k=k: "reloaded" in k.stderr(), 5, "the reload", k.stderr)
+    assert "reload refused" not in peer.stderr() + ingress.stderr()
+    result = via_bridge(lab, "https://later.example.com/", "-k")
+    assert result.stdout == "host2\n\n200", result.stdout + result.stderr
+    assert download.wait(60) == 0
+    assert hashlib.sha256(out.read_bytes()).hexdigest() == lab.big_sha256
 
 
 def test_100_mb_download_and_upload_are_intact(lab, ingress):
