@@ -184,7 +184,7 @@ cert = "{cert}"
 key = "{key}"
 client_ca = "{self.certs['ingress-ca'][0]}"
 prefix = "{PEER_PREFIX}"
-ports = [443, 8444]
+ports = [80, 443, 8444]
 
 [[route]]
 name = "www.example.com"
@@ -215,6 +215,11 @@ prefix = "{netlab.PREFIX}"
 address = "{netlab.SERVICE_ADDRESS}"
 port = 443
 protocol = "tls"
+
+[[listen]]
+address = "{netlab.SERVICE_ADDRESS}"
+port = 80
+protocol = "http"
 
 [[listen]]
 address = "{netlab.SERVICE_ADDRESS}"

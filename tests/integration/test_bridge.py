@@ -207,6 +207,18 @@ def test_the_connect_listener_goes_through_the_bridge_and_the_relay_answers_the_
     assert result.stdout == "host1\n\n200 200"
 
 
+def test_plain_http_goes_through_the_bridge_by_its_host_header(lab, ingress):
+    # An http listener's bridge route: the relay reads the Host header again (the same peeker) and the
+    # firewall still only sees the outer TLS with the bridge's name.
+    result = via_bridge(lab, "http://www.example.com/")
+    assert result.returncode == 0, result.stderr + ingress.stderr()
+    assert result.stdout == "host1\n\n200", result.stdout
+    embedded = netlab.embed(BCLIENT_ADDRESS, PEER_PREFIX)
+    lab.wait_for_log("host1", lambda e: e["remote_addr"] == embedded and e["server_port"] == "80")
+    wait_until(lambda: any(r.get("listener_protocol") == "http" and r["outcome"] == "closed"
+                           for r in records(lab, "ingress-access.log")), 5, "the ingress's record")
+
+
 def test_the_firewall_drops_a_direct_connection_with_the_services_name(lab, ingress):
     proc = lab.run("ingress", ["openssl", "s_client", "-connect", f"{FW_INGRESS_SIDE}:{BRIDGE_PORT}",
                                "-servername", "www.example.com", "-CAfile", str(lab.ca_cert)], input="", timeout=20)
