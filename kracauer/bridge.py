@@ -55,7 +55,7 @@ import socket
 import ssl
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Awaitable, Callable, Iterator
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
@@ -385,6 +385,29 @@ class Tunnels:
             log.exception("could not write a bridge access-log record")
 
 
+async def run_tunnel(tunnels: Tunnels, tunnel: Tunnel, stream: Stream, serve: Callable[[], Awaitable[str]],
+                     what: str) -> None:
+    """Admit `tunnel` under max_tunnels, run serve() and record its outcome; a failure is logged, never raised
+    (a cancellation, at a stop, is recorded as "shutdown" and passed on)."""
+    if not tunnels.admit(tunnel.side):
+        tunnel.outcome = "refused_tunnels"
+        stream.reset()
+        tunnels.done(tunnel, admitted=False)
+        return
+    try:
+        tunnel.outcome = await serve()
+    except asyncio.CancelledError:
+        tunnel.outcome = "shutdown"
+        stream.reset()
+        raise
+    except Exception:
+        log.exception("%s failed", what)
+        tunnel.outcome = "error"
+        stream.reset()
+    finally:
+        tunnels.done(tunnel)
+
+
 class BridgeCollector:
     """/metrics families of the bridge (read from the services thread's counters)."""
 
@@ -460,23 +483,8 @@ class PeerListener:
         raw = Stream(reader, writer)
         address = raw.peername[0] if raw.peername else "?"
         tunnel = Tunnel("peer", client="", client_port=0, peer=address, bridge=self.name)
-        if not service.tunnels.admit("peer"):
-            tunnel.outcome = "refused_tunnels"
-            raw.reset()
-            service.tunnels.done(tunnel, admitted=False)
-            return
-        try:
-            tunnel.outcome = await self._serve(reader, writer, tunnel)
-        except asyncio.CancelledError:
-            tunnel.outcome = "shutdown"
-            raw.reset()
-            raise
-        except Exception:
-            log.exception("bridge peer: a tunnel from %s failed", address)
-            tunnel.outcome = "error"
-            raw.reset()
-        finally:
-            service.tunnels.done(tunnel)
+        await run_tunnel(service.tunnels, tunnel, raw, lambda: self._serve(reader, writer, tunnel),
+                         f"bridge peer: a tunnel from {address}")
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tunnel: Tunnel) -> str:
         limits = self.service.config.limits
@@ -627,23 +635,8 @@ class IngressRelay:
             client.reset()
             service.tunnels.done(tunnel, admitted=False)
             return
-        if not service.tunnels.admit("ingress"):
-            tunnel.outcome = "refused_tunnels"
-            client.reset()
-            service.tunnels.done(tunnel, admitted=False)
-            return
-        try:
-            tunnel.outcome = await self._serve(protocol, client, tunnel)
-        except asyncio.CancelledError:
-            tunnel.outcome = "shutdown"
-            client.reset()
-            raise
-        except Exception:
-            log.exception("bridge relay: a tunnel for %s failed", tunnel.client)
-            tunnel.outcome = "error"
-            client.reset()
-        finally:
-            service.tunnels.done(tunnel)
+        await run_tunnel(service.tunnels, tunnel, client, lambda: self._serve(protocol, client, tunnel),
+                         f"bridge relay: a tunnel for {tunnel.client}")
 
     async def _serve(self, protocol: str, client: Stream, tunnel: Tunnel) -> str:
         limits = self.service.config.limits
