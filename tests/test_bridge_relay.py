@@ -10,6 +10,7 @@ the real one binds prefix::client, whose answers would leave the box).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import hashlib
 import ipaddress
@@ -503,7 +504,6 @@ def test_a_reload_changes_the_cap_for_new_tunnels():
 
 
 def dataclass_replace_limits(config, **limits):
-    import dataclasses
     return dataclasses.replace(config, limits=dataclasses.replace(config.limits, **limits))
 
 
@@ -599,6 +599,10 @@ prefix = "2001:db8:64::/96"
 name = "www.service.example.com"
 host = "2001:db8::10"
 
+[[route]]
+name = "www.example.com"
+host = "2001:db8::20"
+
 [limits]
 idle_timeout = 2
 hello_timeout = 0.5
@@ -610,10 +614,9 @@ class PeerBox:
     """A BridgeService with one peer listener on 127.0.0.1 (port chosen by the kernel), whose host
     connections go to a loopback echo-and-record server instead of [host]:port from prefix::client."""
 
-    def __init__(self, pki: Pki, max_tunnels: int = 10) -> None:
+    def __init__(self, pki: Pki, max_tunnels: int = 10, ports: tuple[int, ...] = (443,)) -> None:
         config = parse_config(PEER_CONFIG + f"max_tunnels = {max_tunnels}\n")
-        import dataclasses
-        config = dataclasses.replace(config, bridge_listeners=(pki.peer,))
+        config = dataclasses.replace(config, bridge_listeners=(dataclasses.replace(pki.peer, ports=ports),))
         self.lines: list[str] = []
         self.service = BridgeService(config, self.lines.append, "lo")
         [self.peer] = self.service.peers
@@ -771,4 +774,201 @@ def test_the_peer_resets_a_head_that_never_ends(pki):
         assert [r["outcome"] for r in box.records()] == ["hello_timeout"]
         stream.reset()
         await box.stop()
+    run(main())
+
+
+# ---------------------------------------------------------------- the ingress relay, to a peer on loopback
+
+INGRESS_CONFIG = """\
+[translate]
+prefix = "64:ff9b:1::/96"
+
+[[listen]]
+address = "192.0.2.10"
+port = {listen_port}
+protocol = "{protocol}"
+{extra}
+[[bridge]]
+name = "provider"
+address = "127.0.0.1:{peer_port}"
+server_name = "bridge.example.com"
+ca = "{ca}"
+cert = "{cert}"
+key = "{key}"
+
+[[route]]
+name = "www.example.com"
+bridge = "provider"
+port = {port}
+
+[limits]
+idle_timeout = 2
+hello_timeout = 0.5
+connect_timeout = 1
+"""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
+        s.bind(("::1", 0))
+        return s.getsockname()[1]
+
+
+class IngressBox:
+    """An ingress BridgeService whose relay listens on [::1]:port, the port a bridge route names (on the
+    box: prefix::255.255.255.x, bound to the TUN). Connections from ::1 count as from the client 0.0.0.1,
+    as if ::/96 were the prefix the tracker spliced them from."""
+
+    def __init__(self, pki: Pki, peer_port: int, protocol: str, monkeypatch, bridge: Bridge | None = None) -> None:
+        bridge = bridge or pki.ingress
+        self.port = free_port()
+        extra = "allow = [\"198.51.100.0/24\"]\nports = [%d]\n" % self.port if protocol == "connect" else ""
+        text = INGRESS_CONFIG.format(listen_port=3128 if protocol == "connect" else 443, protocol=protocol,
+                                     extra=extra, peer_port=peer_port, ca=bridge.ca, cert=bridge.cert, key=bridge.key,
+                                     port=self.port)
+        bound: list[tuple[str, int, str | None]] = []
+
+        def listening_socket(family, address, port, device=None):
+            bound.append((address, port, device))
+            return original(family, "::1", port)
+        original = bridge_module._listening_socket
+        monkeypatch.setattr(bridge_module, "_listening_socket", listening_socket)
+        self.lines: list[str] = []
+        self.service = BridgeService(parse_config(text), self.lines.append, "kracauer0")
+        # The relay's real address for the protocol, on the TUN device (only the tracker's splices reach it).
+        assert bound == [(str(bridge_module.relay_addresses(ipaddress.IPv6Network("64:ff9b:1::/96"))[protocol]),
+                          self.port, "kracauer0")]
+        self.service.relay.prefixes = [ipaddress.IPv6Network("::/96")]
+
+    async def client(self) -> Stream:
+        reader, writer = await asyncio.open_connection("::1", self.port, limit=CHUNK)
+        return Stream(reader, writer)
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.lines]
+
+
+async def both(pki, monkeypatch, protocol: str, *, peer_ports=None, bridge=None):
+    peer = PeerBox(pki, ports=peer_ports or ())
+    ingress = IngressBox(pki, peer.port, protocol, monkeypatch, bridge)
+    if peer_ports is None:
+        peer.peer.listener = dataclasses.replace(peer.peer.listener, ports=(ingress.port,))
+    await peer.start()
+    await ingress.service.start()
+    return peer, ingress
+
+
+def test_a_tls_client_goes_through_relay_and_peer_to_the_host_untouched(pki, monkeypatch):
+    from tests.test_tracker import CHROME
+
+    async def main():
+        peer, ingress = await both(pki, monkeypatch, "tls")
+        client = await ingress.client()
+        client.write(CHROME)  # the client's own ClientHello: the relay reads its name, passes it on unchanged
+        assert await client.reader.readexactly(13) == b"service hello"
+        await client.write_eof()
+        assert await client.read() == b""
+        await until(lambda: ingress.lines and peer.lines)
+        assert bytes(peer.host_received) == CHROME
+        # The peer connected from its prefix + the client (0.0.0.1 here), told by Forwarded.
+        assert peer.host_connects == [("2001:db8:64::1", "2001:db8::20", ingress.port)]
+        [record] = ingress.records()
+        assert {k: record[k] for k in ("side", "client", "listener_protocol", "bridge", "peer", "outer_name", "name",
+                                        "port", "route", "bytes_to_host", "bytes_to_client", "outcome")} == {
+            "side": "ingress", "client": "0.0.0.1", "listener_protocol": "tls", "bridge": "provider",
+            "peer": f"127.0.0.1:{peer.port}", "outer_name": SERVER_NAME, "name": "www.example.com",
+            "port": ingress.port, "route": "www.example.com", "bytes_to_host": len(CHROME), "bytes_to_client": 13,
+            "outcome": "closed"}
+        [record] = peer.records()
+        assert (record["client"], record["outer_name"], record["name"], record["outcome"]) == (
+            "0.0.0.1", SERVER_NAME, "www.example.com", "closed")
+        assert ingress.service.tunnels.active == {"ingress": 0, "peer": 0}
+        client.reset()
+        await ingress.service.stop(), await peer.stop()
+    run(main())
+
+
+def test_for_a_connect_listener_the_relay_answers_the_connect_after_the_peer(pki, monkeypatch):
+    async def main():
+        peer, ingress = await both(pki, monkeypatch, "connect")
+        client = await ingress.client()
+        head = b"CONNECT www.example.com:%d HTTP/1.1\r\nHost: www.example.com\r\n\r\n" % ingress.port
+        client.write(head + b"early bytes")  # the tunnel's first bytes may follow the head at once
+        expected = connect.CONNECTION_ESTABLISHED + b"service hello"
+        assert await client.reader.readexactly(len(expected)) == expected
+        await client.write_eof()
+        assert await client.read() == b""
+        await until(lambda: ingress.lines and peer.lines)
+        # The client's head is the relay's: the peer got its own CONNECT, the host only the tunnel.
+        assert bytes(peer.host_received) == b"early bytes"
+        [record] = ingress.records()
+        assert (record["name"], record["listener_protocol"], record["bytes_to_host"], record["outcome"]) == (
+            "www.example.com", "connect", len(b"early bytes"), "closed")
+        client.reset()
+        await ingress.service.stop(), await peer.stop()
+    run(main())
+
+
+def test_a_peer_that_refuses_gets_the_client_a_reset(pki, monkeypatch):
+    # Issue 10: a non-200 from the peer makes the ingress reset the client (its TLS never began).
+    from tests.test_tracker import CHROME
+
+    async def main():
+        peer, ingress = await both(pki, monkeypatch, "tls", peer_ports=(443,))  # not the route's port: 403
+        client = await ingress.client()
+        client.write(CHROME)
+        with pytest.raises(ConnectionResetError):
+            await read_all(client)
+        await until(lambda: ingress.lines and peer.lines)
+        assert [r["outcome"] for r in ingress.records()] == ["peer_refused_403"]
+        assert [r["outcome"] for r in peer.records()] == ["refused_port"]
+        await ingress.service.stop(), await peer.stop()
+    run(main())
+
+
+def test_a_peer_that_refuses_the_ingress_certificate_is_peer_tls_failed(pki, monkeypatch):
+    from tests.test_tracker import CHROME
+
+    async def main():
+        peer, ingress = await both(pki, monkeypatch, "tls", bridge=pki.stranger)
+        client = await ingress.client()
+        client.write(CHROME)
+        with pytest.raises(ConnectionResetError):
+            await read_all(client)
+        await until(lambda: ingress.lines and peer.lines)
+        assert [r["outcome"] for r in ingress.records()] == ["peer_tls_failed"]
+        assert [r["outcome"] for r in peer.records()] == ["client_tls_failed"]
+        await ingress.service.stop(), await peer.stop()
+    run(main())
+
+
+def test_the_relay_refuses_a_connection_from_outside_the_prefixes(pki, monkeypatch):
+    async def main():
+        peer, ingress = await both(pki, monkeypatch, "tls")
+        ingress.service.relay.prefixes = [ipaddress.IPv6Network("64:ff9b:1::/96")]  # ::1 is not a client
+        client = await ingress.client()
+        with pytest.raises(ConnectionResetError):
+            await read_all(client)
+        await until(lambda: ingress.lines)
+        assert [(r["client"], r["outcome"]) for r in ingress.records()] == [("::1", "refused_source")]
+        assert peer.lines == []
+        await ingress.service.stop(), await peer.stop()
+    run(main())
+
+
+def test_an_unreachable_peer_is_peer_unreachable(pki, monkeypatch):
+    from tests.test_tracker import CHROME
+
+    async def main():
+        ingress = IngressBox(pki, free_port(), "tls", monkeypatch)  # nothing listens there
+        ingress.service.bridges["provider"] = dataclasses.replace(ingress.service.bridges["provider"],
+                                                                 address="::1")
+        await ingress.service.start()
+        client = await ingress.client()
+        client.write(CHROME)
+        with pytest.raises(ConnectionResetError):
+            await read_all(client)
+        await until(lambda: ingress.lines)
+        assert [r["outcome"] for r in ingress.records()] == ["peer_unreachable"]
+        await ingress.service.stop()
     run(main())
