@@ -969,6 +969,9 @@ def test_an_unreachable_peer_is_peer_unreachable(pki, monkeypatch):
         with pytest.raises(ConnectionResetError):
             await read_all(client)
         await until(lambda: ingress.lines)
-        assert [r["outcome"] for r in ingress.records()] == ["peer_unreachable"]
+        [record] = ingress.records()
+        assert record["outcome"] == "peer_unreachable"
+        # An IPv6 peer is written in brackets (RFC 3986 §3.2.2), as in the config: "::1:443" would be ambiguous.
+        assert record["peer"] == f"[::1]:{ingress.service.bridges['provider'].port}"
         await ingress.service.stop()
     run(main())
