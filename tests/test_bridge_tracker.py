@@ -22,8 +22,8 @@ from netstack.connect import CONNECTION_ESTABLISHED, FORBIDDEN_NAME, ConnectPoli
 from netstack.peek import Decision
 from netstack.state import restore, snapshot
 from netstack.tracker import Listener, Target, Tracker, TrackerConfig
-from tests.test_tracker import CHROME, CLIENT6, LISTENERS, M32, PREFIX, SERVICE, Box, Walk
-from tests.test_tracker_connect import CURL, L, PROXY, PROXY_PORT, answers
+from tests.test_tracker import CHROME, CLIENT6, LISTENERS, M32, PREFIX, Box, Walk
+from tests.test_tracker_connect import CURL, PROXY, PROXY_PORT, answers
 
 V4 = ipaddress.IPv4Address
 V6 = ipaddress.IPv6Address
@@ -50,7 +50,7 @@ class RelayBox(Box):
                                [*LISTENERS, PROXY], resolve, lambda: rng.getrandbits(32))
 
 
-def connect_walk(box: RelayBox, head: bytes = CURL + CHROME) -> Walk:
+def connect_walk(box: RelayBox, head: bytes = CURL + CHROME) -> tuple[Walk, object]:
     """Handshake, then the CONNECT head (and the ClientHello after it): the relay's SYN."""
     walk = Walk(box, dport=PROXY_PORT)
     walk.handshake()
