@@ -658,7 +658,8 @@ class IngressRelay:
             client.reset()  # the routes changed (a reload) between the tracker's decision and now
             return "refused_unknown_name"
         tunnel.bridge, tunnel.outer_name = bridge.name, bridge.server_name
-        tunnel.peer = f"{bridge.address}:{bridge.port}"
+        # RFC 3986 §3.2.2: an IPv6 address in brackets, as the config writes it ("::1:4443" is ambiguous).
+        tunnel.peer = f"[{bridge.address}]:{bridge.port}" if ":" in bridge.address else f"{bridge.address}:{bridge.port}"
         if protocol == "connect":
             # The relay answers the client's CONNECT itself: its head is not passed on, what follows is the tunnel's.
             buffered = buffered[decision.hello_size:]

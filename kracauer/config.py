@@ -890,7 +890,12 @@ class _Validator:
             host, port = self.host_port(self.require(item, path + ("address",)), path + ("address",))
             server_name = normalize_server_name(self.string(self.require(item, path + ("server_name",)),
                                                             path + ("server_name",)))
-            problem = _dns_name_problem(server_name)
+            try:
+                ipaddress.ip_address(server_name)
+                # RFC 6066 §3: no IP literal in a server_name; ssl would send no SNI at all for it.
+                problem = "an IP address is not a server name (RFC 6066 §3), and no SNI would be sent for it"
+            except ValueError:
+                problem = _dns_name_problem(server_name)
             if problem:
                 raise self.error(path + ("server_name",), f"expected a DNS name (the outer SNI): {problem}")
             files = {key: self.absolute_path(self.require(item, path + (key,)), path + (key,))

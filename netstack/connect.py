@@ -266,8 +266,9 @@ class BadResponse:
     reason: str
 
 
-# RFC 9112 §4: status-line = HTTP-version SP status-code SP [ reason-phrase ].
-_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3}) ?([\t\x20-\x7e\x80-\xff]*)\r?\n")
+# RFC 9112 §4: status-line = HTTP-version SP status-code SP [ reason-phrase ]. The SP before
+# an empty reason may be missing (as h11 accepts), but a status code is three digits and no more.
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?\r?\n")
 
 
 class ResponseHeadReader:
@@ -313,7 +314,7 @@ class ResponseHeadReader:
                 match = _STATUS_LINE.fullmatch(line)
                 if match is None:
                     return BadResponse("malformed status line")
-                self._status = (int(match[1]), match[2].decode("latin-1"))
+                self._status = (int(match[1]), (match[2] or b"").decode("latin-1"))
                 continue
             if line in (b"\r\n", b"\n"):
                 size = self._line_start
