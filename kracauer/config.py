@@ -4,7 +4,7 @@
 string. Every problem raises ``ConfigError`` with one line of text that names
 the file, the line when it is known, the key and what was expected::
 
-    kracauer.toml:14: listen[1].protocol: expected one of "tls", "http", "tcp", "connect", got "udp"
+    kracauer.toml:14: listen[1].protocol: expected one of "tls", "http", "tcp", "connect", "bridge", got "udp"
 
 Array entries are counted from 0 (``listen[0]`` is the first ``[[listen]]``).
 Line numbers come from the TOML parser for syntax errors; for the other errors
@@ -34,6 +34,8 @@ except ModuleNotFoundError:  # Python < 3.11
 __all__ = [
     "Config",
     "ConfigError",
+    "Bridge",
+    "BridgeListener",
     "Fallback",
     "Limits",
     "Listener",
@@ -48,7 +50,9 @@ __all__ = [
     "parse_config",
 ]
 
-PROTOCOLS = ("tls", "http", "tcp", "connect")
+PROTOCOLS = ("tls", "http", "tcp", "connect", "bridge")
+# Listeners whose connections come through the TUN (a "bridge" listener is a TLS socket of its own).
+TUN_PROTOCOLS = ("tls", "http", "tcp", "connect")
 
 
 class ConfigError(ValueError):
@@ -104,9 +108,35 @@ class Listener:
 
 
 @dataclass(frozen=True)
+class BridgeListener:
+    """A bridge peer's TLS listener (docs/configuration.md, "protocol = bridge"): sockets, not the TUN."""
+
+    address: ipaddress.IPv4Address
+    port: int
+    cert: str                    # this peer's certificate chain (PEM), read at start while still root
+    key: str                     # its private key (PEM)
+    client_ca: str               # only ingress boxes with a certificate from this CA may open tunnels
+    prefix: ipaddress.IPv6Network   # the hosts see prefix::client; routed `local` on lo, never into the TUN
+    ports: tuple[int, ...] = (443,)  # the ports a tunnel's CONNECT may name
+
+
+@dataclass(frozen=True)
+class Bridge:
+    """An ingress box's peer kracauer ([[bridge]]), which routes bridge routes' connections onwards."""
+
+    name: str
+    address: str                 # the peer: a host name or an IP address (as written, without port)
+    port: int
+    server_name: str             # the outer SNI: the one name the firewall lets through
+    ca: str                      # verifies the peer's certificate
+    cert: str                    # this box's client certificate (PEM)
+    key: str                     # its private key
+
+
+@dataclass(frozen=True)
 class Route:
     name: str                    # as written in the file
-    host: ipaddress.IPv6Address | None  # the first host; None for a resolve route
+    host: ipaddress.IPv6Address | None  # the first host; None for a resolve route; the relay's address for a bridge route
     port: int | None = None      # None: the listener's port
     hosts: tuple[ipaddress.IPv6Address, ...] = ()   # every host (a client's address picks one)
     alpn: str | None = None      # only for TLS clients that offer this ALPN protocol
@@ -114,6 +144,7 @@ class Route:
     # those inside `networks` only; such a route has no host.
     resolve: bool = False
     networks: tuple[ipaddress.IPv6Network, ...] = ()
+    bridge: str | None = None    # the [[bridge]] name: the connection goes to the local relay (relay_address()), then the peer
 
     def __post_init__(self) -> None:
         _all_hosts(self)
@@ -145,6 +176,7 @@ class Limits:
     max_peeking: int = 10_000        # connections still sending their hello; the oldest is reset past it
     syn_backlog: int = 1024          # half-open handshakes kept with state; SYN cookies past it
     host_try_timeout: float = 3.0    # with several hosts, seconds one may take before the next is tried; <= connect_timeout
+    max_tunnels: int = 10_000        # bridge tunnels open at once in this process (ingress relay and peer listener each)
 
 
 @dataclass(frozen=True)
@@ -217,8 +249,27 @@ class Config:
     state: StateConfig | None = None       # None: no state kept across restarts, TUN not persistent
     kernel_path: KernelPathConfig = KernelPathConfig()
     resolver: ResolverConfig = ResolverConfig()
+    bridges: tuple[Bridge, ...] = ()                  # [[bridge]]: peers of this ingress box
+    bridge_listeners: tuple[BridgeListener, ...] = ()  # [[listen]] with protocol "bridge" (not in `listeners`)
     # The TOML it was read from (a supervisor hands this text to its workers); not part of its value.
     text: str = dataclasses.field(default="", compare=False, repr=False)
+
+
+def normalize_server_name(name: str) -> str:
+    name = name.lower() if name.isascii() else name
+    return name[:-1] if name.endswith(".") else name
+
+
+def relay_address(prefix: ipaddress.IPv6Network) -> ipaddress.IPv6Address:
+    """The ingress relay's address: the prefix with 255.255.255.255 embedded.
+
+    No client can have that address (RFC 919 §7: limited broadcast is never a
+    source), it lies in the prefix that is routed into the TUN already (so the
+    relay's answers to prefix::client go back into the TUN with no new route),
+    and kracauer puts it on its own TUN device (/128), so the packets it
+    writes into the TUN for it are delivered locally.
+    """
+    return prefix.network_address + 0xFFFFFFFF
 
 
 # ---------------------------------------------------------------------------
@@ -454,7 +505,7 @@ def _route_name_key(name: str) -> tuple[str, str] | str:
 # Validation
 
 _TOP_KEYS = ("tun", "translate", "listen", "route", "fallback", "limits", "health", "log", "metrics", "state", "resolver",
-             "kernel_path")
+             "kernel_path", "bridge")
 _KERNEL_PATH_KEYS = ("enabled", "pin_dir", "max_flows", "python_syn_rate")
 _LOG_KEYS = ("access", "level")
 _METRICS_KEYS = ("listen",)
@@ -464,10 +515,11 @@ _TUN_KEYS = ("name", "mtu", "offload", "user", "workers")
 # A TUN has at most 256 queues (drivers/net/tun.c, MAX_TAP_QUEUES).
 MAX_WORKERS = 256
 _TRANSLATE_KEYS = ("prefix",)
-_LISTEN_KEYS = ("address", "port", "protocol", "host", "prefix", "allow", "ports")
+_LISTEN_KEYS = ("address", "port", "protocol", "host", "prefix", "allow", "ports", "cert", "key", "client_ca")
+_BRIDGE_KEYS = ("name", "address", "server_name", "ca", "cert", "key")
 # The target ports a connect listener's CONNECT may name when `ports` is not given.
 CONNECT_PORTS = (443,)
-_ROUTE_KEYS = ("name", "host", "port", "alpn", "resolve", "networks")
+_ROUTE_KEYS = ("name", "host", "port", "alpn", "resolve", "networks", "bridge")
 _RESOLVER_KEYS = ("servers", "timeout", "attempts", "cache_size", "max_ttl", "negative_ttl", "failure_ttl")
 # [resolver] integer keys and their ranges (seconds for the TTLs).
 _RESOLVER_COUNTS = {"attempts": (1, 10), "cache_size": (1, 1_000_000), "max_ttl": (1, 86400),
@@ -475,8 +527,9 @@ _RESOLVER_COUNTS = {"attempts": (1, 10), "cache_size": (1, 1_000_000), "max_ttl"
 MAX_RESOLVER_TIMEOUT = 30.0
 _FALLBACK_KEYS = ("host", "port")
 _LIMITS_KEYS = ("hello_timeout", "hello_max_bytes", "connect_timeout", "host_try_timeout", "idle_timeout",
-                "max_connections", "max_peeking", "syn_backlog")
-_LIMITS_COUNTS = {"max_connections": (1, 10_000_000), "max_peeking": (1, 10_000_000), "syn_backlog": (0, 10_000_000)}
+                "max_connections", "max_peeking", "syn_backlog", "max_tunnels")
+_LIMITS_COUNTS = {"max_connections": (1, 10_000_000), "max_peeking": (1, 10_000_000), "syn_backlog": (0, 10_000_000),
+                  "max_tunnels": (1, 1_000_000)}
 
 _MISSING = object()
 
@@ -521,6 +574,9 @@ class _Validator:
         self.text = text
         self._locator: _Locator | None = None
         self.prefix: ipaddress.IPv6Network | None = None
+        self.bridge_names: list[str] = []
+        self.bridge_listeners: list[BridgeListener] = []
+        self.doc_listen: list[dict] = []
 
     # -- errors ----------------------------------------------------------
 
@@ -656,7 +712,10 @@ class _Validator:
         self.known_keys(doc, (), _TOP_KEYS)
         tun = self.tun(doc)
         self.prefix = self.translate(doc)
+        bridges = self.bridges(doc)
+        self.bridge_names = [b.name for b in bridges]
         listeners = self.listeners(doc)
+        self.check_bridge_prefixes(listeners)
         routes = self.routes(doc)
         fallback = self.fallback(doc)
         limits = self.limits(doc)
@@ -667,14 +726,32 @@ class _Validator:
         kernel_path = self.kernel_path(doc)
         resolver = self.resolver(doc)
         if not routes and fallback is None:
-            named = [i for i, l in enumerate(listeners) if l.protocol != "tcp"]
+            named = [i for i, item in enumerate(doc.get("listen", [])) if item.get("protocol") != "tcp"]
             if named:
                 i = named[0]
-                raise self.error(("listen", i), f"nothing to route to: this {listeners[i].protocol} listener needs at least one [[route]] or a [fallback]")
+                raise self.error(("listen", i), f"nothing to route to: this {doc['listen'][i]['protocol']} listener "
+                                                "needs at least one [[route]] or a [fallback]")
         return Config(tun=tun, prefix=self.prefix, listeners=tuple(listeners), routes=tuple(routes),
                       fallback=fallback, limits=limits, source=self.source, health=health, log=log,
                       metrics=metrics, state=state, kernel_path=kernel_path,
-                      resolver=resolver)
+                      resolver=resolver, bridges=tuple(bridges),
+                      bridge_listeners=tuple(self.bridge_listeners))
+
+    def check_bridge_prefixes(self, listeners: list[Listener]) -> None:
+        """A bridge listener's prefix is routed `local` on lo: it must not be one routed into the TUN."""
+        tun_prefixes = {self.prefix: "[translate] prefix"}
+        for i, lst in enumerate(listeners):
+            if lst.prefix is not None:
+                tun_prefixes.setdefault(lst.prefix, "the prefix of a TUN listener")
+        for i, item in enumerate(self.doc_listen):
+            if item.get("protocol") != "bridge":
+                continue
+            bridge = next(b for b in self.bridge_listeners if b.address == ipaddress.IPv4Address(item["address"])
+                          and b.port == item["port"])
+            if bridge.prefix in tun_prefixes:
+                raise self.error(("listen", i, "prefix"), f"{bridge.prefix} is also {tun_prefixes[bridge.prefix]}, "
+                                                          "which is routed into the TUN; a bridge listener needs a "
+                                                          "prefix of its own (routed local on lo)")
 
     def tun(self, doc: dict) -> TunConfig:
         table = self.table(doc, ("tun",), _TUN_KEYS)
@@ -728,6 +805,7 @@ class _Validator:
 
     def listeners(self, doc: dict) -> list[Listener]:
         items = self.array_of_tables(doc, "listen", _LISTEN_KEYS)
+        self.doc_listen = items
         if not items:
             raise self.error(("listen",), "at least one [[listen]] entry is required")
         listeners: list[Listener] = []
@@ -741,14 +819,21 @@ class _Validator:
                 choices = ", ".join(_quote(p) for p in PROTOCOLS)
                 raise self.error(path + ("protocol",), f"expected one of {choices}, got {_quote(protocol)}")
             hosts: tuple[ipaddress.IPv6Address, ...] = ()
+            if (address, port) in seen:
+                raise self.error(path, f"{address}:{port} is already used by listen[{seen[address, port]}]")
+            if protocol == "bridge":
+                seen[address, port] = i
+                self.bridge_listeners.append(self.bridge_listener(item, path, address, port))
+                continue
+            for key in ("cert", "key", "client_ca"):
+                if key in item:
+                    raise self.error(path + (key,), f"only allowed with protocol \"bridge\" (this listener is {_quote(protocol)})")
             if protocol == "tcp":
                 hosts = self.ipv6_hosts(self.require(item, path + ("host",)), path + ("host",))
             elif "host" in item:
                 raise self.error(path + ("host",), f"only allowed with protocol \"tcp\" (this listener is {_quote(protocol)}; "
                                                    "its hosts come from [[route]] and [fallback])")
             allow, ports = self.connect_policy(item, path, protocol)
-            if (address, port) in seen:
-                raise self.error(path, f"{address}:{port} is already used by listen[{seen[address, port]}]")
             seen[address, port] = i
             prefix = None
             if "prefix" in item:
@@ -761,6 +846,87 @@ class _Validator:
                                       host=hosts[0] if hosts else None, hosts=hosts, prefix=prefix,
                                       allow=allow, ports=ports))
         return listeners
+
+    def bridge_listener(self, item: dict, path: Path, address: ipaddress.IPv4Address, port: int) -> BridgeListener:
+        """A bridge peer's listener: its certificate, the CA of the ingress boxes, and its own local prefix."""
+        for key in ("host", "allow"):
+            if key in item:
+                raise self.error(path + (key,), "not allowed with protocol \"bridge\" (its hosts come from [[route]]; "
+                                                "who may use it is decided by client_ca)")
+        files = {key: self.absolute_path(self.require(item, path + (key,)), path + (key,))
+                 for key in ("cert", "key", "client_ca")}
+        text = self.string(self.require(item, path + ("prefix",)), path + ("prefix",))
+        try:
+            prefix = parse_prefix(text)
+        except ValueError as e:
+            raise self.error(path + ("prefix",), str(e)) from None
+        ports = CONNECT_PORTS
+        if "ports" in item:
+            ports = self.port_list(item["ports"], path + ("ports",))
+        return BridgeListener(address=address, port=port, prefix=prefix, ports=ports, **files)
+
+    def port_list(self, value: Any, path: Path) -> tuple[int, ...]:
+        if value == []:
+            raise self.error(path, "the list is empty: no CONNECT could be served")
+        if not isinstance(value, list):
+            raise self.error(path, f"expected a list of ports like [443], got {_describe(value)}")
+        ports = tuple(self.port(entry, path) for entry in value)
+        if len(set(ports)) != len(ports):
+            raise self.error(path, "the same port is listed twice")
+        return ports
+
+    def bridges(self, doc: dict) -> list[Bridge]:
+        items = self.array_of_tables(doc, "bridge", _BRIDGE_KEYS)
+        bridges: list[Bridge] = []
+        seen: dict[str, int] = {}
+        for i, item in enumerate(items):
+            path = ("bridge", i)
+            name = self.string(self.require(item, path + ("name",)), path + ("name",))
+            if not name or any(c.isspace() for c in name):
+                raise self.error(path + ("name",), f"expected a name without spaces, got {_quote(name)}")
+            if name in seen:
+                raise self.error(path + ("name",), f"{_quote(name)} is already the name of bridge[{seen[name]}]")
+            seen[name] = i
+            host, port = self.host_port(self.require(item, path + ("address",)), path + ("address",))
+            server_name = normalize_server_name(self.string(self.require(item, path + ("server_name",)),
+                                                            path + ("server_name",)))
+            try:
+                ipaddress.ip_address(server_name)
+                # RFC 6066 §3: no IP literal in a server_name; ssl would send no SNI at all for it.
+                problem = "an IP address is not a server name (RFC 6066 §3), and no SNI would be sent for it"
+            except ValueError:
+                problem = _dns_name_problem(server_name)
+            if problem:
+                raise self.error(path + ("server_name",), f"expected a DNS name (the outer SNI): {problem}")
+            files = {key: self.absolute_path(self.require(item, path + (key,)), path + (key,))
+                     for key in ("ca", "cert", "key")}
+            bridges.append(Bridge(name=name, address=host, port=port, server_name=server_name, **files))
+        return bridges
+
+    def host_port(self, value: Any, path: Path) -> tuple[str, int]:
+        """ "203.0.113.20:4443", "[2001:db8::20]:4443" or "peer.example.com:4443"."""
+        text = self.string(value, path)
+        expected = 'expected "HOST:PORT", e.g. "203.0.113.20:4443", "[2001:db8::20]:4443" or "peer.example.com:4443"'
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not port_text.isdigit() or not port_text.isascii() or not host:
+            raise self.error(path, f"{expected}, got {_quote(text)}")
+        port = int(port_text)
+        if not 1 <= port <= 65535:
+            raise self.error(path, f"expected a port from 1 to 65535, got {port} in {_quote(text)}")
+        if host.startswith("[") and host.endswith("]"):
+            try:
+                ipaddress.IPv6Address(host[1:-1])
+            except ValueError:
+                raise self.error(path, f"{expected}, got {_quote(text)}") from None
+            return host[1:-1], port
+        try:
+            ipaddress.IPv4Address(host)
+            return host, port
+        except ValueError:
+            pass
+        if ":" in host or _dns_name_problem(normalize_server_name(host)):
+            raise self.error(path, f"{expected} (IPv6 addresses in brackets), got {_quote(text)}")
+        return normalize_server_name(host), port
 
     def connect_policy(self, item: dict, path: Path,
                        protocol: str) -> tuple[tuple[ipaddress.IPv4Network, ...], tuple[int, ...]]:
@@ -826,6 +992,18 @@ class _Validator:
                                                    f"{_quote(items[seen[kind, alpn]]['name'])}")
             seen[kind, alpn] = i
             port = self.port(item["port"], path + ("port",)) if "port" in item else None
+            if "bridge" in item:
+                bridge = self.string(item["bridge"], path + ("bridge",))
+                for other in ("host", "resolve", "networks"):
+                    if other in item:
+                        raise self.error(path + (other,), f"a route goes to a bridge or has {other}, not both")
+                if bridge not in self.bridge_names:
+                    names = ", ".join(_quote(n) for n in self.bridge_names) or "none is configured"
+                    raise self.error(path + ("bridge",), f"no [[bridge]] is called {_quote(bridge)} ({names})")
+                # The connection is spliced to the relay in kracauer itself (kracauer.bridge).
+                relay = relay_address(self.prefix)
+                routes.append(Route(name=name, host=relay, port=port, hosts=(relay,), alpn=alpn, bridge=bridge))
+                continue
             resolve = self.boolean(item["resolve"], path + ("resolve",)) if "resolve" in item else False
             if resolve:
                 routes.append(self.resolve_route(item, path, name, port, alpn))

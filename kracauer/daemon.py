@@ -21,6 +21,7 @@ Around the loop, for operations (docs/operations.md):
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import ipaddress
 import logging
@@ -112,6 +113,9 @@ def build_resolver(config: Config, names: NameResolver | None = None) -> Resolve
     }
     router = Router(config.routes, config.fallback)
     cache: dict[tuple, Target] = {}
+    from kracauer.bridge import relay_addresses
+
+    relays = relay_addresses(config.prefix)
 
     def resolve(listener: Listener, decision: Decision) -> Target | None:
         if listener.protocol == "tcp":
@@ -123,16 +127,21 @@ def build_resolver(config: Config, names: NameResolver | None = None) -> Resolve
             return None
         if isinstance(target, Resolve):
             return resolved(target)
+        if target.bridge is not None:
+            # The local relay (kracauer.bridge), at the address of the listener's protocol, so that
+            # it reads the connection's first bytes with the same peeker as the tracker.
+            relay = relays[listener.protocol]
+            return shared(target.route, target.port, (relay,), relay=True)
         return shared(target.route, target.port, target.hosts)
 
-    def shared(route: str, port: int, hosts: tuple[ipaddress.IPv6Address, ...]) -> Target:
+    def shared(route: str, port: int, hosts: tuple[ipaddress.IPv6Address, ...], relay: bool = False) -> Target:
         # One Target per (route, port, hosts), shared by all its connections: less memory per connection.
         key = (route, port, hosts)
         target = cache.get(key)
         if target is None:
             if len(cache) >= MAX_SHARED_TARGETS:
                 cache.clear()
-            target = cache[key] = Target(hosts[0].packed, port, route, tuple(h.packed for h in hosts))
+            target = cache[key] = Target(hosts[0].packed, port, route, tuple(h.packed for h in hosts), relay=relay)
         return target
 
     def resolved(wanted: Resolve) -> Target | Pending | Refused:
@@ -239,6 +248,9 @@ def restart_needed(old: Config, new: Config) -> list[str]:
         problems.append("[metrics] listen")
     if (old.state is None) != (new.state is None):
         problems.append("[state] (added or removed)")
+    from kracauer.bridge import bridge_changes
+
+    problems += bridge_changes(old, new)
     return problems
 
 
@@ -400,6 +412,10 @@ class Daemon:
         self.services: Services | None = None
         # The running loop's poller: a services thread started later (a reload) registers its pipe in it.
         self._loop_poller: select.epoll | None = None
+        # The TLS bridge's two ends (kracauer.bridge), with the routes and addresses it added.
+        self.bridge: Any = None
+        self._bridge_routes: list[ipaddress.IPv6Network] = []
+        self._bridge_addresses: list[ipaddress.IPv6Address] = []
 
     # -- start and stop ------------------------------------------------------
 
@@ -525,6 +541,7 @@ class Daemon:
         if self.kernel is None:
             self._take_back()
         self._adopt_kernel_flows()
+        self._start_bridge()
         if config.tun.user:
             drop_privileges(config.tun.user)
             self.tun.privileged = False
@@ -534,8 +551,95 @@ class Daemon:
             except OSError as exc:
                 log.warning("could not remove the state file %s after restoring it: %s", path, exc)
 
+    def _start_bridge(self) -> None:
+        """The TLS bridge (kracauer.bridge), if configured: its plumbing, then its service."""
+        self._add_bridge_plumbing()
+        self._start_bridge_service()
+
+    def _add_bridge_plumbing(self) -> None:
+        """As root: the peer prefixes' `local` routes and the relay's addresses on the TUN.
+
+        A supervisor adds them (it stays root and removes them at the end);
+        its first worker runs the service (kracauer.worker).
+        """
+        config = self.config
+        if not config.bridges and not config.bridge_listeners:
+            return
+        from kracauer.bridge import relay_addresses
+        from kracauer.tun import add_local_routes, add_tun_addresses
+
+        try:
+            self._bridge_routes = add_local_routes(sorted({lst.prefix for lst in config.bridge_listeners}))
+            if config.bridges:
+                self._bridge_addresses = add_tun_addresses(self.tun.name, list(relay_addresses(config.prefix).values()))
+        except (OSError, TunError) as exc:
+            self._remove_bridge_plumbing()
+            raise DaemonError(f"the bridge cannot start: {exc}") from None
+
+    def _start_bridge_service(self) -> None:
+        """The bridge's two ends on the services loop, made before privileges are dropped: the
+        listening sockets bound (ports below 1024 included), the certificate and key files read."""
+        config = self.config
+        if not config.bridges and not config.bridge_listeners:
+            return
+        import ssl
+
+        from kracauer.bridge import BridgeCollector, BridgeService
+
+        try:
+            service = BridgeService(config, self._bridge_log_line, self.tun.name, names=self._names_for(config))
+        except (OSError, ssl.SSLError) as exc:
+            self._remove_bridge_plumbing()
+            raise DaemonError(f"the bridge cannot start: {exc}") from None
+        self._use_services().run(service.start(), timeout=10)
+        self.bridge = service
+        if self.metrics is not None:
+            registry = getattr(self.metrics, "own", None) or self.metrics.registry
+            registry.register(BridgeCollector(service.tunnels))
+        log.info("bridge: %d peer listener(s) %s; ingress relay %s", len(service.peers),
+                 ", ".join(p.name for p in service.peers) or "-",
+                 "on " + ", ".join(f"[{s.getsockname()[0]}]:{s.getsockname()[1]}" for _, s in service.relay.sockets)
+                 if service.relay is not None else "off")
+
+    def _bridge_log_line(self, line: str) -> None:
+        """An access-log record of a tunnel, from the services thread."""
+        if self.services is not None:
+            self.services.post(self._write_log_line, line)
+
+    def _write_log_line(self, line: str) -> None:
+        access_log = self.access_log  # read at each call: a reload may open another
+        if access_log is not None:
+            access_log.write_line(line)
+
+    def _stop_bridge(self) -> None:
+        """Close the bridge's listeners, end its tunnels (the services loop cancels them), undo its plumbing."""
+        if self.bridge is not None and self.services is not None:
+            try:
+                self.services.run(self.bridge.stop(), timeout=5)
+            except Exception as exc:
+                log.warning("the bridge did not stop cleanly: %s", exc)
+        self._stop_services()
+        if self.bridge is not None:
+            for sock in self.bridge.sockets():
+                sock.close()
+            self.bridge = None
+        self._remove_bridge_plumbing()
+
+    def _remove_bridge_plumbing(self) -> None:
+        from kracauer.tun import remove_local_routes, remove_tun_addresses
+
+        try:
+            if self._bridge_routes:
+                remove_local_routes(self._bridge_routes)
+            if self._bridge_addresses and self.tun is not None:
+                remove_tun_addresses(self.tun.name, self._bridge_addresses)
+        except Exception as exc:  # without privileges (dropped) they stay: say so
+            log.warning("could not remove the bridge's routes or addresses: %s", exc)
+        self._bridge_routes, self._bridge_addresses = [], []
+
     def _abort_set_up(self) -> None:
         """A start that failed half way: undo what it made, keep what it found."""
+        self._stop_bridge()
         if self.kernel is not None:
             self.kernel.close(keep=self.tun is not None and self.tun.attached and self.persist)
             self.kernel = None
@@ -742,7 +846,7 @@ class Daemon:
     def _shutdown(self) -> None:
         """After the loop: log what ended, save the state (or not), keep or remove the TUN."""
         self.notifier.stopping("saving state" if self.persist else "stopping")
-        self._stop_services()
+        self._stop_bridge()
         self._log_records()
         saved = None
         if self.persist and self.config.state is not None:
@@ -837,6 +941,7 @@ class Daemon:
             if self.access_log is not None:
                 self.access_log.close()
             self.access_log = access_log
+        self._reconfigure_bridge(new)
         if self.kernel is not None:
             try:
                 set_syn_cookies(self.kernel, new, self.cookie_secret)
@@ -848,6 +953,11 @@ class Daemon:
         self.config = new
         self._report_reload(new)
         return True
+
+    def _reconfigure_bridge(self, new: Config) -> None:
+        """New routes and limits for new tunnels; the open ones go on (on the services loop)."""
+        if self.bridge is not None and self.services is not None:
+            self.services.call_soon(self.bridge.reconfigure, new, self._names_for(new))
 
     def _report_reload(self, new: Config) -> None:
         log.info("reloaded %s: %d routes, fallback %s; connections already bound keep their host",

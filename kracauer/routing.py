@@ -81,6 +81,7 @@ class Target:
     port: int
     route: str          # the route's name as written, "fallback" or "listener"
     hosts: tuple[ipaddress.IPv6Address, ...] = ()   # every host of the route
+    bridge: str | None = None   # a bridge route: the [[bridge]] that carries it (host: the local relay)
 
     def __post_init__(self) -> None:
         if not self.hosts:
@@ -142,7 +143,8 @@ class Router:
             if route is not None:
                 if route.resolve:
                     return Resolve(name, route.port if route.port is not None else port, route.name, route.networks)
-                return Target(route.host, route.port if route.port is not None else port, route.name, route.hosts)
+                return Target(route.host, route.port if route.port is not None else port, route.name, route.hosts,
+                              route.bridge)
         fallback = self._fallback
         if fallback is None:
             return None

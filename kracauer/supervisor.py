@@ -203,6 +203,9 @@ class Supervisor(Daemon):
                               f"(workers = 1 runs without it)") from None
         self._poller = select.epoll()
         self._previous_sigchld = signal.signal(signal.SIGCHLD, self._on_child)
+        # The bridge's routes and addresses are the supervisor's (it stays root and removes them at the
+        # end); its sockets and tunnels are worker 0's, which binds them and then drops privileges.
+        self._add_bridge_plumbing()
         for w in self.workers:
             self._spawn(w, restore=self._restore_files, adopt=self.kernel is not None and self.tun.attached)
         self._wait_ready()
@@ -444,6 +447,7 @@ class Supervisor(Daemon):
                 set_syn_cookies(self.kernel, new, self.cookie_secret)
             except (KernelPathError, OSError) as exc:
                 log.warning("the kernel path keeps answering SYNs as before the reload: %s", exc)
+        self._reconfigure_bridge(new)
         self.config = new
         self.text = new.text
         for w in self.workers:
@@ -458,7 +462,7 @@ class Supervisor(Daemon):
 
     def _shutdown(self) -> None:
         self.notifier.stopping("saving state" if self.persist else "stopping")
-        self._stop_services()
+        self._stop_bridge()
         # The return codes, not exit_status: the last SIGCHLD may not have been handled yet.
         saved_all = all(w.proc is not None and w.proc.poll() == EXIT_OK for w in self.workers)
         keep = self.persist and self.config.state is not None and saved_all

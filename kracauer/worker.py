@@ -106,6 +106,11 @@ class ChannelAccessLog:
         if not self.channel.send(LOG, line.encode()):
             self.dropped += 1
 
+    def write_line(self, line: str) -> None:
+        """A record formatted already (a bridge tunnel's), from the packet loop's thread."""
+        if not self.channel.send(LOG, line.encode()):
+            self.dropped += 1
+
     def close(self) -> None:
         pass
 
@@ -178,6 +183,9 @@ class Worker(Daemon):
             self._take_back_shard()
         if setup.adopt and self.tracker.flows is not None:
             self._adopt_own_flows(now)
+        if setup.index == 0:
+            # The bridge's ends live in one process: the first worker (its plumbing is the supervisor's).
+            self._start_bridge_service()
         if self.config.tun.user:
             drop_privileges(self.config.tun.user)
             _die_with_parent(setup.supervisor)

@@ -155,6 +155,10 @@ class Target:
     port: int
     route: str
     hosts: tuple[bytes, ...] = ()  # every host; () means (host,)
+    # The host is kracauer's own bridge relay (kracauer.bridge, a route with
+    # `bridge`): a connect listener's CONNECT head then goes to it unchanged,
+    # and the relay, not the tracker, answers it (after the peer did).
+    relay: bool = False
 
     def __post_init__(self) -> None:
         if not self.hosts:
@@ -906,7 +910,10 @@ class Tracker:
             return self._refuse(conn, now, conn.decision.unrouted)
         if isinstance(target, (Pending, Refused)):
             return self._unresolved(conn, target, now)
-        self._consume_head(conn)
+        if not target.relay:
+            # A bridge relay reads the head itself (with the same peeker) and answers
+            # once its peer did: the relay is the CONNECT's proxy, kracauer's splice is plain.
+            self._consume_head(conn)
         return self._bind(conn, target, now)
 
     def _consume_head(self, conn: Connection) -> None:
@@ -1074,7 +1081,8 @@ class Tracker:
         if not self._checksum_trusted() and not is_valid(
                 segment, ones_sum(conn.host + conn.src6) + PROTO_TCP + len(segment)):
             return self._drop("bad_checksum")
-        answer = self._answer_connect(conn, now) if conn.listener.protocol == "connect" else None
+        answer = (self._answer_connect(conn, now)
+                  if conn.listener.protocol == "connect" and not conn.target.relay else None)
         self._splice(conn, segment, tcp, now)
         conn.connect_time = now - conn.connect_start
         if self.health.pop((conn.host, conn.target.port), None) is not None and self.health_changes is not None:

@@ -439,8 +439,9 @@ class Kracauer:
     """A kracauer process started by :meth:`Lab.start_kracauer` in the box namespace."""
 
     def __init__(self, lab: "Lab", popen: subprocess.Popen, config_path: pathlib.Path,
-                 stderr_path: pathlib.Path, config: dict | None):
+                 stderr_path: pathlib.Path, config: dict | None, role: str = "box"):
         self.lab = lab
+        self.role = role  # the namespace it runs in
         self.popen = popen
         self.config_path = config_path
         self.stderr_path = stderr_path
@@ -503,20 +504,22 @@ class Kracauer:
         cfg = self.config or {}
         tun = self.tun
         missing = []
-        link = _ip("-n", self.lab.ns("box"), "-j", "link", "show", "dev", tun, check=False) if tun else None
+        link = _ip("-n", self.lab.ns(self.role), "-j", "link", "show", "dev", tun, check=False) if tun else None
         if link is None or link.returncode != 0:
             missing.append(f"TUN {tun}")
             return missing
         info = json.loads(link.stdout or "[]")
         if not info or "UP" not in info[0].get("flags", []):
             missing.append(f"TUN {tun} up")
-        v4 = {r.get("dst") for r in self.lab.routes("box", tun, 4)}
-        for address in sorted({lst.get("address") for lst in cfg.get("listen", []) if lst.get("address")}):
+        v4 = {r.get("dst") for r in self.lab.routes(self.role, tun, 4)}
+        # A bridge listener is a socket of its own, not routed into the TUN.
+        for address in sorted({lst.get("address") for lst in cfg.get("listen", [])
+                               if lst.get("address") and lst.get("protocol") != "bridge"}):
             if address not in v4 and f"{address}/32" not in v4:
                 missing.append(f"route {address}/32 dev {tun}")
         prefix = cfg.get("translate", {}).get("prefix")
         if prefix:
-            v6 = {r.get("dst") for r in self.lab.routes("box", tun, 6)}
+            v6 = {r.get("dst") for r in self.lab.routes(self.role, tun, 6)}
             if str(ipaddress.IPv6Network(prefix, strict=False)) not in v6:
                 missing.append(f"route {prefix} dev {tun}")
         return missing
@@ -821,8 +824,8 @@ class Lab:
 
     # -- kracauer --
 
-    def spawn_kracauer(self, config_text: str, *, extra_args: Sequence[str] = ()) -> Kracauer:
-        """Write ``config_text`` and start kracauer in the box namespace; do not wait."""
+    def spawn_kracauer(self, config_text: str, *, extra_args: Sequence[str] = (), role: str = "box") -> Kracauer:
+        """Write ``config_text`` and start kracauer in the ``role`` namespace (the box); do not wait."""
         assert self.dir is not None, "lab not started"
         n = len(self._kracauers)
         config_path = self.dir / f"kracauer-{n}.toml"
@@ -832,11 +835,11 @@ class Lab:
         err = open(stderr_path, "wb")
         try:
             popen = subprocess.Popen(
-                ["ip", "netns", "exec", self.ns("box"), *self.kracauer_cmd, "--config", str(config_path), *extra_args],
+                ["ip", "netns", "exec", self.ns(role), *self.kracauer_cmd, "--config", str(config_path), *extra_args],
                 stdin=subprocess.DEVNULL, stdout=err, stderr=err, cwd=str(REPO))
         finally:
             err.close()
-        k = Kracauer(self, popen, config_path, stderr_path, config)
+        k = Kracauer(self, popen, config_path, stderr_path, config, role)
         self._kracauers.append(k)
         return k
 
@@ -860,13 +863,14 @@ class Lab:
         enabled = KERNEL_PATH_MODES[mode or lab_kernel_path()]
         return config_text + f'\n[kernel_path]\nenabled = {enabled}\npin_dir = "{self.dir / "bpf"}"\n'
 
-    def start_kracauer(self, config_text: str, *, timeout: float = 10, extra_args: Sequence[str] = ()) -> Kracauer:
+    def start_kracauer(self, config_text: str, *, timeout: float = 10, extra_args: Sequence[str] = (),
+                       role: str = "box") -> Kracauer:
         """Start kracauer and wait until its TUN is up and its routes are in place.
 
         Raises LabError (with kracauer's stderr) if it exits or is not ready
         within ``timeout`` s; in the latter case it is stopped first.
         """
-        k = self.spawn_kracauer(config_text, extra_args=extra_args)
+        k = self.spawn_kracauer(config_text, extra_args=extra_args, role=role)
         if k.config is None:
             k.stop()
             raise LabError(f"the kracauer config is not valid TOML:\n{config_text}")

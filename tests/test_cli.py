@@ -65,7 +65,7 @@ def test_check_config_error_goes_to_stderr_and_exits_2(bad_config_file, capsys):
     assert main(["check-config", str(bad_config_file)]) == 2
     out, err = capsys.readouterr()
     assert out == ""
-    assert err == f'kracauer: {bad_config_file}:7: listen[0].protocol: expected one of "tls", "http", "tcp", "connect", got "udp"\n'
+    assert err == f'kracauer: {bad_config_file}:7: listen[0].protocol: expected one of "tls", "http", "tcp", "connect", "bridge", got "udp"\n'
 
 
 def test_check_config_missing_file_exits_2(tmp_path, capsys):
