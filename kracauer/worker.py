@@ -39,7 +39,9 @@ from netstack.tracker import TrackerConfig
 from kracauer.privileges import drop_privileges
 from kracauer.systemd import Notifier
 from kracauer.tun import Tun
-from kracauer.workers import HEALTH, LOG, METRICS, READY, RELOAD, RELOADED, STATUS, Channel, TableCounts
+from kracauer.workers import (
+    AGENTS, HEALTH, LOG, METRICS, READY, RELOAD, RELOADED, STATUS, Channel, TableCounts, parse_agents_message,
+)
 from netstack.state import adopt
 from netstack.steer import flow_key_owner
 from netstack.syncookie import BLAKE2S, SynCookies
@@ -300,6 +302,8 @@ class Worker(Daemon):
             for kind, payload in self.channel.receive():
                 if kind == RELOAD:
                     self._reload_from(json.loads(payload))
+                elif kind == AGENTS:
+                    self._agents_changed(*parse_agents_message(json.loads(payload)))
                 elif kind == HEALTH:
                     host, port, fails, until = json.loads(payload)
                     key = (bytes.fromhex(host), port)
