@@ -163,14 +163,15 @@ class Agent:
                                                           "names": list(config.names)}))
             decoder = wire.FrameDecoder()
             registered = await asyncio.wait_for(self._registration(reader, decoder), CONNECT_TIMEOUT)
-            self._open_tun(registered)
+            # pyroute2's synchronous calls run an event loop of their own: not on this thread's.
+            await asyncio.get_running_loop().run_in_executor(None, self._open_tun, registered)
             log.info("registered %s at %s with the box %s:%d; TUN %s routes %s", ", ".join(registered.names),
                      registered.address, config.box_host, config.box_port, config.tun, ", ".join(registered.prefixes))
             await self._relay(registered, reader, writer, decoder)
         finally:
             self._writer = None
-            self._close_tun()
             writer.close()
+            await self._close_tun()
 
     async def _registration(self, reader: asyncio.StreamReader, decoder: wire.FrameDecoder) -> wire.Registered:
         while True:
@@ -206,14 +207,12 @@ class Agent:
         self._prefix_keys = tuple((p.network_address.packed[:p.prefixlen // 8], p.prefixlen // 8) for p in prefixes)
         self._mtu = registered.mtu
 
-    def _close_tun(self) -> None:
-        if self.tun is not None:
-            try:
-                asyncio.get_running_loop().remove_reader(self.tun.fd)
-            except (ValueError, RuntimeError):
-                pass
-            self.tun.close(keep=False)
-            self.tun = None
+    async def _close_tun(self) -> None:
+        tun, self.tun = self.tun, None
+        if tun is not None:
+            loop = asyncio.get_running_loop()
+            loop.remove_reader(tun.fd)
+            await loop.run_in_executor(None, tun.close, False)
 
     async def _relay(self, registered: wire.Registered, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter, decoder: wire.FrameDecoder) -> None:
