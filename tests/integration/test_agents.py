@@ -331,6 +331,15 @@ def test_a_100_mb_download_and_upload_through_the_tunnel_arrive_intact(lab, box,
     proc = curl(lab, f"https://app.example.org:{SINK_PORT}/up", "-H", "Expect:", "-T", str(upload), max_time=120)
     upload.unlink()
     assert proc.returncode == 0 and proc.stdout.strip() == digest.hexdigest(), seen(proc, box, agent1)
+    if netlab.lab_kernel_path() == "on":
+        # Agents' connections are like any host's to the kernel path: their established packets went through BPF.
+        offloaded = metric(lab, 'kracauer_events_total{kind="kernel_offloaded"}')
+        assert offloaded >= 2, "no agent connection was handed to the kernel path"
+
+
+def metric(lab: Lab, sample: str) -> float:
+    text = lab.run("box", ["curl", "-sS", f"http://{METRICS}/metrics"]).stdout
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(sample))
 
 
 def test_status_lists_the_agent_its_names_and_traffic(lab, box, agent1):
@@ -339,7 +348,10 @@ def test_status_lists_the_agent_its_names_and_traffic(lab, box, agent1):
     time.sleep(1.2)
     proc = lab.run("box", [*lab.kracauer_cmd, "status", "--metrics", f"http://{METRICS}/metrics"])
     assert proc.returncode == 0, proc.stderr
-    assert "agents:" in proc.stdout and "app.example.org" in proc.stdout, proc.stdout
+    assert "agents: 1 connected" in proc.stdout, proc.stdout
+    row = next(line for line in proc.stdout.splitlines() if "app.example.org" in line)
+    assert "fd00:6b72::" in row and "shared.example.org" in row, proc.stdout
+    assert metric(lab, 'kracauer_agent_packets_total{agent="') > 0
 
 
 # -- refusals ---------------------------------------------------------------------------
