@@ -105,7 +105,7 @@ def agent_routes(agents: Mapping[str, Sequence[ipaddress.IPv6Address]] | None) -
             if hosts]
 
 
-def build_resolver(config: Config, names: NameResolver | None = None,
+def build_resolver(config: Config, names: NameResolver | None = None, *,
                    agents: Mapping[str, Sequence[ipaddress.IPv6Address]] | None = None) -> Resolver:
     """(listener, decision) → target over the config's routes and the agents' names; tcp listeners have fixed hosts.
 
@@ -562,7 +562,8 @@ class Daemon:
                         gone: list[ipaddress.IPv6Address]) -> None:
         """On the packet loop: the agents' names changed; connections through an agent that went are reset."""
         self.agent_table = routes
-        self.tracker.reconfigure(self._tracker_config(self.config), build_resolver(self.config, self.names, routes))
+        self.tracker.reconfigure(self._tracker_config(self.config),
+                                 build_resolver(self.config, self.names, agents=routes))
         now = time.monotonic()
         for address in gone:
             out = self.tracker.reset_host(address.packed, now)
@@ -1013,7 +1014,7 @@ class Daemon:
             access_log = self._open_access_log(new.log.access) if new.log.access is not None else None
         try:
             self.tracker.reconfigure(self._tracker_config(new),
-                                     build_resolver(new, self._names_for(new), self.agent_table))
+                                     build_resolver(new, self._names_for(new), agents=self.agent_table))
         except ValueError as exc:  # the checks above should have caught it
             log.error("reload refused, the running configuration stays: %s", exc)
             if access_log is not self.access_log and access_log is not None:

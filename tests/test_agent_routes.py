@@ -61,13 +61,13 @@ name = "www.example.com"
 host = "2001:db8::10"
 """)
     tls = tracker_listeners(config)[0]
-    resolve = build_resolver(config, {"shared.example.org": (AGENT1, AGENT2)})
+    resolve = build_resolver(config, agents={"shared.example.org": (AGENT1, AGENT2)})
     target = resolve(tls, Decision("shared.example.org"))
     assert target.hosts == (AGENT1.packed, AGENT2.packed) and target.port == 8443
     assert target.route == "shared.example.org"
     assert resolve(tls, Decision("www.example.com")).host == V6("2001:db8::10").packed
     # Without the agents, the name is unknown again.
-    assert build_resolver(config, {})(tls, Decision("shared.example.org")) is None
+    assert build_resolver(config, agents={})(tls, Decision("shared.example.org")) is None
 
 
 # -- Tracker.reset_host ------------------------------------------------------------------
