@@ -71,7 +71,7 @@ PREFIX = "64:ff9b:1::/96"
 ROLES = ("client", "box", "host1", "host2")
 
 #: Names in the hosts' certificate (subjectAltName).
-CERT_NAMES = ("www.example.com", "*.example.org", "example.org", "www.example.net")
+CERT_NAMES = ("www.example.com", "*.example.org", "example.org", "www.example.net", "app.example.com")
 #: Ports every host's nginx listens on.
 PLAIN_PORTS = (80, 8080)
 TLS_PORTS = (443, 8443)

@@ -90,8 +90,10 @@ def sha(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def box_config(lab: Lab, keepalive: float = 2, extra: str = "") -> str:
+def box_config(lab: Lab, keepalive: float = 2, extra: str = "", tokens: tuple[str, ...] = ("t1", "t2")) -> str:
     cert, key = lab.host_certs["host1"]
+    allowed = {"t1": '["app.example.com", "shared.example.org"]', "t2": '["shared.example.org"]'}
+    token_tables = "".join(f'\n[[agents.token]]\nsha256 = "{sha(TOKENS[t])}"\nnames = {allowed[t]}\n' for t in tokens)
     return textwrap.dedent(f"""\
         [tun]
         name = "kracauer0"
@@ -127,15 +129,7 @@ def box_config(lab: Lab, keepalive: float = 2, extra: str = "") -> str:
         cert = "{cert}"
         key = "{key}"
         keepalive = {keepalive}
-
-        [[agents.token]]
-        sha256 = "{sha(TOKENS['t1'])}"
-        names = ["app.example.org", "shared.example.org"]
-
-        [[agents.token]]
-        sha256 = "{sha(TOKENS['t2'])}"
-        names = ["shared.example.org"]
-        {extra}""")
+        """) + token_tables + extra
 
 
 def build_nat(lab: Lab) -> None:
@@ -254,7 +248,7 @@ def box(lab):
 
 @pytest.fixture(scope="module")
 def agent1(lab, box):
-    a = Agent(lab, "agent1", TOKENS["t1"], ["app.example.org", "shared.example.org"], "one").start()
+    a = Agent(lab, "agent1", TOKENS["t1"], ["app.example.com", "shared.example.org"], "one").start()
     return a
 
 
@@ -291,11 +285,11 @@ def test_nothing_can_connect_in_to_the_agents_hosts(lab, box):
 
 def test_an_agent_behind_nat_serves_its_name_over_tls_and_http(lab, box, agent1):
     running(agent1)
-    proc = curl(lab, "https://app.example.org/")
+    proc = curl(lab, "https://app.example.com/")
     assert proc.returncode == 0 and proc.stdout.strip() == "agent1", seen(proc, box, agent1)
-    entry = lab.wait_for_log("agent1", lambda e: e["sni"] == "app.example.org")
+    entry = lab.wait_for_log("agent1", lambda e: e["sni"] == "app.example.com")
     assert entry["remote_addr"] == EMBEDDED_CLIENT
-    proc = curl(lab, "http://app.example.org/")
+    proc = curl(lab, "http://app.example.com/")
     assert proc.returncode == 0 and proc.stdout.strip() == "agent1", seen(proc, box, agent1)
     # A configured route still goes where it did.
     proc = curl(lab, "https://www.example.com/")
@@ -305,7 +299,7 @@ def test_an_agent_behind_nat_serves_its_name_over_tls_and_http(lab, box, agent1)
 def test_openssl_completes_the_handshake_with_the_agents_host(lab, box, agent1):
     running(agent1)
     proc = lab.run("client", ["openssl", "s_client", "-connect", f"{SERVICE_ADDRESS}:443", "-servername",
-                              "app.example.org", "-CAfile", str(lab.ca_cert), "-verify_return_error"],
+                              "app.example.com", "-CAfile", str(lab.ca_cert), "-verify_return_error"],
                    input="", timeout=15)
     assert proc.returncode == 0 and "Verify return code: 0 (ok)" in proc.stdout, seen(proc, box, agent1)
 
@@ -317,8 +311,8 @@ def test_a_100_mb_download_and_upload_through_the_tunnel_arrive_intact(lab, box,
     script.write_text(SINK)
     sink = lab.popen("agent1", ["python3", str(script), str(SINK_PORT), str(cert), str(key)], stdout=-1, text=True)
     assert sink.stdout.readline().strip() == "ready"
-    cmd = (f"curl -sS --fail --max-time 120 --cacert {lab.ca_cert} --resolve app.example.org:443:{SERVICE_ADDRESS} "
-           f"https://app.example.org/big.bin | sha256sum")
+    cmd = (f"curl -sS --fail --max-time 120 --cacert {lab.ca_cert} --resolve app.example.com:443:{SERVICE_ADDRESS} "
+           f"https://app.example.com/big.bin | sha256sum")
     proc = lab.run("client", ["sh", "-c", cmd], timeout=130)
     assert proc.stdout.split()[0] == lab.big_sha256, seen(proc, box, agent1)
     upload = lab.dir / "upload.bin"
@@ -328,7 +322,7 @@ def test_a_100_mb_download_and_upload_through_the_tunnel_arrive_intact(lab, box,
             chunk = os.urandom(4 << 20)
             digest.update(chunk)
             f.write(chunk)
-    proc = curl(lab, f"https://app.example.org:{SINK_PORT}/up", "-H", "Expect:", "-T", str(upload), max_time=120)
+    proc = curl(lab, f"https://app.example.com:{SINK_PORT}/up", "-H", "Expect:", "-T", str(upload), max_time=120)
     upload.unlink()
     assert proc.returncode == 0 and proc.stdout.strip() == digest.hexdigest(), seen(proc, box, agent1)
     if netlab.lab_kernel_path() == "on":
@@ -344,12 +338,12 @@ def metric(lab: Lab, sample: str) -> float:
 
 def test_status_lists_the_agent_its_names_and_traffic(lab, box, agent1):
     running(agent1)
-    assert curl(lab, "https://app.example.org/").returncode == 0
+    assert curl(lab, "https://app.example.com/").returncode == 0
     time.sleep(1.2)
     proc = lab.run("box", [*lab.kracauer_cmd, "status", "--metrics", f"http://{METRICS}/metrics"])
     assert proc.returncode == 0, proc.stderr
     assert "agents: 1 connected" in proc.stdout, proc.stdout
-    row = next(line for line in proc.stdout.splitlines() if "app.example.org" in line)
+    row = next(line for line in proc.stdout.splitlines() if "app.example.com" in line)
     assert "fd00:6b72::" in row and "shared.example.org" in row, proc.stdout
     assert metric(lab, 'kracauer_agent_packets_total{agent="') > 0
 
@@ -357,21 +351,38 @@ def test_status_lists_the_agent_its_names_and_traffic(lab, box, agent1):
 # -- refusals ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("token, names, reason", [
-    ("wrong-token-" + "c" * 40, ["other.example.org"], "bad_token"),
-    (TOKENS["t2"], ["other.example.org"], "name_not_allowed"),
+def refused_as_unknown(proc) -> bool:
+    """curl got the box's refusal of a name no route has: TLS alert unrecognized_name (RFC 6066 section 3)."""
+    return proc.returncode != 0 and "unrecognized name" in str(proc.stderr).lower()
+
+
+@pytest.mark.parametrize("token, names, reason, message", [
+    ("wrong-token-" + "c" * 40, ["other.example.org"], "bad_token", "the token is not accepted by this box"),
+    # One name the token may have and one it may not: the whole registration is refused.
+    (TOKENS["t2"], ["shared.example.org", "other.example.org"], "name_not_allowed",
+     "this token may not register other.example.org"),
 ], ids=["wrong-token", "name-not-allowed"])
-def test_a_refused_agent_says_why_and_its_name_stays_unrouted(lab, box, token, names, reason):
+def test_a_refused_agent_says_why_and_its_name_stays_unrouted(lab, box, agent1, token, names, reason, message):
+    running(agent1)
     agent = Agent(lab, "agent2", token, names, f"refused-{reason}").start(wait=False)
     code = agent.popen.wait(20)
     assert code == 2, agent.log()
-    assert "refused this agent" in agent.log() and reason in agent.log(), agent.log()
+    assert "refused this agent" in agent.log() and f"{message}" in agent.log() and f"({reason})" in agent.log(), \
+        agent.log()
     assert "not trying again" in agent.log()
     wait_until(lambda: f"({reason})" in box.stderr(), 5, "the box to log the refusal", box.stderr)
-    assert "refused the agent" in box.stderr()
+    line = next(line for line in box.log_lines() if "refused the agent" in line and f"({reason})" in line)
+    assert message in line, line
+    assert TOKENS["t2"] not in box.stderr() and "wrong-token" not in box.stderr(), "a token in the box's log"
     proc = curl(lab, "https://other.example.org/")
-    assert proc.returncode != 0, seen(proc, box)
+    assert refused_as_unknown(proc), seen(proc, box)
     assert not lab.link_exists("agent2", "kagent0")
+    assert metric(lab, "kracauer_agents_connected") == 1
+    assert metric(lab, f'kracauer_agent_refusals_total{{reason="{reason}"}}') >= 1
+    # shared.example.org stays with agent1 alone.
+    for address in CLIENTS[:6]:
+        proc = curl(lab, "https://shared.example.org/", "--interface", address, max_time=5)
+        assert proc.stdout.strip() == "agent1", seen(proc, box)
 
 
 # -- an agent goes, and comes back ---------------------------------------------------
@@ -379,24 +390,24 @@ def test_a_refused_agent_says_why_and_its_name_stays_unrouted(lab, box, token, n
 
 def test_killing_the_agent_unroutes_its_names_and_a_restart_brings_them_back(lab, box, agent1):
     running(agent1)
-    assert curl(lab, "https://app.example.org/").stdout.strip() == "agent1"
+    assert curl(lab, "https://app.example.com/").stdout.strip() == "agent1"
     agent1.stop(signal.SIGKILL)
     killed = time.monotonic()
 
     def refused():
-        return curl(lab, "https://app.example.org/", max_time=3).returncode != 0
-    wait_until(refused, 5, "new connections for app.example.org to be refused", lambda: "\n".join(box.log_lines()[-20:]))
+        return refused_as_unknown(curl(lab, "https://app.example.com/", max_time=3))
+    wait_until(refused, 5, "new connections for app.example.com to be refused", lambda: "\n".join(box.log_lines()[-20:]))
     assert time.monotonic() - killed < 5
     agent1.start()
-    proc = curl(lab, "https://app.example.org/")
+    proc = curl(lab, "https://app.example.com/")
     assert proc.stdout.strip() == "agent1", seen(proc, box, agent1)
 
 
 def test_an_established_connection_through_a_gone_agent_is_reset(lab, box, agent1):
     running(agent1)
     slow = lab.popen("client", ["curl", "-sS", "-o", "/dev/null", "--limit-rate", "200k", "--max-time", "60",
-                                "--cacert", str(lab.ca_cert), "--resolve", f"app.example.org:443:{SERVICE_ADDRESS}",
-                                "https://app.example.org/big.bin"], stderr=subprocess.PIPE, text=True)
+                                "--cacert", str(lab.ca_cert), "--resolve", f"app.example.com:443:{SERVICE_ADDRESS}",
+                                "https://app.example.com/big.bin"], stderr=subprocess.PIPE, text=True)
     time.sleep(2)
     assert slow.poll() is None
     agent1.stop(signal.SIGKILL)
@@ -436,5 +447,87 @@ def test_a_stopped_agent_deregisters_and_removes_its_tun(lab, box, agent1):
     assert agent1.stop(signal.SIGTERM) == 0, agent1.log()
     assert not lab.link_exists("agent1", "kagent0")
     wait_until(lambda: "said bye" in box.stderr(), 5, "the box to hear the agent's bye", box.stderr)
-    assert curl(lab, "https://app.example.org/", max_time=3).returncode != 0
+    assert refused_as_unknown(curl(lab, "https://app.example.com/", max_time=3))
     agent1.start()
+
+
+# -- reload --------------------------------------------------------------------------
+
+
+def reload(box, text: str) -> None:
+    before = box.stderr().count("reloaded ")
+    box.rewrite_config(text)
+    box.popen.send_signal(signal.SIGHUP)
+    wait_until(lambda: box.stderr().count("reloaded ") > before, 10, "the box to reload", box.stderr)
+
+
+def test_a_reload_keeps_connected_agents_and_their_connections(lab, box, agent1):
+    running(agent1)
+    registered = agent1.log().count("registered ")
+    size = 8 << 20
+    with open(lab.dir / "big.bin", "rb") as f:
+        want = hashlib.sha256(f.read(size)).hexdigest()
+    cmd = (f"curl -sS --fail --max-time 60 --limit-rate 2M -r 0-{size - 1} --cacert {lab.ca_cert} "
+           f"--resolve app.example.com:443:{SERVICE_ADDRESS} https://app.example.com/big.bin | sha256sum")
+    slow = lab.popen("client", ["sh", "-c", cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1)
+        assert slow.poll() is None, slow.stderr.read()
+        # A new route for a name: the reload applies, the agents stay.
+        reload(box, box_config(lab, extra=f'\n[[route]]\nname = "www.example.net"\nhost = "{HOSTS["host2"]}"\n'))
+        proc = curl(lab, "https://www.example.net/")
+        assert proc.stdout.strip() == "host2", seen(proc, box)
+        proc = curl(lab, "https://app.example.com/")
+        assert proc.stdout.strip() == "agent1", seen(proc, box, agent1)
+        out, err = slow.communicate(timeout=30)
+        assert slow.returncode == 0 and out.split()[0] == want, err
+    finally:
+        if slow.poll() is None:
+            slow.kill()
+        reload(box, box_config(lab))
+    assert agent1.log().count("registered ") == registered, agent1.log()[-2000:]
+    assert agent1.popen.poll() is None
+
+
+def test_a_reload_that_revokes_a_token_disconnects_its_agent_and_no_other(lab, box, agent1):
+    running(agent1)
+    registered = agent1.log().count("registered ")
+    agent2 = Agent(lab, "agent2", TOKENS["t2"], ["shared.example.org"], "revoked").start()
+    try:
+        reload(box, box_config(lab, tokens=("t1",)))
+        assert agent2.popen.wait(15) == 2, agent2.log()
+        assert "token_revoked" in agent2.log() and "not trying again" in agent2.log(), agent2.log()
+        assert "disconnecting the agent" in box.stderr()
+        assert not lab.link_exists("agent2", "kagent0")
+        for address in CLIENTS[:8]:
+            proc = curl(lab, "https://shared.example.org/", "--interface", address, max_time=5)
+            assert proc.stdout.strip() == "agent1", seen(proc, box)
+    finally:
+        agent2.stop(signal.SIGKILL)
+        reload(box, box_config(lab))
+    assert agent1.log().count("registered ") == registered
+
+
+# -- a tunnel that goes silent ----------------------------------------------------------
+
+
+def test_a_silent_tunnel_is_dropped_after_three_keepalives_and_the_agent_comes_back(lab, box, agent1):
+    """The NAT drops everything (no FIN, no RST reaches either end): keepalives find the dead tunnel."""
+    running(agent1)
+    registered = agent1.log().count("registered ")
+    assert curl(lab, "https://app.example.com/").stdout.strip() == "agent1"
+    cut = "table ip labcut {\n chain cut { type filter hook forward priority -10; policy drop; }\n}\n"
+    lab.run("nat", ["nft", "-f", "-"], input=cut, check=True)
+    try:
+        cut_at = time.monotonic()
+        # keepalive = 2: three silent intervals, 6 s; a little more for the checks.
+        wait_until(lambda: refused_as_unknown(curl(lab, "https://app.example.com/", max_time=2)), 12,
+                   "the box to drop the silent tunnel", lambda: "\n".join(box.log_lines()[-20:]))
+        assert time.monotonic() - cut_at >= 5, "the tunnel was dropped before three keepalive intervals"
+        assert "nothing from the agent" in box.stderr()
+    finally:
+        lab.run("nat", ["nft", "delete", "table", "ip", "labcut"], check=True)
+    # The agent notices too, dials again with backoff, and gets through once the NAT passes packets again.
+    agent1.wait_registered(registered, timeout=45)
+    proc = curl(lab, "https://app.example.com/")
+    assert proc.stdout.strip() == "agent1", seen(proc, box, agent1)
