@@ -254,8 +254,9 @@ class Agent:
 
     def _packet_down(self, fd: int, own: bytes, packet: bytes) -> None:
         endpoints = wire.ipv6_endpoints(packet)
-        # Only packets for this host's tunnel address: the box never sends others.
-        if endpoints is None or endpoints[1] != own or len(packet) > self._mtu:
+        # Only packets from a client prefix to this host's tunnel address: the box never sends others.
+        if endpoints is None or endpoints[1] != own or len(packet) > self._mtu or \
+                not any(endpoints[0][:n] == key for key, n in self._prefix_keys):
             self.drops += 1
             return
         try:

@@ -470,7 +470,7 @@ class AgentHub:
         if src != session.key:
             session.drops["wrong_source"] += 1
             return
-        if not any(dst[:n] == key for key, n in self._prefix_keys):
+        if not self._from_client(dst):
             session.drops["not_to_client"] += 1
             return
         try:
@@ -480,6 +480,9 @@ class AgentHub:
             return
         session.packets_from_agent += 1
         session.bytes_from_agent += len(packet)
+
+    def _from_client(self, address: bytes) -> bool:
+        return any(address[:n] == key for key, n in self._prefix_keys)
 
     def _on_tun(self) -> None:
         """Packets the kernel routed to the agents' network: each down its agent's tunnel."""
@@ -497,6 +500,11 @@ class AgentHub:
             endpoints = wire.ipv6_endpoints(packet)
             if endpoints is None:
                 self.drops["not_ipv6"] += 1
+                continue
+            if not self._from_client(endpoints[0]) or packet[6] not in wire.DOWN_PROTOCOLS:
+                # The kernel routes [agents] network here from any interface: only what the tracker
+                # made (TCP, ICMPv6 errors, from prefix::client) goes down, never a way into the host.
+                self.drops["not_from_client"] += 1
                 continue
             session = sessions.get(endpoints[1])
             if session is None or session.closing:

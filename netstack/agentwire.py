@@ -228,6 +228,10 @@ def parse_refusal(message: dict[str, Any]) -> Refusal:
 # -- what a PACKET frame may carry ---------------------------------------------------
 
 IPV6_HEADER_LEN = 40
+# What the box sends down a tunnel, by the IPv6 Next Header (RFC 8200 section 3; IANA protocol numbers):
+# the tracker's TCP, and the ICMPv6 errors it translates from the client's side (RFC 7915 section 4.2).
+TCP, ICMPV6 = 6, 58
+DOWN_PROTOCOLS = frozenset({TCP, ICMPV6})
 
 
 def ipv6_endpoints(packet: bytes | bytearray | memoryview) -> tuple[bytes, bytes] | None:

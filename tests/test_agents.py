@@ -25,8 +25,9 @@ CLIENT6 = V6("64:ff9b:1::c633:6402")
 TOKEN = new_token()
 
 
-def ipv6_packet(src: V6, dst: V6, payload: bytes = b"x" * 20) -> bytes:
-    return bytes([0x60, 0, 0, 0]) + len(payload).to_bytes(2, "big") + bytes([6, 64]) + src.packed + dst.packed + payload
+def ipv6_packet(src: V6, dst: V6, payload: bytes = b"x" * 20, next_header: int = 6) -> bytes:
+    return bytes([0x60, 0, 0, 0]) + len(payload).to_bytes(2, "big") + bytes([next_header, 64]) + src.packed \
+        + dst.packed + payload
 
 
 # -- tokens and addresses ----------------------------------------------------------------
@@ -164,13 +165,26 @@ def test_an_agent_registers_relays_both_ways_and_its_bye_removes_its_names(certs
         # A packet for no agent goes nowhere.
         rig.hub_kernel.send(ipv6_packet(CLIENT6, V6("fd00:6b72::99")))
         await until(lambda: rig.hub.drops["no_agent"] == 1)
+        # The kernel routes the agents' network from anywhere: only the tracker's TCP and ICMPv6 from a
+        # client prefix go down, so the tunnel is no way into the host for a neighbour of the box.
+        rig.hub_kernel.send(ipv6_packet(V6("2001:db8::66"), address))
+        rig.hub_kernel.send(ipv6_packet(CLIENT6, address, next_header=17))
+        await until(lambda: rig.hub.drops["not_from_client"] == 2)
+        icmp = ipv6_packet(CLIENT6, address, next_header=58)
+        rig.hub_kernel.send(icmp)
+        assert await read_kernel(agent_kernel) == icmp
 
         # Up: the host's answer, from the agent's address to the client.
         up = ipv6_packet(address, CLIENT6)
         agent_kernel.send(up)
         assert await read_kernel(rig.hub_kernel) == up
         session = rig.hub.sessions[address.packed]
-        assert (session.packets_to_agent, session.packets_from_agent) == (1, 1)
+        assert (session.packets_to_agent, session.packets_from_agent) == (2, 1)
+        # The agent itself takes only packets from a client prefix to its address.
+        drops = agent.drops
+        agent._packet_down(agent.tun.fd, address.packed, ipv6_packet(V6("2001:db8::66"), address))
+        agent._packet_down(agent.tun.fd, address.packed, ipv6_packet(CLIENT6, V6("fd00:6b72::99")))
+        assert agent.drops == drops + 2
 
         # The agent does not send what is not its own; and the box would not take it.
         agent_kernel.send(ipv6_packet(V6("2001:db8::66"), CLIENT6))
