@@ -228,6 +228,12 @@ def _check_config(path: str) -> int:
         for route in resolving:
             print(f"    {route.name}{f' (alpn {route.alpn})' if route.alpn else ''}: "
                   f"hosts inside {', '.join(map(str, route.networks))}")
+    agents = config.agents
+    if agents is not None:
+        print(f"  agents dial in on {agents.listen} (TLS 1.3), addresses from {agents.network} on {agents.tun}, "
+              f"keepalive {agents.keepalive:g} s; {_plural(len(agents.tokens), 'token')}:")
+        for token in agents.tokens:
+            print(f"    {token.sha256[:12]}…: may register {', '.join(token.names)}")
     return EXIT_OK
 
 
