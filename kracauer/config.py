@@ -609,6 +609,8 @@ _TOP_KEYS = ("tun", "translate", "listen", "route", "fallback", "limits", "healt
 _AGENTS_KEYS = ("listen", "cert", "key", "token", "tun", "network", "keepalive")
 _AGENT_TOKEN_KEYS = ("sha256", "names")
 _AGENT_KEYS = ("box", "server_name", "ca", "token_file", "names", "tun")
+# Names one HELLO may carry (netstack.agentwire.NAMES_MAX; a longer one is refused by the box).
+AGENT_NAMES_MAX = 64
 _KERNEL_PATH_KEYS = ("enabled", "pin_dir", "max_flows", "python_syn_rate")
 _LOG_KEYS = ("access", "level")
 _METRICS_KEYS = ("listen",)
@@ -1382,6 +1384,9 @@ class _Validator:
         ca = self.absolute_path(self.require(table, path + ("ca",)), path + ("ca",))
         token_file = self.absolute_path(self.require(table, path + ("token_file",)), path + ("token_file",))
         names = self.agent_names(self.require(table, path + ("names",)), path + ("names",))
+        if len(names) > AGENT_NAMES_MAX:
+            raise self.error(path + ("names",), f"an agent registers at most {AGENT_NAMES_MAX} names, got "
+                                                f"{len(names)} (run a second agent for more)")
         tun = AgentConfig.tun
         if "tun" in table:
             tun = self.interface_name(table["tun"], path + ("tun",))

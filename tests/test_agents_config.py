@@ -168,6 +168,8 @@ def test_an_ipv6_box_in_brackets():
     ('names = ["app.example.com", "*.dev.example.com"]', 'names = ["~x"]', "not regular expressions"),
     ('server_name = "edge.example.com"', 'server_name = "edge..example.com"', "invalid name"),
     ('tun = "kagent0"', 'tun = "kagent0"\nport = 1', "unknown key"),
+    ('names = ["app.example.com", "*.dev.example.com"]',
+     "names = [" + ", ".join(f'"n{i}.example.com"' for i in range(65)) + "]", "at most 64 names"),
 ])
 def test_bad_agent_configs_are_refused(old, new, problem):
     with pytest.raises(ConfigError) as info:
