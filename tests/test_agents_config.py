@@ -2,11 +2,12 @@
 
 import hashlib
 import ipaddress
+import pathlib
 
 import pytest
 
 from kracauer.config import (
-    ConfigError, agent_name_allowed, agent_name_key, parse_agent_config, parse_config,
+    ConfigError, agent_name_allowed, agent_name_key, load_agent_config, parse_agent_config, parse_config,
 )
 from kracauer.daemon import restart_needed
 
@@ -180,3 +181,9 @@ def test_bad_agent_configs_are_refused(old, new, problem):
 def test_the_agent_config_needs_its_table():
     with pytest.raises(ConfigError, match=r"\[agent\] table is missing"):
         parse_agent_config("", "agent.toml")
+
+
+def test_the_example_agent_file_parses():
+    path = pathlib.Path(__file__).resolve().parent.parent / "contrib" / "kracauer-agent.toml"
+    config = load_agent_config(path)
+    assert config.box_port == 4444 and config.names == ("app.example.com", "*.dev.example.com")
