@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
         "agent", help="run on a host behind NAT: dial the box and serve names through the tunnel",
         description="Dial the kracauer box named in [agent] box (TLS 1.3), register [agent] names with the "
                     "token from token_file, and carry their connections through a TUN on this host "
-                    "(docs/operations.md, Agents). Exit status 2 if the box refuses the token or a name.")
+                    "(docs/agents.md). Exit status 2 if the box refuses the token or a name.")
     agent.add_argument("--config", metavar="FILE", dest="agent_config", help="the agent's configuration file")
     agent.add_argument("--log-level", choices=tuple(LOG_LEVELS), default=None, dest="agent_log_level",
                        help="logging threshold (default info)")

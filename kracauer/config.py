@@ -248,7 +248,7 @@ class AgentToken:
 
 @dataclass(frozen=True)
 class AgentsConfig:
-    """``[agents]``: hosts behind NAT dial in (kracauer/agents.py, docs/operations.md)."""
+    """``[agents]``: hosts behind NAT dial in (kracauer/agents.py, docs/agents.md)."""
 
     address: ipaddress.IPv4Address | ipaddress.IPv6Address   # where agents connect (TLS)
     port: int
