@@ -564,6 +564,8 @@ class Daemon:
         self.agent_table = routes
         self.tracker.reconfigure(self._tracker_config(self.config),
                                  build_resolver(self.config, self.names, agents=routes))
+        if self.tun is None or self.tun.fd < 0:  # posted while stopping: nothing to reset any more
+            return
         now = time.monotonic()
         for address in gone:
             out = self.tracker.reset_host(address.packed, now)
