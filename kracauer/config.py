@@ -1292,7 +1292,9 @@ class _Validator:
             raise self.error(path + ("tun",), f"{_quote(name)} is already [tun] name; the agents' TUN needs its own")
         network = defaults.network
         if "network" in table:
-            network = self.agents_network(table["network"], path + ("network",), listeners, routes, fallback)
+            network = self.agents_network(table["network"], path + ("network",))
+        self.agents_network_free(network, path + ("network",) if "network" in table else path, listeners, routes,
+                                 fallback)
         keepalive = defaults.keepalive
         if "keepalive" in table:
             keepalive = self.seconds(table["keepalive"], path + ("keepalive",))
@@ -1302,8 +1304,7 @@ class _Validator:
         return AgentsConfig(address=address, port=port, cert=cert, key=key, tokens=tokens, tun=name,
                             network=network, keepalive=keepalive)
 
-    def agents_network(self, value: Any, path: Path, listeners: list[Listener], routes: list[Route],
-                       fallback: Fallback | None) -> ipaddress.IPv6Network:
+    def agents_network(self, value: Any, path: Path) -> ipaddress.IPv6Network:
         text = self.string(value, path)
         try:
             network = ipaddress.IPv6Network(text)
@@ -1313,17 +1314,28 @@ class _Validator:
             raise self.error(path, f"expected a /64 to a /120 (room for the agents' addresses), got /{network.prefixlen}")
         if network.is_multicast or network.is_link_local or network.is_loopback or network.network_address.ipv4_mapped:
             raise self.error(path, f"{_quote(text)} is not a unicast network")
+        return network
+
+    def agents_network_free(self, network: ipaddress.IPv6Network, path: Path, listeners: list[Listener],
+                            routes: list[Route], fallback: Fallback | None) -> None:
+        """The agents' network (given or the default) must not hold anything else kracauer routes to."""
+        what = "" if path[-1] == "network" else " (the default [agents] network)"
         prefixes = [self.prefix] + [lst.prefix for lst in listeners if lst.prefix]
         for prefix in prefixes:
             if prefix is not None and network.overlaps(prefix):
-                raise self.error(path, f"{network} overlaps the translate prefix {prefix}")
+                raise self.error(path, f"{network}{what} overlaps the translate prefix {prefix}")
         hosts = [h for r in routes for h in r.hosts] + list(fallback.hosts if fallback else ()) + \
                 [h for lst in listeners for h in lst.hosts]
         for host in hosts:
             if host in network:
-                raise self.error(path, f"{network} contains the configured host {host}; agents' addresses "
+                raise self.error(path, f"{network}{what} contains the configured host {host}; agents' addresses "
                                        "must not be taken for configured hosts")
-        return network
+        for route in routes:
+            for allowed in route.networks:
+                if network.overlaps(allowed):
+                    # A DNS answer must never make an agent's address the host of a resolve route.
+                    raise self.error(path, f"{network}{what} overlaps the networks {allowed} of the resolve route "
+                                           f"{_quote(route.name)}")
 
     def agent_tokens(self, table: dict, path: Path) -> tuple[AgentToken, ...]:
         value = table.get("token", [])

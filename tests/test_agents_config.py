@@ -106,6 +106,17 @@ def test_a_configured_host_inside_the_agents_network_is_refused():
     assert "contains the configured host fd00:6b72::5" in error(text)
 
 
+def test_a_configured_host_inside_the_default_agents_network_is_refused_too():
+    text = agents() + '\n[[route]]\nname = "x.example.com"\nhost = "fd00:6b72::5"\n'
+    assert "fd00:6b72::/64 (the default [agents] network) contains the configured host fd00:6b72::5" in error(text)
+
+
+def test_an_agents_network_inside_a_resolve_routes_networks_is_refused():
+    text = agents() + '\n[[route]]\nname = "*.svc.example.com"\nresolve = true\nnetworks = ["fd00::/16"]\n'
+    assert 'overlaps the networks fd00::/16 of the resolve route "*.svc.example.com"' in error(text)
+    assert parse_config(text.replace("fd00::/16", "2001:db8:100::/48")).agents is not None
+
+
 def test_a_reload_cannot_change_where_agents_connect_but_can_change_tokens():
     old = parse_config(agents())
     tokens = parse_config(agents(token=f'sha256 = "{"1" * 64}"\nnames = ["x.example.com"]'))
