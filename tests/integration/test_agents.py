@@ -531,3 +531,23 @@ def test_a_silent_tunnel_is_dropped_after_three_keepalives_and_the_agent_comes_b
     agent1.wait_registered(registered, timeout=45)
     proc = curl(lab, "https://app.example.com/")
     assert proc.stdout.strip() == "agent1", seen(proc, box, agent1)
+
+
+# -- the box restarts (last: it replaces the module's box) ---------------------------------
+
+
+def test_a_box_restart_says_bye_and_the_agents_dial_back(lab, box, agent1):
+    running(agent1)
+    registered = agent1.log().count("registered ")
+    code, _ = box.stop(signal.SIGTERM)
+    assert code == 0, box.stderr()[-2000:]
+    wait_until(lambda: "the box said bye (box_stopping)" in agent1.log(), 5, "the agent to hear the box's bye",
+               agent1.log)
+    assert agent1.popen.poll() is None, "the agent gave up instead of dialling again"
+    lab.reset_box()
+    again = lab.start_kracauer(box_config(lab))
+    wait_until(lambda: "agents: listening" in again.stderr(), 10, "the new box's agent hub to listen", again.stderr)
+    # Backoff from 1 s, doubling: the first few attempts while the box was down failed.
+    agent1.wait_registered(registered, timeout=30)
+    proc = curl(lab, "https://app.example.com/")
+    assert proc.stdout.strip() == "agent1", seen(proc, again, agent1)
