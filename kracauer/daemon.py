@@ -573,6 +573,27 @@ class Daemon:
                 log.info("reset %s through the agent at %s, which is gone", _connections(len(out)), address)
             self._write(self.tun.fd, out)
 
+    def _forget_agents_connections(self) -> None:
+        """At a start: reset the connections restored ([state], the kernel's pinned flows) through the
+        previous process's agents. Their tunnels closed with it; the agents dial this process and get
+        addresses afresh, and an address is not to reach another agent's host with an old connection."""
+        agents = self.config.agents
+        if agents is None or self.tun is None or self.tun.fd < 0:
+            return
+        network = agents.network
+        hosts = set()
+        for conn in list(self.tracker.clients.values()):
+            host = conn[2] if conn.__class__ is tuple else conn.host
+            if host is not None and ipaddress.IPv6Address(bytes(host)) in network:
+                hosts.add(bytes(host))
+        now = time.monotonic()
+        out: list = []
+        for host in sorted(hosts):
+            out += self.tracker.reset_host(host, now)
+        if out:
+            log.info("reset %s restored through agents of the previous process", _connections(len(out)))
+            self._write(self.tun.fd, out)
+
     def _stop_agents(self) -> None:
         """Agents are told the box stops (BYE), then the hub's TUN goes."""
         hub, self.hub = self.hub, None
@@ -621,6 +642,7 @@ class Daemon:
         if self.kernel is None:
             self._take_back()
         self._adopt_kernel_flows()
+        self._forget_agents_connections()
         self._start_bridge()
         self._start_agents()
         if config.tun.user:

@@ -207,7 +207,8 @@ class Supervisor(Daemon):
         # end); its sockets and tunnels are worker 0's, which binds them and then drops privileges.
         self._add_bridge_plumbing()
         for w in self.workers:
-            self._spawn(w, restore=self._restore_files, adopt=self.kernel is not None and self.tun.attached)
+            self._spawn(w, restore=self._restore_files, adopt=self.kernel is not None and self.tun.attached,
+                        fresh=True)
         self._wait_ready()
         add_routes(self.tun, config.tun.mtu, ipv4_routes, ipv6_routes)
         # The hub runs here; the workers hear of its agents over their channels (_agents_changed).
@@ -230,7 +231,7 @@ class Supervisor(Daemon):
         if self.restored:
             log.info("restored %s from %s", _connections(self.restored), ", ".join(self._restore_files))
 
-    def _spawn(self, w: WorkerHandle, restore: list[str], adopt: bool) -> None:
+    def _spawn(self, w: WorkerHandle, restore: list[str], adopt: bool, fresh: bool = False) -> None:
         """Start worker `w` on its queue; its first message is its set-up."""
         tun = self.tun
         supervisor_end, worker_end = channel_pair()
@@ -244,7 +245,7 @@ class Supervisor(Daemon):
             "source": str(self.config.source), "log_level": self.log_level, "tun_fd": queue_fd,
             "tun_name": tun.name, "tun_index": tun.index, "offload": tun.offload, "persist": self.persist,
             "attached": tun.attached, "flows_fd": flows_fd, "leftover_fd": leftover_fd, "secret": self.secret.hex(),
-            "restore": list(restore), "adopt": adopt, "counts_fd": self.counts.fd,
+            "restore": list(restore), "adopt": adopt, "counts_fd": self.counts.fd, "fresh": fresh,
         }
         try:
             w.proc = subprocess.Popen([sys.executable, "-m", "kracauer.worker", str(worker_end.fileno())],

@@ -84,6 +84,7 @@ class WorkerSetup:
     restore: tuple[str, ...]  # state files to restore from (entries that steer to this worker)
     adopt: bool               # restarted after a crash: adopt the kernel's flows that steer here
     counts_fd: int            # every worker's table size (workers.TableCounts)
+    fresh: bool = False       # started with a new supervisor (not restarted beside a running agent hub)
 
     @classmethod
     def from_json(cls, payload: bytes) -> WorkerSetup:
@@ -185,6 +186,9 @@ class Worker(Daemon):
             self._take_back_shard()
         if setup.adopt and self.tracker.flows is not None:
             self._adopt_own_flows(now)
+        if setup.fresh:
+            # A new box process (not a worker restarted beside a running hub): see Daemon's.
+            self._forget_agents_connections()
         if setup.index == 0:
             # The bridge's ends live in one process: the first worker (its plumbing is the supervisor's).
             self._start_bridge_service()

@@ -111,3 +111,28 @@ def test_the_workers_message_carries_the_whole_table_and_the_gone_agents():
     routes = {"app.example.com": (AGENT, V6("fd00:6b72::3")), "*.dev.example.com": (AGENT,)}
     message = json.loads(json.dumps(agents_message(routes, [V6("fd00:6b72::9")])))
     assert parse_agents_message(message) == (routes, [V6("fd00:6b72::9")])
+
+
+def test_at_a_start_connections_restored_through_agents_are_reset_and_others_kept():
+    d = Daemon(parse_config(CONFIG + '\n[fallback]\nhost = "2001:db8::10"\n'), notifier=FakeNotifier())
+    r, w = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    d.tun = SimpleNamespace(fd=w.fileno())
+    d.tun_read = r.fileno()
+    try:
+        box = box_of(d)
+        other = Walk(box, sport=41020)
+        other.establish()
+        assert other.host == "2001:db8::10"
+        d._agents_changed({"www.example.com": (AGENT,)}, [])
+        through = Walk(box, sport=41021)
+        through.establish()
+        assert through.host == str(AGENT)
+        # As if restored from [state] by a new process: the agents' tunnels went with the old one.
+        d._forget_agents_connections()
+        [rst] = written(d)
+        assert rst.v4 and rst.flags == "RA" and rst.tcp.dport == 41021
+        assert box.connections == 1
+    finally:
+        d._stop_services()
+        r.close()
+        w.close()

@@ -551,3 +551,42 @@ def test_a_box_restart_says_bye_and_the_agents_dial_back(lab, box, agent1):
     agent1.wait_registered(registered, timeout=30)
     proc = curl(lab, "https://app.example.com/")
     assert proc.stdout.strip() == "agent1", seen(proc, again, agent1)
+    again.stop(signal.SIGTERM)
+    lab.reset_box()
+
+
+def test_with_state_a_restart_resets_what_went_through_agents_and_they_serve_again(lab, box, agent1):
+    """[state] keeps host connections across a restart, but not an agent's: its tunnel closed with the
+    old process, and its address may go to another agent. The client gets an RST, not a hang."""
+    for k in lab._kracauers:
+        k.stop()
+    lab.reset_box()
+    running(agent1)
+    text = box_config(lab, extra=f'\n[state]\nfile = "{lab.dir / "state.json"}"\n')
+    first = lab.start_kracauer(text)
+    wait_until(lambda: "agents: listening" in first.stderr(), 10, "the agent hub to listen", first.stderr)
+    registered = agent1.log().count("registered ")
+    agent1.wait_registered(registered - 1, timeout=30)  # dialled back to this box
+    registered = agent1.log().count("registered ")
+    slow = lab.popen("client", ["curl", "-sS", "-o", "/dev/null", "--limit-rate", "500k", "--max-time", "60",
+                                "--cacert", str(lab.ca_cert), "--resolve", f"app.example.com:443:{SERVICE_ADDRESS}",
+                                "https://app.example.com/big.bin"], stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)
+        assert slow.poll() is None, slow.stderr.read()
+        code, stderr = first.stop(signal.SIGTERM)
+        assert code == 0 and "saved" in stderr, stderr[-2000:]
+        second = lab.start_kracauer(text)
+        slow.wait(20)
+        assert slow.returncode != 0, "the download through the old tunnel went on"
+        wait_until(lambda: "restored through agents of the previous process" in second.stderr(), 5,
+                   "the new box to reset the agents' restored connections", second.stderr)
+        agent1.wait_registered(registered, timeout=30)
+        proc = curl(lab, "https://app.example.com/")
+        assert proc.stdout.strip() == "agent1", seen(proc, second, agent1)
+    finally:
+        if slow.poll() is None:
+            slow.kill()
+        for k in lab._kracauers:
+            k.stop()
+        lab.reset_box()
