@@ -1320,7 +1320,8 @@ class _Validator:
                             routes: list[Route], fallback: Fallback | None) -> None:
         """The agents' network (given or the default) must not hold anything else kracauer routes to."""
         what = "" if path[-1] == "network" else " (the default [agents] network)"
-        prefixes = [self.prefix] + [lst.prefix for lst in listeners if lst.prefix]
+        prefixes = [self.prefix] + [lst.prefix for lst in listeners if lst.prefix] + \
+            [lst.prefix for lst in self.bridge_listeners if lst.prefix]
         for prefix in prefixes:
             if prefix is not None and network.overlaps(prefix):
                 raise self.error(path, f"{network}{what} overlaps the translate prefix {prefix}")

@@ -198,3 +198,17 @@ def test_the_example_agent_file_parses():
     path = pathlib.Path(__file__).resolve().parent.parent / "contrib" / "kracauer-agent.toml"
     config = load_agent_config(path)
     assert config.box_port == 4444 and config.names == ("app.example.com", "*.dev.example.com")
+
+
+def test_an_agents_network_overlapping_a_bridge_listeners_prefix_is_refused():
+    text = agents('network = "2001:db8:64::/112"') + """
+[[listen]]
+address = "203.0.113.20"
+port = 4443
+protocol = "bridge"
+cert = "/etc/kracauer/bridge.pem"
+key = "/etc/kracauer/bridge.key"
+client_ca = "/etc/kracauer/ingress-ca.pem"
+prefix = "2001:db8:64::/96"
+"""
+    assert "overlaps the translate prefix 2001:db8:64::/96" in error(text)
