@@ -239,9 +239,10 @@ def test_two_agents_for_one_name_are_both_its_hosts_and_a_reload_drops_one_no_lo
         await rig.hub.start()
         one, two = rig.agent(), rig.agent(t2)
         tasks = [asyncio.ensure_future(one.run())]
-        await until(lambda: len(rig.changes) == 1)
+        # The hub registers an agent before the agent has its REGISTERED and its TUN: wait for both.
+        await until(lambda: len(rig.changes) == 1 and one.address is not None)
         tasks.append(asyncio.ensure_future(two.run()))
-        await until(lambda: len(rig.changes) == 2)
+        await until(lambda: len(rig.changes) == 2 and two.address is not None)
         hosts = rig.changes[-1][0]["app.example.com"]
         assert len(hosts) == 2 and hosts[0] == one.address and hosts[1] == two.address
         # A reload without the second token: the first agent stays, the second is told and goes for good.
