@@ -42,12 +42,18 @@ __all__ = [
     "LogConfig",
     "MetricsConfig",
     "StateConfig",
+    "AgentsConfig",
+    "AgentToken",
+    "AgentConfig",
     "PROTOCOLS",
     "ResolverConfig",
     "Route",
     "TunConfig",
     "load_config",
     "parse_config",
+    "load_agent_config",
+    "parse_agent_config",
+    "agent_name_key",
 ]
 
 PROTOCOLS = ("tls", "http", "tcp", "connect", "bridge")
@@ -235,6 +241,30 @@ class KernelPathConfig:
 
 
 @dataclass(frozen=True)
+class AgentToken:
+    sha256: str                      # 64 lowercase hex digits: SHA-256 of the token (never the token itself)
+    names: tuple[str, ...]           # exact names and "*.suffix" wildcards this token may register
+
+
+@dataclass(frozen=True)
+class AgentsConfig:
+    """``[agents]``: hosts behind NAT dial in (kracauer/agents.py, docs/agents.md)."""
+
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address   # where agents connect (TLS)
+    port: int
+    cert: str                        # the box's certificate chain (PEM) and key, for the agents' TLS
+    key: str
+    tokens: tuple[AgentToken, ...]
+    tun: str = "kagents0"            # the hub's TUN: packets for the agents' addresses are routed into it
+    network: ipaddress.IPv6Network = ipaddress.IPv6Network("fd00:6b72::/64")   # agents' addresses come from here
+    keepalive: float = 10.0          # seconds between keepalives; 3 silent intervals end a tunnel
+
+    @property
+    def listen(self) -> str:
+        return f"[{self.address}]:{self.port}" if self.address.version == 6 else f"{self.address}:{self.port}"
+
+
+@dataclass(frozen=True)
 class Config:
     tun: TunConfig
     prefix: ipaddress.IPv6Network    # exactly a /96 (RFC 6052 section 2.2), host bits zero
@@ -251,6 +281,7 @@ class Config:
     resolver: ResolverConfig = ResolverConfig()
     bridges: tuple[Bridge, ...] = ()                  # [[bridge]]: peers of this ingress box
     bridge_listeners: tuple[BridgeListener, ...] = ()  # [[listen]] with protocol "bridge" (not in `listeners`)
+    agents: AgentsConfig | None = None     # None: no agents can dial in
     # The TOML it was read from (a supervisor hands this text to its workers); not part of its value.
     text: str = dataclasses.field(default="", compare=False, repr=False)
 
@@ -501,11 +532,85 @@ def _route_name_key(name: str) -> tuple[str, str] | str:
     return ("exact", lowered)
 
 
+def agent_name_key(name: str) -> tuple[str, str]:
+    """An agent's name (or a token's allowed name): ("exact"|"wildcard", normalized key); ValueError if it is neither.
+
+    Agents register exact names and ``*.suffix`` wildcards only: a regular
+    expression is the operator's tool, not something a host may claim.
+    """
+    if name.startswith("~"):
+        raise ValueError("agents register exact names and \"*.suffix\" wildcards, not regular expressions")
+    kind = _route_name_key(name)
+    if isinstance(kind, str):
+        raise ValueError(f"{kind}; got {_quote(name)}")
+    return kind  # type: ignore[return-value]
+
+
+def agent_name_allowed(name: tuple[str, str], allowed: Iterable[tuple[str, str]]) -> bool:
+    """Whether a token whose names are `allowed` may register `name` (both as agent_name_key returns them).
+
+    An exact allowed name covers itself; an allowed ``*.s`` covers every name
+    under s and every wildcard ``*.t`` with t equal to s or under it, so that
+    a token for ``*.dev.example.com`` may register ``app.dev.example.com`` and
+    ``*.team.dev.example.com`` but not ``dev.example.com`` itself (as route
+    wildcards do not match their bare domain, routing.py).
+    """
+    kind, key = name
+    for allowed_kind, allowed_key in allowed:
+        if allowed_kind == "exact":
+            if kind == "exact" and key == allowed_key:
+                return True
+        elif key.endswith("." + allowed_key) or (kind == "wildcard" and key == allowed_key):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """``kracauer agent --config FILE``: the ``[agent]`` table of a host behind NAT."""
+
+    box_host: str                  # name or address of the box
+    box_port: int
+    server_name: str               # checked against the box's certificate
+    ca: str                        # CA certificate(s) (PEM) the box's certificate must chain to
+    token_file: str                # holds the token (its first line)
+    names: tuple[str, ...]         # to register; each must be allowed by the box for this token
+    tun: str = "kagent0"
+    source: str = "<string>"
+
+
+def load_agent_config(path: str | os.PathLike) -> AgentConfig:
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}", source=path) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text: {e}", source=path) from None
+    return parse_agent_config(text, path)
+
+
+def parse_agent_config(text: str, source: str = "<string>") -> AgentConfig:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise _syntax_error(e, source, text) from None
+    return _Validator(text, source).agent(doc)
+
+
 # ---------------------------------------------------------------------------
 # Validation
 
 _TOP_KEYS = ("tun", "translate", "listen", "route", "fallback", "limits", "health", "log", "metrics", "state", "resolver",
-             "kernel_path", "bridge")
+             "kernel_path", "bridge", "agents")
+_AGENTS_KEYS = ("listen", "cert", "key", "token", "tun", "network", "keepalive")
+_AGENT_TOKEN_KEYS = ("sha256", "names")
+_AGENT_KEYS = ("box", "server_name", "ca", "token_file", "names", "tun")
+# Names one HELLO may carry (netstack.agentwire.NAMES_MAX; a longer one is refused by the box).
+AGENT_NAMES_MAX = 64
 _KERNEL_PATH_KEYS = ("enabled", "pin_dir", "max_flows", "python_syn_rate")
 _LOG_KEYS = ("access", "level")
 _METRICS_KEYS = ("listen",)
@@ -725,7 +830,8 @@ class _Validator:
         state = self.state(doc)
         kernel_path = self.kernel_path(doc)
         resolver = self.resolver(doc)
-        if not routes and fallback is None:
+        agents = self.agents(doc, tun, listeners, routes, fallback)
+        if not routes and fallback is None and agents is None:
             named = [i for i, item in enumerate(doc.get("listen", [])) if item.get("protocol") != "tcp"]
             if named:
                 i = named[0]
@@ -735,7 +841,7 @@ class _Validator:
                       fallback=fallback, limits=limits, source=self.source, health=health, log=log,
                       metrics=metrics, state=state, kernel_path=kernel_path,
                       resolver=resolver, bridges=tuple(bridges),
-                      bridge_listeners=tuple(self.bridge_listeners))
+                      bridge_listeners=tuple(self.bridge_listeners), agents=agents)
 
     def check_bridge_prefixes(self, listeners: list[Listener]) -> None:
         """A bridge listener's prefix is routed `local` on lo: it must not be one routed into the TUN."""
@@ -760,18 +866,7 @@ class _Validator:
         defaults = TunConfig()
         name = defaults.name
         if "name" in table:
-            name = self.string(table["name"], ("tun", "name"))
-            problem = None
-            if not name:
-                problem = "the name is empty"
-            elif len(name.encode("utf-8")) > 15:
-                problem = f"an interface name has at most 15 bytes (IFNAMSIZ), this one has {len(name.encode('utf-8'))}"
-            elif name in (".", ".."):
-                problem = "\".\" and \"..\" are not interface names"
-            elif any(c.isspace() or c in "/:" or not c.isprintable() for c in name):
-                problem = "an interface name may not contain '/', ':', whitespace or control characters"
-            if problem:
-                raise self.error(("tun", "name"), f"{problem}, got {_quote(name)}")
+            name = self.interface_name(table["name"], ("tun", "name"))
         mtu = defaults.mtu
         if "mtu" in table:
             mtu = self.integer(table["mtu"], ("tun", "mtu"), 1280, 65535)
@@ -792,6 +887,21 @@ class _Validator:
                                                          f"got {_describe(value)}")
                 workers = self.integer(value, ("tun", "workers"), 1, MAX_WORKERS)
         return TunConfig(name=name, mtu=mtu, offload=offload, user=user, workers=workers)
+
+    def interface_name(self, value: Any, path: Path) -> str:
+        name = self.string(value, path)
+        problem = None
+        if not name:
+            problem = "the name is empty"
+        elif len(name.encode("utf-8")) > 15:
+            problem = f"an interface name has at most 15 bytes (IFNAMSIZ), this one has {len(name.encode('utf-8'))}"
+        elif name in (".", ".."):
+            problem = "\".\" and \"..\" are not interface names"
+        elif any(c.isspace() or c in "/:" or not c.isprintable() for c in name):
+            problem = "an interface name may not contain '/', ':', whitespace or control characters"
+        if problem:
+            raise self.error(path, f"{problem}, got {_quote(name)}")
+        return name
 
     def translate(self, doc: dict) -> ipaddress.IPv6Network:
         table = self.table(doc, ("translate",), _TRANSLATE_KEYS, required=True)
@@ -1136,8 +1246,15 @@ class _Validator:
         if table is None:
             return None
         path = ("metrics", "listen")
-        text = self.string(self.require(table, path), path)
-        expected = 'expected "ADDRESS:PORT" with an IP address, e.g. "127.0.0.1:9477" or "[::1]:9477"'
+        address, port = self.socket_address(self.require(table, path), path, "127.0.0.1:9477")
+        return MetricsConfig(address=address, port=port)
+
+    def socket_address(self, value: Any, path: Path,
+                       example: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+        """ "ADDRESS:PORT" with an IP address (IPv6 in brackets)."""
+        text = self.string(value, path)
+        port6 = example.rpartition(":")[2]
+        expected = f'expected "ADDRESS:PORT" with an IP address, e.g. "{example}" or "[::1]:{port6}"'
         host, sep, port_text = text.rpartition(":")
         if not sep or not port_text.isdigit() or not port_text.isascii():
             raise self.error(path, f"{expected}, got {_quote(text)}")
@@ -1155,7 +1272,139 @@ class _Validator:
         port = int(port_text)
         if not 1 <= port <= 65535:
             raise self.error(path, f"expected a port from 1 to 65535, got {port} in {_quote(text)}")
-        return MetricsConfig(address=address, port=port)
+        return address, port
+
+    def agents(self, doc: dict, tun: TunConfig, listeners: list[Listener], routes: list[Route],
+               fallback: Fallback | None) -> AgentsConfig | None:
+        table = self.table(doc, ("agents",), _AGENTS_KEYS)
+        if table is None:
+            return None
+        path = ("agents",)
+        address, port = self.socket_address(self.require(table, path + ("listen",)), path + ("listen",),
+                                            "203.0.113.5:4444")
+        cert = self.absolute_path(self.require(table, path + ("cert",)), path + ("cert",))
+        key = self.absolute_path(self.require(table, path + ("key",)), path + ("key",))
+        defaults = AgentsConfig(address=address, port=port, cert=cert, key=key, tokens=())
+        name = defaults.tun
+        if "tun" in table:
+            name = self.interface_name(table["tun"], path + ("tun",))
+        if name == tun.name:
+            raise self.error(path + ("tun",), f"{_quote(name)} is already [tun] name; the agents' TUN needs its own")
+        network = defaults.network
+        if "network" in table:
+            network = self.agents_network(table["network"], path + ("network",))
+        self.agents_network_free(network, path + ("network",) if "network" in table else path, listeners, routes,
+                                 fallback)
+        keepalive = defaults.keepalive
+        if "keepalive" in table:
+            keepalive = self.seconds(table["keepalive"], path + ("keepalive",))
+            if keepalive > 3600:
+                raise self.error(path + ("keepalive",), f"at most 3600 seconds, got {_show(keepalive)}")
+        tokens = self.agent_tokens(table, path)
+        return AgentsConfig(address=address, port=port, cert=cert, key=key, tokens=tokens, tun=name,
+                            network=network, keepalive=keepalive)
+
+    def agents_network(self, value: Any, path: Path) -> ipaddress.IPv6Network:
+        text = self.string(value, path)
+        try:
+            network = ipaddress.IPv6Network(text)
+        except ValueError as e:
+            raise self.error(path, f"expected an IPv6 network like \"fd00:6b72::/64\": {e}") from None
+        if not 64 <= network.prefixlen <= 120:
+            raise self.error(path, f"expected a /64 to a /120 (room for the agents' addresses), got /{network.prefixlen}")
+        if network.is_multicast or network.is_link_local or network.is_loopback or network.network_address.ipv4_mapped:
+            raise self.error(path, f"{_quote(text)} is not a unicast network")
+        return network
+
+    def agents_network_free(self, network: ipaddress.IPv6Network, path: Path, listeners: list[Listener],
+                            routes: list[Route], fallback: Fallback | None) -> None:
+        """The agents' network (given or the default) must not hold anything else kracauer routes to."""
+        what = "" if path[-1] == "network" else " (the default [agents] network)"
+        prefixes = [self.prefix] + [lst.prefix for lst in listeners if lst.prefix] + \
+            [lst.prefix for lst in self.bridge_listeners if lst.prefix]
+        for prefix in prefixes:
+            if prefix is not None and network.overlaps(prefix):
+                raise self.error(path, f"{network}{what} overlaps the translate prefix {prefix}")
+        hosts = [h for r in routes for h in r.hosts] + list(fallback.hosts if fallback else ()) + \
+                [h for lst in listeners for h in lst.hosts]
+        for host in hosts:
+            if host in network:
+                raise self.error(path, f"{network}{what} contains the configured host {host}; agents' addresses "
+                                       "must not be taken for configured hosts")
+        for route in routes:
+            for allowed in route.networks:
+                if network.overlaps(allowed):
+                    # A DNS answer must never make an agent's address the host of a resolve route.
+                    raise self.error(path, f"{network}{what} overlaps the networks {allowed} of the resolve route "
+                                           f"{_quote(route.name)}")
+
+    def agent_tokens(self, table: dict, path: Path) -> tuple[AgentToken, ...]:
+        value = table.get("token", [])
+        if not isinstance(value, list):
+            raise self.error(path + ("token",), f"expected an array of tables ([[agents.token]]), got {_describe(value)}")
+        tokens = []
+        seen: dict[str, int] = {}
+        for i, item in enumerate(value):
+            item_path = path + ("token", i)
+            if not isinstance(item, dict):
+                raise self.error(item_path, f"expected a table ([[agents.token]]), got {_describe(item)}")
+            self.known_keys(item, item_path, _AGENT_TOKEN_KEYS)
+            digest = self.string(self.require(item, item_path + ("sha256",)), item_path + ("sha256",)).lower()
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise self.error(item_path + ("sha256",), "expected the token's SHA-256 as 64 hex digits "
+                                                          "(`kracauer agent-token` prints a new token and its sha256)")
+            if digest in seen:
+                raise self.error(item_path + ("sha256",), f"the same token as agents.token[{seen[digest]}]")
+            seen[digest] = i
+            names = self.agent_names(self.require(item, item_path + ("names",)), item_path + ("names",))
+            tokens.append(AgentToken(sha256=digest, names=names))
+        return tuple(tokens)
+
+    def agent_names(self, value: Any, path: Path) -> tuple[str, ...]:
+        if not isinstance(value, list) or not value:
+            raise self.error(path, f"expected a non-empty list of names like [\"app.example.com\", \"*.dev.example.com\"], "
+                                   f"got {_describe(value)}")
+        names = []
+        for item in value:
+            name = self.string(item, path)
+            try:
+                agent_name_key(name)
+            except ValueError as e:
+                raise self.error(path, str(e)) from None
+            names.append(name)
+        if len({agent_name_key(n) for n in names}) != len(names):
+            raise self.error(path, "the same name is listed twice")
+        return tuple(names)
+
+    def agent(self, doc: dict) -> AgentConfig:
+        self.known_keys(doc, (), ("agent",))
+        table = self.table(doc, ("agent",), _AGENT_KEYS, required=True)
+        assert table is not None
+        path = ("agent",)
+        box = self.string(self.require(table, path + ("box",)), path + ("box",))
+        host, sep, port_text = box.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not sep or not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise self.error(path + ("box",), f"expected \"NAME:PORT\" (or \"[IPv6]:PORT\"), got {_quote(box)}")
+        server_name = self.string(self.require(table, path + ("server_name",)), path + ("server_name",))
+        problem = _dns_name_problem(server_name.lower().rstrip("."))
+        if problem:
+            try:
+                ipaddress.ip_address(server_name)
+            except ValueError:
+                raise self.error(path + ("server_name",), f"invalid name: {problem}") from None
+        ca = self.absolute_path(self.require(table, path + ("ca",)), path + ("ca",))
+        token_file = self.absolute_path(self.require(table, path + ("token_file",)), path + ("token_file",))
+        names = self.agent_names(self.require(table, path + ("names",)), path + ("names",))
+        if len(names) > AGENT_NAMES_MAX:
+            raise self.error(path + ("names",), f"an agent registers at most {AGENT_NAMES_MAX} names, got "
+                                                f"{len(names)} (run a second agent for more)")
+        tun = AgentConfig.tun
+        if "tun" in table:
+            tun = self.interface_name(table["tun"], path + ("tun",))
+        return AgentConfig(box_host=host, box_port=int(port_text), server_name=server_name, ca=ca,
+                           token_file=token_file, names=names, tun=tun, source=self.source)
 
     def state(self, doc: dict) -> StateConfig | None:
         table = self.table(doc, ("state",), _STATE_KEYS)

@@ -595,3 +595,19 @@ def remove_tun_addresses(name: str, addresses: list[ipaddress.IPv6Address]) -> N
             except NetlinkError as exc:
                 if exc.code not in (errno.EADDRNOTAVAIL, errno.ENOENT, errno.ENODEV):
                     log.warning("could not remove address %s from %s: %s", address, name, exc)
+
+
+# -- the agent's address (kracauer.agent) ---------------------------------------------
+
+def add_address(tun: Tun, address: ipaddress.IPv6Address, prefixlen: int = 128) -> None:
+    """Give the TUN an IPv6 address (``kracauer agent``: the one the box assigned), without duplicate detection.
+
+    DAD has nothing to probe on a point-to-point TUN, and would hold the
+    address tentative (unusable) for a second.
+    """
+    try:
+        with IPRoute() as ipr:
+            ipr.addr("add", index=tun.index, address=str(address), prefixlen=prefixlen, family=socket.AF_INET6,
+                     flags=IFA_F_NODAD)
+    except NetlinkError as exc:
+        raise TunError(f"cannot add the address {address}/{prefixlen} to {tun.name}: {exc}") from exc

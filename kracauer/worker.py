@@ -39,7 +39,9 @@ from netstack.tracker import TrackerConfig
 from kracauer.privileges import drop_privileges
 from kracauer.systemd import Notifier
 from kracauer.tun import Tun
-from kracauer.workers import HEALTH, LOG, METRICS, READY, RELOAD, RELOADED, STATUS, Channel, TableCounts
+from kracauer.workers import (
+    AGENTS, HEALTH, LOG, METRICS, READY, RELOAD, RELOADED, STATUS, Channel, TableCounts, parse_agents_message,
+)
 from netstack.state import adopt
 from netstack.steer import flow_key_owner
 from netstack.syncookie import BLAKE2S, SynCookies
@@ -82,6 +84,7 @@ class WorkerSetup:
     restore: tuple[str, ...]  # state files to restore from (entries that steer to this worker)
     adopt: bool               # restarted after a crash: adopt the kernel's flows that steer here
     counts_fd: int            # every worker's table size (workers.TableCounts)
+    fresh: bool = False       # started with a new supervisor (not restarted beside a running agent hub)
 
     @classmethod
     def from_json(cls, payload: bytes) -> WorkerSetup:
@@ -183,6 +186,9 @@ class Worker(Daemon):
             self._take_back_shard()
         if setup.adopt and self.tracker.flows is not None:
             self._adopt_own_flows(now)
+        if setup.fresh:
+            # A new box process (not a worker restarted beside a running hub): see Daemon's.
+            self._forget_agents_connections()
         if setup.index == 0:
             # The bridge's ends live in one process: the first worker (its plumbing is the supervisor's).
             self._start_bridge_service()
@@ -300,6 +306,8 @@ class Worker(Daemon):
             for kind, payload in self.channel.receive():
                 if kind == RELOAD:
                     self._reload_from(json.loads(payload))
+                elif kind == AGENTS:
+                    self._agents_changed(*parse_agents_message(json.loads(payload)))
                 elif kind == HEALTH:
                     host, port, fails, until = json.loads(payload)
                     key = (bytes.fromhex(host), port)

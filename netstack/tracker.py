@@ -1601,6 +1601,48 @@ class Tracker:
         conn.packets_to_host += 1
         return self._ipv6_to_host(conn, out)
 
+    # ------------------------------------------------------------ a host gone
+
+    def reset_host(self, host: bytes, now: float) -> list[bytearray]:
+        """The host at address `host` is gone for good (an agent's tunnel closed): end its connections.
+
+        Nothing will ever answer for them, so waiting for timeouts would only
+        leave clients hanging: a connection still connecting moves on to the
+        route's next host if it has one, every other one bound to `host`
+        (those the kernel carries included) ends with an RST to the client,
+        outcome ``host_gone``. Its host never sees a packet again.
+        """
+        out: list[bytearray] = []
+        for key, conn in list(self.clients.items()):
+            if conn.__class__ is tuple:
+                if conn[2] != host:
+                    continue
+                conn = self._unpark(key, conn, now)
+                if conn is None:
+                    continue
+            if conn.state in (PEEKING, REFUSING, GONE) or conn.host != host:
+                continue
+            self.events["host_gone_reset"] += 1
+            if conn.state == CONNECTING:
+                conn.candidates = tuple(h for h in conn.candidates if h != host)
+                if conn.candidates and now < conn.connect_start + self.config.connect_timeout:
+                    self.events["host_failover"] += 1
+                    out.extend(self._try_next_host(conn, now))
+                    continue
+                self._finish(conn, "host_gone", now)
+                out.append(self._rst_to_client(conn, conn.hello.contiguous if conn.hello is not None else 0))
+                continue
+            self._finish(conn, "host_gone", now)
+            out.append(self._rst_established_client(conn))
+        return out
+
+    def _rst_established_client(self, conn: Connection) -> bytearray:
+        """RST|ACK to the client of a spliced connection, at the next sequence number it expects
+        (RFC 5961 §3.2: only an exact match resets; host_nxt is what the host sent, in the client's space)."""
+        segment = build_segment(conn.listener.port, conn.client_port, conn.host_nxt, conn.client_nxt, RST | ACK, 0)
+        conn.packets_to_client += 1
+        return self._ipv4_to_client(conn, segment)
+
     # ------------------------------------------------------------- refusals
 
     def _refuse(self, conn: Connection, now: float, outcome: str) -> list[bytearray]:

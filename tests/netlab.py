@@ -71,7 +71,7 @@ PREFIX = "64:ff9b:1::/96"
 ROLES = ("client", "box", "host1", "host2")
 
 #: Names in the hosts' certificate (subjectAltName).
-CERT_NAMES = ("www.example.com", "*.example.org", "example.org", "www.example.net")
+CERT_NAMES = ("www.example.com", "*.example.org", "example.org", "www.example.net", "app.example.com")
 #: Ports every host's nginx listens on.
 PLAIN_PORTS = (80, 8080)
 TLS_PORTS = (443, 8443)
@@ -911,6 +911,55 @@ class Lab:
         if proc.returncode != 0:
             raise LabError(f"`kracauer decode {address}` failed ({proc.returncode}): {proc.stderr.strip()}")
         return proc.stdout.strip()
+
+    # -- more namespaces (a NAT and the hosts behind it: tests/integration/test_agents.py) --
+
+    def add_namespace(self, role: str) -> str:
+        """A further namespace ``role`` (lo up, no RA, no DAD), removed with the lab."""
+        if role in self.namespaces:
+            raise LabError(f"the lab already has a namespace {role!r}")
+        ns = f"{self.prefix}-{role}"
+        _ip("netns", "add", ns)
+        self._created.append(ns)
+        self.namespaces[role] = ns
+        _ip("-n", ns, "link", "set", "lo", "up")
+        self._ns_exec(role, "sysctl", "-q", "-w",
+                      "net.ipv6.conf.all.accept_ra=0", "net.ipv6.conf.default.accept_ra=0",
+                      "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
+        return ns
+
+    def start_nginx(self, role: str, cert_host: str = "host1") -> None:
+        """nginx in namespace ``role`` as on the lab's hosts (ports, log format, ``/`` naming ``role``,
+        ``/big.bin``), with ``cert_host``'s certificate; its files are in ``host_dir(role)``."""
+        assert self.dir is not None and self.host_certs, "start the lab with hosts=True first"
+        hdir = self.host_dir(role)
+        for sub in ("www", "tmp"):
+            (hdir / sub).mkdir(parents=True, exist_ok=True)
+        (hdir / "www" / "index.txt").write_text(f"{role}\n")
+        os.link(self.dir / "big.bin", hdir / "www" / "big.bin")
+        cert, key = self.host_certs[cert_host]
+        listen = "\n".join([f"        listen [::]:{p};" for p in PLAIN_PORTS]
+                           + [f"        listen [::]:{p} ssl;" for p in TLS_PORTS])
+        conf = hdir / "nginx.conf"
+        conf.write_text(_NGINX_CONF.format(host=role, dir=hdir, workers=self.nginx_workers, cert=cert, key=key,
+                                           listen=listen))
+        out = open(hdir / "nginx.out", "wb")
+        try:
+            popen = subprocess.Popen(
+                ["ip", "netns", "exec", self.ns(role), "nginx", "-p", str(hdir), "-c", str(conf),
+                 "-e", str(hdir / "error.log"), "-g", "daemon off;"],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        finally:
+            out.close()
+        proc = _Proc(f"nginx {role}", popen, (hdir / "nginx.out", hdir / "error.log"))
+        self._procs.append(proc)
+        ports = {str(p) for p in PLAIN_PORTS + TLS_PORTS}
+
+        def ready():
+            if popen.poll() is not None:
+                raise LabError(f"nginx in {role} exited with {popen.returncode}:\n{self._tail(proc)}")
+            return ports <= self.listening_ports(role)
+        wait_until(ready, 10, f"nginx in {role} to listen on {sorted(ports)}", lambda: self._tail(proc))
 
     def describe(self) -> str:
         lines = [f"lab {self.tag}: dir {self.dir}"]
