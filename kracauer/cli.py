@@ -6,6 +6,8 @@
     kracauer cleanup --config FILE                          remove the TUN and state a stop with [state] left
     kracauer decode ADDR [ADDR ...]                         64:ff9b:1::cb00:7107 -> 203.0.113.7
     kracauer encode (--prefix P | --config FILE) IPV4 ...   203.0.113.7 -> 64:ff9b:1::cb00:7107
+    kracauer agent --config FILE [--log-level LEVEL]         a host behind NAT: dial the box, serve its names
+    kracauer agent-token                                    print a new agent token and its sha256
     kracauer --version
 
 Exit status: 0 on success, 2 for bad arguments, configuration or input;
@@ -20,7 +22,7 @@ import logging
 import sys
 
 from kracauer import __version__
-from kracauer.config import Config, ConfigError, load_config, parse_prefix
+from kracauer.config import Config, ConfigError, load_agent_config, load_config, parse_prefix
 from netstack.addr import embed_address, extract_address
 
 __all__ = ["main"]
@@ -83,6 +85,20 @@ def _parser() -> argparse.ArgumentParser:
         description="Stop for good after kracauer stopped with [state]: remove the TUN it left in place "
                     "(and its routes) and the state file. Fails if a kracauer still uses the TUN.")
     cleanup.add_argument("--config", metavar="FILE", dest="cleanup_config", help="the configuration file")
+
+    agent = commands.add_parser(
+        "agent", help="run on a host behind NAT: dial the box and serve names through the tunnel",
+        description="Dial the kracauer box named in [agent] box (TLS 1.3), register [agent] names with the "
+                    "token from token_file, and carry their connections through a TUN on this host "
+                    "(docs/agents.md). Exit status 2 if the box refuses the token or a name.")
+    agent.add_argument("--config", metavar="FILE", dest="agent_config", help="the agent's configuration file")
+    agent.add_argument("--log-level", choices=tuple(LOG_LEVELS), default=None, dest="agent_log_level",
+                       help="logging threshold (default info)")
+
+    commands.add_parser(
+        "agent-token", help="print a new agent token and the sha256 the box's [[agents.token]] needs",
+        description="Print a new random token (256 bits) for an agent's token_file, and its SHA-256 for the "
+                    "box's [[agents.token]] sha256. The box never stores the token itself.")
     return parser
 
 
@@ -103,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
             return _status(args)
         if args.command == "cleanup":
             return _cleanup(args)
+        if args.command == "agent":
+            return _agent(args)
+        if args.command == "agent-token":
+            return _agent_token()
         if args.config is None:
             parser.print_usage(sys.stderr)
             print("kracauer: error: --config FILE is required to run the daemon "
@@ -125,6 +145,29 @@ def _run(path: str, log_level: str | None, keep_tun: bool = True) -> int:
     except KeyboardInterrupt:
         return 130
     return EXIT_OK if status is None else int(status)
+
+
+def _agent(args: argparse.Namespace) -> int:
+    path = args.agent_config or args.config
+    if path is None:
+        raise _Failure("agent: needs --config FILE (the agent's [agent] table)")
+    config = load_agent_config(path)
+    logging.basicConfig(stream=sys.stderr, format=LOG_FORMAT,
+                        level=LOG_LEVELS[args.agent_log_level or args.log_level or "info"])
+    from kracauer.agent import run  # imported late: pulls in the TUN/netlink code
+
+    return run(config)
+
+
+def _agent_token() -> int:
+    from kracauer.agents import new_token, token_sha256
+
+    token = new_token()
+    print(f"token:  {token}")
+    print(f"sha256: {token_sha256(token)}")
+    print("# the token goes (alone) into the agent's token_file; the sha256 into the box's [[agents.token]]",
+          file=sys.stderr)
+    return EXIT_OK
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -185,6 +228,12 @@ def _check_config(path: str) -> int:
         for route in resolving:
             print(f"    {route.name}{f' (alpn {route.alpn})' if route.alpn else ''}: "
                   f"hosts inside {', '.join(map(str, route.networks))}")
+    agents = config.agents
+    if agents is not None:
+        print(f"  agents dial in on {agents.listen} (TLS 1.3), addresses from {agents.network} on {agents.tun}, "
+              f"keepalive {agents.keepalive:g} s; {_plural(len(agents.tokens), 'token')}:")
+        for token in agents.tokens:
+            print(f"    {token.sha256[:12]}…: may register {', '.join(token.names)}")
     return EXIT_OK
 
 

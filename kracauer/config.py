@@ -4,7 +4,7 @@
 string. Every problem raises ``ConfigError`` with one line of text that names
 the file, the line when it is known, the key and what was expected::
 
-    kracauer.toml:14: listen[1].protocol: expected one of "tls", "http", "tcp", "connect", "quic", got "smtp"
+    kracauer.toml:14: listen[1].protocol: expected one of "tls", "http", "tcp", "connect", "quic", "bridge", got "smtp"
 
 Array entries are counted from 0 (``listen[0]`` is the first ``[[listen]]``).
 Line numbers come from the TOML parser for syntax errors; for the other errors
@@ -34,21 +34,32 @@ except ModuleNotFoundError:  # Python < 3.11
 __all__ = [
     "Config",
     "ConfigError",
+    "Bridge",
+    "BridgeListener",
     "Fallback",
     "Limits",
     "Listener",
     "LogConfig",
     "MetricsConfig",
     "StateConfig",
+    "AgentsConfig",
+    "AgentToken",
+    "AgentConfig",
     "PROTOCOLS",
     "ResolverConfig",
     "Route",
     "TunConfig",
     "load_config",
     "parse_config",
+    "load_agent_config",
+    "parse_agent_config",
+    "agent_name_key",
 ]
 
-PROTOCOLS = ("tls", "http", "tcp", "connect", "quic")
+PROTOCOLS = ("tls", "http", "tcp", "connect", "quic", "bridge")
+# Listeners whose packets come through the TUN (a "bridge" listener is a TLS socket of its own;
+# a "quic" one takes UDP, netstack.udptracker).
+TUN_PROTOCOLS = ("tls", "http", "tcp", "connect", "quic")
 
 
 class ConfigError(ValueError):
@@ -104,9 +115,35 @@ class Listener:
 
 
 @dataclass(frozen=True)
+class BridgeListener:
+    """A bridge peer's TLS listener (docs/configuration.md, "protocol = bridge"): sockets, not the TUN."""
+
+    address: ipaddress.IPv4Address
+    port: int
+    cert: str                    # this peer's certificate chain (PEM), read at start while still root
+    key: str                     # its private key (PEM)
+    client_ca: str               # only ingress boxes with a certificate from this CA may open tunnels
+    prefix: ipaddress.IPv6Network   # the hosts see prefix::client; routed `local` on lo, never into the TUN
+    ports: tuple[int, ...] = (443,)  # the ports a tunnel's CONNECT may name
+
+
+@dataclass(frozen=True)
+class Bridge:
+    """An ingress box's peer kracauer ([[bridge]]), which routes bridge routes' connections onwards."""
+
+    name: str
+    address: str                 # the peer: a host name or an IP address (as written, without port)
+    port: int
+    server_name: str             # the outer SNI: the one name the firewall lets through
+    ca: str                      # verifies the peer's certificate
+    cert: str                    # this box's client certificate (PEM)
+    key: str                     # its private key
+
+
+@dataclass(frozen=True)
 class Route:
     name: str                    # as written in the file
-    host: ipaddress.IPv6Address | None  # the first host; None for a resolve route
+    host: ipaddress.IPv6Address | None  # the first host; None for a resolve route; the relay's address for a bridge route
     port: int | None = None      # None: the listener's port
     hosts: tuple[ipaddress.IPv6Address, ...] = ()   # every host (a client's address picks one)
     alpn: str | None = None      # only for TLS clients that offer this ALPN protocol
@@ -114,6 +151,7 @@ class Route:
     # those inside `networks` only; such a route has no host.
     resolve: bool = False
     networks: tuple[ipaddress.IPv6Network, ...] = ()
+    bridge: str | None = None    # the [[bridge]] name: the connection goes to the local relay (relay_address()), then the peer
 
     def __post_init__(self) -> None:
         _all_hosts(self)
@@ -145,6 +183,7 @@ class Limits:
     max_peeking: int = 10_000        # connections still sending their hello; the oldest is reset past it
     syn_backlog: int = 1024          # half-open handshakes kept with state; SYN cookies past it
     host_try_timeout: float = 3.0    # with several hosts, seconds one may take before the next is tried; <= connect_timeout
+    max_tunnels: int = 10_000        # bridge tunnels open at once in this process (ingress relay and peer listener each)
     udp_idle_timeout: float = 60.0   # quic: a flow ends this long after its last datagram; > 0
     udp_max_peeking: int = 10_000    # quic: flows still sending their Initials; the oldest is dropped past it
     udp_peek_max_bytes: int = 16384  # quic: datagram bytes held per peeking flow, 1200..65536
@@ -207,6 +246,30 @@ class KernelPathConfig:
 
 
 @dataclass(frozen=True)
+class AgentToken:
+    sha256: str                      # 64 lowercase hex digits: SHA-256 of the token (never the token itself)
+    names: tuple[str, ...]           # exact names and "*.suffix" wildcards this token may register
+
+
+@dataclass(frozen=True)
+class AgentsConfig:
+    """``[agents]``: hosts behind NAT dial in (kracauer/agents.py, docs/agents.md)."""
+
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address   # where agents connect (TLS)
+    port: int
+    cert: str                        # the box's certificate chain (PEM) and key, for the agents' TLS
+    key: str
+    tokens: tuple[AgentToken, ...]
+    tun: str = "kagents0"            # the hub's TUN: packets for the agents' addresses are routed into it
+    network: ipaddress.IPv6Network = ipaddress.IPv6Network("fd00:6b72::/64")   # agents' addresses come from here
+    keepalive: float = 10.0          # seconds between keepalives; 3 silent intervals end a tunnel
+
+    @property
+    def listen(self) -> str:
+        return f"[{self.address}]:{self.port}" if self.address.version == 6 else f"{self.address}:{self.port}"
+
+
+@dataclass(frozen=True)
 class Config:
     tun: TunConfig
     prefix: ipaddress.IPv6Network    # exactly a /96 (RFC 6052 section 2.2), host bits zero
@@ -221,8 +284,28 @@ class Config:
     state: StateConfig | None = None       # None: no state kept across restarts, TUN not persistent
     kernel_path: KernelPathConfig = KernelPathConfig()
     resolver: ResolverConfig = ResolverConfig()
+    bridges: tuple[Bridge, ...] = ()                  # [[bridge]]: peers of this ingress box
+    bridge_listeners: tuple[BridgeListener, ...] = ()  # [[listen]] with protocol "bridge" (not in `listeners`)
+    agents: AgentsConfig | None = None     # None: no agents can dial in
     # The TOML it was read from (a supervisor hands this text to its workers); not part of its value.
     text: str = dataclasses.field(default="", compare=False, repr=False)
+
+
+def normalize_server_name(name: str) -> str:
+    name = name.lower() if name.isascii() else name
+    return name[:-1] if name.endswith(".") else name
+
+
+def relay_address(prefix: ipaddress.IPv6Network) -> ipaddress.IPv6Address:
+    """The ingress relay's address: the prefix with 255.255.255.255 embedded.
+
+    No client can have that address (RFC 919 §7: limited broadcast is never a
+    source), it lies in the prefix that is routed into the TUN already (so the
+    relay's answers to prefix::client go back into the TUN with no new route),
+    and kracauer puts it on its own TUN device (/128), so the packets it
+    writes into the TUN for it are delivered locally.
+    """
+    return prefix.network_address + 0xFFFFFFFF
 
 
 # ---------------------------------------------------------------------------
@@ -454,11 +537,85 @@ def _route_name_key(name: str) -> tuple[str, str] | str:
     return ("exact", lowered)
 
 
+def agent_name_key(name: str) -> tuple[str, str]:
+    """An agent's name (or a token's allowed name): ("exact"|"wildcard", normalized key); ValueError if it is neither.
+
+    Agents register exact names and ``*.suffix`` wildcards only: a regular
+    expression is the operator's tool, not something a host may claim.
+    """
+    if name.startswith("~"):
+        raise ValueError("agents register exact names and \"*.suffix\" wildcards, not regular expressions")
+    kind = _route_name_key(name)
+    if isinstance(kind, str):
+        raise ValueError(f"{kind}; got {_quote(name)}")
+    return kind  # type: ignore[return-value]
+
+
+def agent_name_allowed(name: tuple[str, str], allowed: Iterable[tuple[str, str]]) -> bool:
+    """Whether a token whose names are `allowed` may register `name` (both as agent_name_key returns them).
+
+    An exact allowed name covers itself; an allowed ``*.s`` covers every name
+    under s and every wildcard ``*.t`` with t equal to s or under it, so that
+    a token for ``*.dev.example.com`` may register ``app.dev.example.com`` and
+    ``*.team.dev.example.com`` but not ``dev.example.com`` itself (as route
+    wildcards do not match their bare domain, routing.py).
+    """
+    kind, key = name
+    for allowed_kind, allowed_key in allowed:
+        if allowed_kind == "exact":
+            if kind == "exact" and key == allowed_key:
+                return True
+        elif key.endswith("." + allowed_key) or (kind == "wildcard" and key == allowed_key):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """``kracauer agent --config FILE``: the ``[agent]`` table of a host behind NAT."""
+
+    box_host: str                  # name or address of the box
+    box_port: int
+    server_name: str               # checked against the box's certificate
+    ca: str                        # CA certificate(s) (PEM) the box's certificate must chain to
+    token_file: str                # holds the token (its first line)
+    names: tuple[str, ...]         # to register; each must be allowed by the box for this token
+    tun: str = "kagent0"
+    source: str = "<string>"
+
+
+def load_agent_config(path: str | os.PathLike) -> AgentConfig:
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror or e}", source=path) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text: {e}", source=path) from None
+    return parse_agent_config(text, path)
+
+
+def parse_agent_config(text: str, source: str = "<string>") -> AgentConfig:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise _syntax_error(e, source, text) from None
+    return _Validator(text, source).agent(doc)
+
+
 # ---------------------------------------------------------------------------
 # Validation
 
 _TOP_KEYS = ("tun", "translate", "listen", "route", "fallback", "limits", "health", "log", "metrics", "state", "resolver",
-             "kernel_path")
+             "kernel_path", "bridge", "agents")
+_AGENTS_KEYS = ("listen", "cert", "key", "token", "tun", "network", "keepalive")
+_AGENT_TOKEN_KEYS = ("sha256", "names")
+_AGENT_KEYS = ("box", "server_name", "ca", "token_file", "names", "tun")
+# Names one HELLO may carry (netstack.agentwire.NAMES_MAX; a longer one is refused by the box).
+AGENT_NAMES_MAX = 64
 _KERNEL_PATH_KEYS = ("enabled", "pin_dir", "max_flows", "python_syn_rate")
 _LOG_KEYS = ("access", "level")
 _METRICS_KEYS = ("listen",)
@@ -468,10 +625,11 @@ _TUN_KEYS = ("name", "mtu", "offload", "user", "workers")
 # A TUN has at most 256 queues (drivers/net/tun.c, MAX_TAP_QUEUES).
 MAX_WORKERS = 256
 _TRANSLATE_KEYS = ("prefix",)
-_LISTEN_KEYS = ("address", "port", "protocol", "host", "prefix", "allow", "ports")
+_LISTEN_KEYS = ("address", "port", "protocol", "host", "prefix", "allow", "ports", "cert", "key", "client_ca")
+_BRIDGE_KEYS = ("name", "address", "server_name", "ca", "cert", "key")
 # The target ports a connect listener's CONNECT may name when `ports` is not given.
 CONNECT_PORTS = (443,)
-_ROUTE_KEYS = ("name", "host", "port", "alpn", "resolve", "networks")
+_ROUTE_KEYS = ("name", "host", "port", "alpn", "resolve", "networks", "bridge")
 _RESOLVER_KEYS = ("servers", "timeout", "attempts", "cache_size", "max_ttl", "negative_ttl", "failure_ttl")
 # [resolver] integer keys and their ranges (seconds for the TTLs).
 _RESOLVER_COUNTS = {"attempts": (1, 10), "cache_size": (1, 1_000_000), "max_ttl": (1, 86400),
@@ -479,10 +637,10 @@ _RESOLVER_COUNTS = {"attempts": (1, 10), "cache_size": (1, 1_000_000), "max_ttl"
 MAX_RESOLVER_TIMEOUT = 30.0
 _FALLBACK_KEYS = ("host", "port")
 _LIMITS_KEYS = ("hello_timeout", "hello_max_bytes", "connect_timeout", "host_try_timeout", "idle_timeout",
-                "max_connections", "max_peeking", "syn_backlog", "udp_idle_timeout", "udp_max_peeking",
+                "max_connections", "max_peeking", "syn_backlog", "max_tunnels", "udp_idle_timeout", "udp_max_peeking",
                 "udp_peek_max_bytes", "udp_peek_max_datagrams")
 _LIMITS_COUNTS = {"max_connections": (1, 10_000_000), "max_peeking": (1, 10_000_000), "syn_backlog": (0, 10_000_000),
-                  "udp_max_peeking": (1, 10_000_000),
+                  "max_tunnels": (1, 1_000_000), "udp_max_peeking": (1, 10_000_000),
                   # RFC 9000 §14.1: a client's Initial datagram is at least 1200 bytes.
                   "udp_peek_max_bytes": (1200, 65536), "udp_peek_max_datagrams": (1, 64)}
 
@@ -529,6 +687,9 @@ class _Validator:
         self.text = text
         self._locator: _Locator | None = None
         self.prefix: ipaddress.IPv6Network | None = None
+        self.bridge_names: list[str] = []
+        self.bridge_listeners: list[BridgeListener] = []
+        self.doc_listen: list[dict] = []
 
     # -- errors ----------------------------------------------------------
 
@@ -664,7 +825,10 @@ class _Validator:
         self.known_keys(doc, (), _TOP_KEYS)
         tun = self.tun(doc)
         self.prefix = self.translate(doc)
+        bridges = self.bridges(doc)
+        self.bridge_names = [b.name for b in bridges]
         listeners = self.listeners(doc)
+        self.check_bridge_prefixes(listeners)
         routes = self.routes(doc)
         fallback = self.fallback(doc)
         limits = self.limits(doc)
@@ -674,15 +838,34 @@ class _Validator:
         state = self.state(doc)
         kernel_path = self.kernel_path(doc)
         resolver = self.resolver(doc)
-        if not routes and fallback is None:
-            named = [i for i, l in enumerate(listeners) if l.protocol != "tcp"]
+        agents = self.agents(doc, tun, listeners, routes, fallback)
+        if not routes and fallback is None and agents is None:
+            named = [i for i, item in enumerate(doc.get("listen", [])) if item.get("protocol") != "tcp"]
             if named:
                 i = named[0]
-                raise self.error(("listen", i), f"nothing to route to: this {listeners[i].protocol} listener needs at least one [[route]] or a [fallback]")
+                raise self.error(("listen", i), f"nothing to route to: this {doc['listen'][i]['protocol']} listener "
+                                                "needs at least one [[route]] or a [fallback]")
         return Config(tun=tun, prefix=self.prefix, listeners=tuple(listeners), routes=tuple(routes),
                       fallback=fallback, limits=limits, source=self.source, health=health, log=log,
                       metrics=metrics, state=state, kernel_path=kernel_path,
-                      resolver=resolver)
+                      resolver=resolver, bridges=tuple(bridges),
+                      bridge_listeners=tuple(self.bridge_listeners), agents=agents)
+
+    def check_bridge_prefixes(self, listeners: list[Listener]) -> None:
+        """A bridge listener's prefix is routed `local` on lo: it must not be one routed into the TUN."""
+        tun_prefixes = {self.prefix: "[translate] prefix"}
+        for i, lst in enumerate(listeners):
+            if lst.prefix is not None:
+                tun_prefixes.setdefault(lst.prefix, "the prefix of a TUN listener")
+        for i, item in enumerate(self.doc_listen):
+            if item.get("protocol") != "bridge":
+                continue
+            bridge = next(b for b in self.bridge_listeners if b.address == ipaddress.IPv4Address(item["address"])
+                          and b.port == item["port"])
+            if bridge.prefix in tun_prefixes:
+                raise self.error(("listen", i, "prefix"), f"{bridge.prefix} is also {tun_prefixes[bridge.prefix]}, "
+                                                          "which is routed into the TUN; a bridge listener needs a "
+                                                          "prefix of its own (routed local on lo)")
 
     def tun(self, doc: dict) -> TunConfig:
         table = self.table(doc, ("tun",), _TUN_KEYS)
@@ -691,18 +874,7 @@ class _Validator:
         defaults = TunConfig()
         name = defaults.name
         if "name" in table:
-            name = self.string(table["name"], ("tun", "name"))
-            problem = None
-            if not name:
-                problem = "the name is empty"
-            elif len(name.encode("utf-8")) > 15:
-                problem = f"an interface name has at most 15 bytes (IFNAMSIZ), this one has {len(name.encode('utf-8'))}"
-            elif name in (".", ".."):
-                problem = "\".\" and \"..\" are not interface names"
-            elif any(c.isspace() or c in "/:" or not c.isprintable() for c in name):
-                problem = "an interface name may not contain '/', ':', whitespace or control characters"
-            if problem:
-                raise self.error(("tun", "name"), f"{problem}, got {_quote(name)}")
+            name = self.interface_name(table["name"], ("tun", "name"))
         mtu = defaults.mtu
         if "mtu" in table:
             mtu = self.integer(table["mtu"], ("tun", "mtu"), 1280, 65535)
@@ -724,6 +896,21 @@ class _Validator:
                 workers = self.integer(value, ("tun", "workers"), 1, MAX_WORKERS)
         return TunConfig(name=name, mtu=mtu, offload=offload, user=user, workers=workers)
 
+    def interface_name(self, value: Any, path: Path) -> str:
+        name = self.string(value, path)
+        problem = None
+        if not name:
+            problem = "the name is empty"
+        elif len(name.encode("utf-8")) > 15:
+            problem = f"an interface name has at most 15 bytes (IFNAMSIZ), this one has {len(name.encode('utf-8'))}"
+        elif name in (".", ".."):
+            problem = "\".\" and \"..\" are not interface names"
+        elif any(c.isspace() or c in "/:" or not c.isprintable() for c in name):
+            problem = "an interface name may not contain '/', ':', whitespace or control characters"
+        if problem:
+            raise self.error(path, f"{problem}, got {_quote(name)}")
+        return name
+
     def translate(self, doc: dict) -> ipaddress.IPv6Network:
         table = self.table(doc, ("translate",), _TRANSLATE_KEYS, required=True)
         assert table is not None
@@ -736,6 +923,7 @@ class _Validator:
 
     def listeners(self, doc: dict) -> list[Listener]:
         items = self.array_of_tables(doc, "listen", _LISTEN_KEYS)
+        self.doc_listen = items
         if not items:
             raise self.error(("listen",), "at least one [[listen]] entry is required")
         listeners: list[Listener] = []
@@ -750,18 +938,25 @@ class _Validator:
                 hint = " (a UDP listener is protocol = \"quic\": HTTP/3 routed by name)" if protocol in ("udp", "h3", "http3") else ""
                 raise self.error(path + ("protocol",), f"expected one of {choices}, got {_quote(protocol)}{hint}")
             hosts: tuple[ipaddress.IPv6Address, ...] = ()
-            if protocol == "tcp":
-                hosts = self.ipv6_hosts(self.require(item, path + ("host",)), path + ("host",))
-            elif "host" in item:
-                raise self.error(path + ("host",), f"only allowed with protocol \"tcp\" (this listener is {_quote(protocol)}; "
-                                                   "its hosts come from [[route]] and [fallback])")
-            allow, ports = self.connect_policy(item, path, protocol)
             # A quic listener takes UDP: it may share its address and port with a TCP listener (HTTP/3
             # next to HTTPS on 443), not with another quic one.
             transport = "udp" if protocol == "quic" else "tcp"
             if (address, port, transport) in seen:
                 raise self.error(path, f"{address}:{port} is already used by listen[{seen[address, port, transport]}]"
                                        + (" (UDP)" if transport == "udp" else ""))
+            if protocol == "bridge":
+                seen[address, port, transport] = i
+                self.bridge_listeners.append(self.bridge_listener(item, path, address, port))
+                continue
+            for key in ("cert", "key", "client_ca"):
+                if key in item:
+                    raise self.error(path + (key,), f"only allowed with protocol \"bridge\" (this listener is {_quote(protocol)})")
+            if protocol == "tcp":
+                hosts = self.ipv6_hosts(self.require(item, path + ("host",)), path + ("host",))
+            elif "host" in item:
+                raise self.error(path + ("host",), f"only allowed with protocol \"tcp\" (this listener is {_quote(protocol)}; "
+                                                   "its hosts come from [[route]] and [fallback])")
+            allow, ports = self.connect_policy(item, path, protocol)
             seen[address, port, transport] = i
             prefix = None
             if "prefix" in item:
@@ -774,6 +969,87 @@ class _Validator:
                                       host=hosts[0] if hosts else None, hosts=hosts, prefix=prefix,
                                       allow=allow, ports=ports))
         return listeners
+
+    def bridge_listener(self, item: dict, path: Path, address: ipaddress.IPv4Address, port: int) -> BridgeListener:
+        """A bridge peer's listener: its certificate, the CA of the ingress boxes, and its own local prefix."""
+        for key in ("host", "allow"):
+            if key in item:
+                raise self.error(path + (key,), "not allowed with protocol \"bridge\" (its hosts come from [[route]]; "
+                                                "who may use it is decided by client_ca)")
+        files = {key: self.absolute_path(self.require(item, path + (key,)), path + (key,))
+                 for key in ("cert", "key", "client_ca")}
+        text = self.string(self.require(item, path + ("prefix",)), path + ("prefix",))
+        try:
+            prefix = parse_prefix(text)
+        except ValueError as e:
+            raise self.error(path + ("prefix",), str(e)) from None
+        ports = CONNECT_PORTS
+        if "ports" in item:
+            ports = self.port_list(item["ports"], path + ("ports",))
+        return BridgeListener(address=address, port=port, prefix=prefix, ports=ports, **files)
+
+    def port_list(self, value: Any, path: Path) -> tuple[int, ...]:
+        if value == []:
+            raise self.error(path, "the list is empty: no CONNECT could be served")
+        if not isinstance(value, list):
+            raise self.error(path, f"expected a list of ports like [443], got {_describe(value)}")
+        ports = tuple(self.port(entry, path) for entry in value)
+        if len(set(ports)) != len(ports):
+            raise self.error(path, "the same port is listed twice")
+        return ports
+
+    def bridges(self, doc: dict) -> list[Bridge]:
+        items = self.array_of_tables(doc, "bridge", _BRIDGE_KEYS)
+        bridges: list[Bridge] = []
+        seen: dict[str, int] = {}
+        for i, item in enumerate(items):
+            path = ("bridge", i)
+            name = self.string(self.require(item, path + ("name",)), path + ("name",))
+            if not name or any(c.isspace() for c in name):
+                raise self.error(path + ("name",), f"expected a name without spaces, got {_quote(name)}")
+            if name in seen:
+                raise self.error(path + ("name",), f"{_quote(name)} is already the name of bridge[{seen[name]}]")
+            seen[name] = i
+            host, port = self.host_port(self.require(item, path + ("address",)), path + ("address",))
+            server_name = normalize_server_name(self.string(self.require(item, path + ("server_name",)),
+                                                            path + ("server_name",)))
+            try:
+                ipaddress.ip_address(server_name)
+                # RFC 6066 §3: no IP literal in a server_name; ssl would send no SNI at all for it.
+                problem = "an IP address is not a server name (RFC 6066 §3), and no SNI would be sent for it"
+            except ValueError:
+                problem = _dns_name_problem(server_name)
+            if problem:
+                raise self.error(path + ("server_name",), f"expected a DNS name (the outer SNI): {problem}")
+            files = {key: self.absolute_path(self.require(item, path + (key,)), path + (key,))
+                     for key in ("ca", "cert", "key")}
+            bridges.append(Bridge(name=name, address=host, port=port, server_name=server_name, **files))
+        return bridges
+
+    def host_port(self, value: Any, path: Path) -> tuple[str, int]:
+        """ "203.0.113.20:4443", "[2001:db8::20]:4443" or "peer.example.com:4443"."""
+        text = self.string(value, path)
+        expected = 'expected "HOST:PORT", e.g. "203.0.113.20:4443", "[2001:db8::20]:4443" or "peer.example.com:4443"'
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not port_text.isdigit() or not port_text.isascii() or not host:
+            raise self.error(path, f"{expected}, got {_quote(text)}")
+        port = int(port_text)
+        if not 1 <= port <= 65535:
+            raise self.error(path, f"expected a port from 1 to 65535, got {port} in {_quote(text)}")
+        if host.startswith("[") and host.endswith("]"):
+            try:
+                ipaddress.IPv6Address(host[1:-1])
+            except ValueError:
+                raise self.error(path, f"{expected}, got {_quote(text)}") from None
+            return host[1:-1], port
+        try:
+            ipaddress.IPv4Address(host)
+            return host, port
+        except ValueError:
+            pass
+        if ":" in host or _dns_name_problem(normalize_server_name(host)):
+            raise self.error(path, f"{expected} (IPv6 addresses in brackets), got {_quote(text)}")
+        return normalize_server_name(host), port
 
     def connect_policy(self, item: dict, path: Path,
                        protocol: str) -> tuple[tuple[ipaddress.IPv4Network, ...], tuple[int, ...]]:
@@ -839,6 +1115,18 @@ class _Validator:
                                                    f"{_quote(items[seen[kind, alpn]]['name'])}")
             seen[kind, alpn] = i
             port = self.port(item["port"], path + ("port",)) if "port" in item else None
+            if "bridge" in item:
+                bridge = self.string(item["bridge"], path + ("bridge",))
+                for other in ("host", "resolve", "networks"):
+                    if other in item:
+                        raise self.error(path + (other,), f"a route goes to a bridge or has {other}, not both")
+                if bridge not in self.bridge_names:
+                    names = ", ".join(_quote(n) for n in self.bridge_names) or "none is configured"
+                    raise self.error(path + ("bridge",), f"no [[bridge]] is called {_quote(bridge)} ({names})")
+                # The connection is spliced to the relay in kracauer itself (kracauer.bridge).
+                relay = relay_address(self.prefix)
+                routes.append(Route(name=name, host=relay, port=port, hosts=(relay,), alpn=alpn, bridge=bridge))
+                continue
             resolve = self.boolean(item["resolve"], path + ("resolve",)) if "resolve" in item else False
             if resolve:
                 routes.append(self.resolve_route(item, path, name, port, alpn))
@@ -971,8 +1259,15 @@ class _Validator:
         if table is None:
             return None
         path = ("metrics", "listen")
-        text = self.string(self.require(table, path), path)
-        expected = 'expected "ADDRESS:PORT" with an IP address, e.g. "127.0.0.1:9477" or "[::1]:9477"'
+        address, port = self.socket_address(self.require(table, path), path, "127.0.0.1:9477")
+        return MetricsConfig(address=address, port=port)
+
+    def socket_address(self, value: Any, path: Path,
+                       example: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+        """ "ADDRESS:PORT" with an IP address (IPv6 in brackets)."""
+        text = self.string(value, path)
+        port6 = example.rpartition(":")[2]
+        expected = f'expected "ADDRESS:PORT" with an IP address, e.g. "{example}" or "[::1]:{port6}"'
         host, sep, port_text = text.rpartition(":")
         if not sep or not port_text.isdigit() or not port_text.isascii():
             raise self.error(path, f"{expected}, got {_quote(text)}")
@@ -990,7 +1285,139 @@ class _Validator:
         port = int(port_text)
         if not 1 <= port <= 65535:
             raise self.error(path, f"expected a port from 1 to 65535, got {port} in {_quote(text)}")
-        return MetricsConfig(address=address, port=port)
+        return address, port
+
+    def agents(self, doc: dict, tun: TunConfig, listeners: list[Listener], routes: list[Route],
+               fallback: Fallback | None) -> AgentsConfig | None:
+        table = self.table(doc, ("agents",), _AGENTS_KEYS)
+        if table is None:
+            return None
+        path = ("agents",)
+        address, port = self.socket_address(self.require(table, path + ("listen",)), path + ("listen",),
+                                            "203.0.113.5:4444")
+        cert = self.absolute_path(self.require(table, path + ("cert",)), path + ("cert",))
+        key = self.absolute_path(self.require(table, path + ("key",)), path + ("key",))
+        defaults = AgentsConfig(address=address, port=port, cert=cert, key=key, tokens=())
+        name = defaults.tun
+        if "tun" in table:
+            name = self.interface_name(table["tun"], path + ("tun",))
+        if name == tun.name:
+            raise self.error(path + ("tun",), f"{_quote(name)} is already [tun] name; the agents' TUN needs its own")
+        network = defaults.network
+        if "network" in table:
+            network = self.agents_network(table["network"], path + ("network",))
+        self.agents_network_free(network, path + ("network",) if "network" in table else path, listeners, routes,
+                                 fallback)
+        keepalive = defaults.keepalive
+        if "keepalive" in table:
+            keepalive = self.seconds(table["keepalive"], path + ("keepalive",))
+            if keepalive > 3600:
+                raise self.error(path + ("keepalive",), f"at most 3600 seconds, got {_show(keepalive)}")
+        tokens = self.agent_tokens(table, path)
+        return AgentsConfig(address=address, port=port, cert=cert, key=key, tokens=tokens, tun=name,
+                            network=network, keepalive=keepalive)
+
+    def agents_network(self, value: Any, path: Path) -> ipaddress.IPv6Network:
+        text = self.string(value, path)
+        try:
+            network = ipaddress.IPv6Network(text)
+        except ValueError as e:
+            raise self.error(path, f"expected an IPv6 network like \"fd00:6b72::/64\": {e}") from None
+        if not 64 <= network.prefixlen <= 120:
+            raise self.error(path, f"expected a /64 to a /120 (room for the agents' addresses), got /{network.prefixlen}")
+        if network.is_multicast or network.is_link_local or network.is_loopback or network.network_address.ipv4_mapped:
+            raise self.error(path, f"{_quote(text)} is not a unicast network")
+        return network
+
+    def agents_network_free(self, network: ipaddress.IPv6Network, path: Path, listeners: list[Listener],
+                            routes: list[Route], fallback: Fallback | None) -> None:
+        """The agents' network (given or the default) must not hold anything else kracauer routes to."""
+        what = "" if path[-1] == "network" else " (the default [agents] network)"
+        prefixes = [self.prefix] + [lst.prefix for lst in listeners if lst.prefix] + \
+            [lst.prefix for lst in self.bridge_listeners if lst.prefix]
+        for prefix in prefixes:
+            if prefix is not None and network.overlaps(prefix):
+                raise self.error(path, f"{network}{what} overlaps the translate prefix {prefix}")
+        hosts = [h for r in routes for h in r.hosts] + list(fallback.hosts if fallback else ()) + \
+                [h for lst in listeners for h in lst.hosts]
+        for host in hosts:
+            if host in network:
+                raise self.error(path, f"{network}{what} contains the configured host {host}; agents' addresses "
+                                       "must not be taken for configured hosts")
+        for route in routes:
+            for allowed in route.networks:
+                if network.overlaps(allowed):
+                    # A DNS answer must never make an agent's address the host of a resolve route.
+                    raise self.error(path, f"{network}{what} overlaps the networks {allowed} of the resolve route "
+                                           f"{_quote(route.name)}")
+
+    def agent_tokens(self, table: dict, path: Path) -> tuple[AgentToken, ...]:
+        value = table.get("token", [])
+        if not isinstance(value, list):
+            raise self.error(path + ("token",), f"expected an array of tables ([[agents.token]]), got {_describe(value)}")
+        tokens = []
+        seen: dict[str, int] = {}
+        for i, item in enumerate(value):
+            item_path = path + ("token", i)
+            if not isinstance(item, dict):
+                raise self.error(item_path, f"expected a table ([[agents.token]]), got {_describe(item)}")
+            self.known_keys(item, item_path, _AGENT_TOKEN_KEYS)
+            digest = self.string(self.require(item, item_path + ("sha256",)), item_path + ("sha256",)).lower()
+            if not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise self.error(item_path + ("sha256",), "expected the token's SHA-256 as 64 hex digits "
+                                                          "(`kracauer agent-token` prints a new token and its sha256)")
+            if digest in seen:
+                raise self.error(item_path + ("sha256",), f"the same token as agents.token[{seen[digest]}]")
+            seen[digest] = i
+            names = self.agent_names(self.require(item, item_path + ("names",)), item_path + ("names",))
+            tokens.append(AgentToken(sha256=digest, names=names))
+        return tuple(tokens)
+
+    def agent_names(self, value: Any, path: Path) -> tuple[str, ...]:
+        if not isinstance(value, list) or not value:
+            raise self.error(path, f"expected a non-empty list of names like [\"app.example.com\", \"*.dev.example.com\"], "
+                                   f"got {_describe(value)}")
+        names = []
+        for item in value:
+            name = self.string(item, path)
+            try:
+                agent_name_key(name)
+            except ValueError as e:
+                raise self.error(path, str(e)) from None
+            names.append(name)
+        if len({agent_name_key(n) for n in names}) != len(names):
+            raise self.error(path, "the same name is listed twice")
+        return tuple(names)
+
+    def agent(self, doc: dict) -> AgentConfig:
+        self.known_keys(doc, (), ("agent",))
+        table = self.table(doc, ("agent",), _AGENT_KEYS, required=True)
+        assert table is not None
+        path = ("agent",)
+        box = self.string(self.require(table, path + ("box",)), path + ("box",))
+        host, sep, port_text = box.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not sep or not host or not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise self.error(path + ("box",), f"expected \"NAME:PORT\" (or \"[IPv6]:PORT\"), got {_quote(box)}")
+        server_name = self.string(self.require(table, path + ("server_name",)), path + ("server_name",))
+        problem = _dns_name_problem(server_name.lower().rstrip("."))
+        if problem:
+            try:
+                ipaddress.ip_address(server_name)
+            except ValueError:
+                raise self.error(path + ("server_name",), f"invalid name: {problem}") from None
+        ca = self.absolute_path(self.require(table, path + ("ca",)), path + ("ca",))
+        token_file = self.absolute_path(self.require(table, path + ("token_file",)), path + ("token_file",))
+        names = self.agent_names(self.require(table, path + ("names",)), path + ("names",))
+        if len(names) > AGENT_NAMES_MAX:
+            raise self.error(path + ("names",), f"an agent registers at most {AGENT_NAMES_MAX} names, got "
+                                                f"{len(names)} (run a second agent for more)")
+        tun = AgentConfig.tun
+        if "tun" in table:
+            tun = self.interface_name(table["tun"], path + ("tun",))
+        return AgentConfig(box_host=host, box_port=int(port_text), server_name=server_name, ca=ca,
+                           token_file=token_file, names=names, tun=tun, source=self.source)
 
     def state(self, doc: dict) -> StateConfig | None:
         table = self.table(doc, ("state",), _STATE_KEYS)

@@ -21,6 +21,7 @@ Around the loop, for operations (docs/operations.md):
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import ipaddress
 import logging
@@ -34,11 +35,11 @@ import select
 import signal
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 from kracauer import __version__
 from kracauer.accesslog import AccessLog, NonBlockingQueueHandler
-from kracauer.config import Config, ConfigError, load_config
+from kracauer.config import Config, ConfigError, Route, load_config
 from kracauer.kernel_path import BpfFlowTable, KernelPath, KernelPathError, remove_pins
 from netstack.flow import FLOW_KEY, FLOW_VALUE
 from kracauer.metrics import Metrics
@@ -98,20 +99,32 @@ def has_resolve_routes(config: Config) -> bool:
     return any(route.resolve for route in config.routes)
 
 
-def build_resolver(config: Config, names: NameResolver | None = None) -> Resolver:
-    """(listener, decision) → target over the config's routes; tcp listeners have fixed hosts.
+def agent_routes(agents: Mapping[str, Sequence[ipaddress.IPv6Address]] | None) -> list[Route]:
+    """The routes for the names agents registered: name → their addresses (kracauer/agents.py)."""
+    return [Route(name=name, host=hosts[0], hosts=tuple(hosts)) for name, hosts in sorted((agents or {}).items())
+            if hosts]
+
+
+def build_resolver(config: Config, names: NameResolver | None = None, *,
+                   agents: Mapping[str, Sequence[ipaddress.IPv6Address]] | None = None) -> Resolver:
+    """(listener, decision) → target over the config's routes and the agents' names; tcp listeners have fixed hosts.
 
     A resolve route's hosts come from `names` (kracauer.resolver): a cached
     answer gives the Target (or a Refused), no answer yet starts a lookup and
     gives Pending(name); the daemon calls Tracker.resume(name) when it is in.
+    An agent's name (`agents`: name → the addresses of the agents that
+    registered it) is a route to those addresses.
     """
     tcp_targets = {
         (lst.address.packed, lst.port): Target(lst.hosts[0].packed, lst.port, "listener",
                                                tuple(h.packed for h in lst.hosts))
         for lst in config.listeners if lst.protocol == "tcp"
     }
-    router = Router(config.routes, config.fallback)
+    router = Router(config.routes, config.fallback, agent_routes(agents))
     cache: dict[tuple, Target] = {}
+    from kracauer.bridge import relay_addresses
+
+    relays = relay_addresses(config.prefix)
 
     def resolve(listener: Listener, decision: Decision) -> Target | None:
         if listener.protocol == "tcp":
@@ -123,16 +136,21 @@ def build_resolver(config: Config, names: NameResolver | None = None) -> Resolve
             return None
         if isinstance(target, Resolve):
             return resolved(target)
+        if target.bridge is not None:
+            # The local relay (kracauer.bridge), at the address of the listener's protocol, so that
+            # it reads the connection's first bytes with the same peeker as the tracker.
+            relay = relays[listener.protocol]
+            return shared(target.route, target.port, (relay,), relay=True)
         return shared(target.route, target.port, target.hosts)
 
-    def shared(route: str, port: int, hosts: tuple[ipaddress.IPv6Address, ...]) -> Target:
+    def shared(route: str, port: int, hosts: tuple[ipaddress.IPv6Address, ...], relay: bool = False) -> Target:
         # One Target per (route, port, hosts), shared by all its connections: less memory per connection.
         key = (route, port, hosts)
         target = cache.get(key)
         if target is None:
             if len(cache) >= MAX_SHARED_TARGETS:
                 cache.clear()
-            target = cache[key] = Target(hosts[0].packed, port, route, tuple(h.packed for h in hosts))
+            target = cache[key] = Target(hosts[0].packed, port, route, tuple(h.packed for h in hosts), relay=relay)
         return target
 
     def resolved(wanted: Resolve) -> Target | Pending | Refused:
@@ -244,6 +262,15 @@ def restart_needed(old: Config, new: Config) -> list[str]:
         problems.append("[metrics] listen")
     if (old.state is None) != (new.state is None):
         problems.append("[state] (added or removed)")
+    from kracauer.bridge import bridge_changes
+
+    problems += bridge_changes(old, new)
+    if (old.agents is None) != (new.agents is None):
+        problems.append("[agents] (added or removed)")
+    elif old.agents is not None and new.agents is not None and \
+            (old.agents.listen, old.agents.tun, old.agents.network, old.agents.cert, old.agents.key) != \
+            (new.agents.listen, new.agents.tun, new.agents.network, new.agents.cert, new.agents.key):
+        problems.append("[agents] listen, tun, network, cert or key")
     return problems
 
 
@@ -405,6 +432,13 @@ class Daemon:
         self.services: Services | None = None
         # The running loop's poller: a services thread started later (a reload) registers its pipe in it.
         self._loop_poller: select.epoll | None = None
+        # The TLS bridge's two ends (kracauer.bridge), with the routes and addresses it added.
+        self.bridge: Any = None
+        self._bridge_routes: list[ipaddress.IPv6Network] = []
+        self._bridge_addresses: list[ipaddress.IPv6Address] = []
+        # [agents]: the hub (on the services thread) and the names agents registered, as the resolver uses them.
+        self.hub = None
+        self.agent_table: dict[str, tuple[ipaddress.IPv6Address, ...]] = {}
 
     # -- start and stop ------------------------------------------------------
 
@@ -432,6 +466,7 @@ class Daemon:
             self._start_outputs()
             self._set_up()
         except BaseException:
+            self._stop_agents()
             self._stop_services()
             self._abort_set_up()
             self._stop_outputs()
@@ -494,6 +529,88 @@ class Daemon:
         if self.metrics is not None and hasattr(self.metrics, "dns_cache_hits"):
             self.metrics.dns_cache_hits.inc()
 
+    # -- agents (kracauer/agents.py) -----------------------------------------------
+
+    def _start_agents(self) -> None:
+        """[agents]: the hub's TUN, listener and TLS context (as root), then its server on the services thread."""
+        config = self.config
+        if config.agents is None:
+            return
+        from kracauer.agents import AgentHub, AgentsCollector
+
+        prefixes = sorted({config.prefix} | {lst.prefix for lst in config.listeners if lst.prefix})
+        services = self._use_services()
+
+        def on_change(routes: dict, gone: list) -> None:  # on the services thread
+            services.post(self._agents_changed, routes, gone)
+
+        hub = AgentHub(config.agents, prefixes, config.tun.mtu, on_change, shadowed=self._configured_name)
+        try:
+            hub.open()
+        except OSError as exc:
+            raise DaemonError(str(exc.strerror or exc)) from None
+        self.hub = hub
+        services.run(hub.start(), timeout=10)
+        if self.metrics is not None:
+            self._metrics_registry().register(AgentsCollector(hub))
+
+    def _metrics_registry(self) -> Any:
+        return self.metrics.registry
+
+    def _configured_name(self, name: str) -> bool:
+        """Whether a configured [[route]] (without alpn) has exactly this name: it wins over an agent's."""
+        from kracauer.routing import normalize_name
+
+        return any(r.alpn is None and normalize_name(r.name) == name for r in self.config.routes)
+
+    def _agents_changed(self, routes: dict[str, tuple[ipaddress.IPv6Address, ...]],
+                        gone: list[ipaddress.IPv6Address]) -> None:
+        """On the packet loop: the agents' names changed; connections through an agent that went are reset."""
+        self.agent_table = routes
+        self.tracker.reconfigure(self._tracker_config(self.config),
+                                 build_resolver(self.config, self.names, agents=routes))
+        if self.tun is None or self.tun.fd < 0:  # posted while stopping: nothing to reset any more
+            return
+        now = time.monotonic()
+        for address in gone:
+            out = self.tracker.reset_host(address.packed, now)
+            if out:
+                log.info("reset %s through the agent at %s, which is gone", _connections(len(out)), address)
+            self._write(self.tun.fd, out)
+
+    def _forget_agents_connections(self) -> None:
+        """At a start: reset the connections restored ([state], the kernel's pinned flows) through the
+        previous process's agents. Their tunnels closed with it; the agents dial this process and get
+        addresses afresh, and an address is not to reach another agent's host with an old connection."""
+        agents = self.config.agents
+        if agents is None or self.tun is None or self.tun.fd < 0:
+            return
+        network = agents.network
+        hosts = set()
+        for conn in list(self.tracker.clients.values()):
+            host = conn[2] if conn.__class__ is tuple else conn.host
+            if host is not None and ipaddress.IPv6Address(bytes(host)) in network:
+                hosts.add(bytes(host))
+        now = time.monotonic()
+        out: list = []
+        for host in sorted(hosts):
+            out += self.tracker.reset_host(host, now)
+        if out:
+            log.info("reset %s restored through agents of the previous process", _connections(len(out)))
+            self._write(self.tun.fd, out)
+
+    def _stop_agents(self) -> None:
+        """Agents are told the box stops (BYE), then the hub's TUN goes."""
+        hub, self.hub = self.hub, None
+        if hub is None:
+            return
+        if self.services is not None and self.services.running:
+            try:
+                self.services.run(hub.stop(), timeout=5)
+            except Exception as exc:  # stopping anyway
+                log.warning("agents: stopping the hub: %s", exc)
+        hub.close()
+
     def _stop_services(self) -> None:
         if self.services is not None:
             self._extra_fds.pop(self.services.wake_fd, None)
@@ -530,17 +647,109 @@ class Daemon:
         if self.kernel is None:
             self._take_back()
         self._adopt_kernel_flows()
+        self._forget_agents_connections()
+        self._start_bridge()
+        self._start_agents()
         if config.tun.user:
             drop_privileges(config.tun.user)
             self.tun.privileged = False
+            if self.hub is not None:
+                self.hub.tun.privileged = False
         for path in self._restored_from:
             try:
                 os.unlink(path)
             except OSError as exc:
                 log.warning("could not remove the state file %s after restoring it: %s", path, exc)
 
+    def _start_bridge(self) -> None:
+        """The TLS bridge (kracauer.bridge), if configured: its plumbing, then its service."""
+        self._add_bridge_plumbing()
+        self._start_bridge_service()
+
+    def _add_bridge_plumbing(self) -> None:
+        """As root: the peer prefixes' `local` routes and the relay's addresses on the TUN.
+
+        A supervisor adds them (it stays root and removes them at the end);
+        its first worker runs the service (kracauer.worker).
+        """
+        config = self.config
+        if not config.bridges and not config.bridge_listeners:
+            return
+        from kracauer.bridge import relay_addresses
+        from kracauer.tun import add_local_routes, add_tun_addresses
+
+        try:
+            self._bridge_routes = add_local_routes(sorted({lst.prefix for lst in config.bridge_listeners}))
+            if config.bridges:
+                self._bridge_addresses = add_tun_addresses(self.tun.name, list(relay_addresses(config.prefix).values()))
+        except (OSError, TunError) as exc:
+            self._remove_bridge_plumbing()
+            raise DaemonError(f"the bridge cannot start: {exc}") from None
+
+    def _start_bridge_service(self) -> None:
+        """The bridge's two ends on the services loop, made before privileges are dropped: the
+        listening sockets bound (ports below 1024 included), the certificate and key files read."""
+        config = self.config
+        if not config.bridges and not config.bridge_listeners:
+            return
+        import ssl
+
+        from kracauer.bridge import BridgeCollector, BridgeService
+
+        try:
+            service = BridgeService(config, self._bridge_log_line, self.tun.name, names=self._names_for(config))
+        except (OSError, ssl.SSLError) as exc:
+            self._remove_bridge_plumbing()
+            raise DaemonError(f"the bridge cannot start: {exc}") from None
+        self._use_services().run(service.start(), timeout=10)
+        self.bridge = service
+        if self.metrics is not None:
+            registry = getattr(self.metrics, "own", None) or self.metrics.registry
+            registry.register(BridgeCollector(service.tunnels))
+        log.info("bridge: %d peer listener(s) %s; ingress relay %s", len(service.peers),
+                 ", ".join(p.name for p in service.peers) or "-",
+                 "on " + ", ".join(f"[{s.getsockname()[0]}]:{s.getsockname()[1]}" for _, s in service.relay.sockets)
+                 if service.relay is not None else "off")
+
+    def _bridge_log_line(self, line: str) -> None:
+        """An access-log record of a tunnel, from the services thread."""
+        if self.services is not None:
+            self.services.post(self._write_log_line, line)
+
+    def _write_log_line(self, line: str) -> None:
+        access_log = self.access_log  # read at each call: a reload may open another
+        if access_log is not None:
+            access_log.write_line(line)
+
+    def _stop_bridge(self) -> None:
+        """Close the bridge's listeners, end its tunnels (the services loop cancels them), undo its plumbing."""
+        if self.bridge is not None and self.services is not None:
+            try:
+                self.services.run(self.bridge.stop(), timeout=5)
+            except Exception as exc:
+                log.warning("the bridge did not stop cleanly: %s", exc)
+        self._stop_services()
+        if self.bridge is not None:
+            for sock in self.bridge.sockets():
+                sock.close()
+            self.bridge = None
+        self._remove_bridge_plumbing()
+
+    def _remove_bridge_plumbing(self) -> None:
+        from kracauer.tun import remove_local_routes, remove_tun_addresses
+
+        try:
+            if self._bridge_routes:
+                remove_local_routes(self._bridge_routes)
+            if self._bridge_addresses and self.tun is not None:
+                remove_tun_addresses(self.tun.name, self._bridge_addresses)
+        except Exception as exc:  # without privileges (dropped) they stay: say so
+            log.warning("could not remove the bridge's routes or addresses: %s", exc)
+        self._bridge_routes, self._bridge_addresses = [], []
+
     def _abort_set_up(self) -> None:
         """A start that failed half way: undo what it made, keep what it found."""
+        self._stop_bridge()
         if self.kernel is not None:
             self.kernel.close(keep=self.tun is not None and self.tun.attached and self.persist)
             self.kernel = None
@@ -747,7 +956,8 @@ class Daemon:
     def _shutdown(self) -> None:
         """After the loop: log what ended, save the state (or not), keep or remove the TUN."""
         self.notifier.stopping("saving state" if self.persist else "stopping")
-        self._stop_services()
+        self._stop_agents()
+        self._stop_bridge()
         self._log_records()
         saved = None
         if self.persist and self.config.state is not None:
@@ -833,7 +1043,8 @@ class Daemon:
         if new.log.access != self.config.log.access:
             access_log = self._open_access_log(new.log.access) if new.log.access is not None else None
         try:
-            self.tracker.reconfigure(self._tracker_config(new), build_resolver(new, self._names_for(new)))
+            self.tracker.reconfigure(self._tracker_config(new),
+                                     build_resolver(new, self._names_for(new), agents=self.agent_table))
         except ValueError as exc:  # the checks above should have caught it
             log.error("reload refused, the running configuration stays: %s", exc)
             if access_log is not self.access_log and access_log is not None:
@@ -843,6 +1054,7 @@ class Daemon:
             if self.access_log is not None:
                 self.access_log.close()
             self.access_log = access_log
+        self._reconfigure_bridge(new)
         if self.kernel is not None:
             try:
                 set_syn_cookies(self.kernel, new, self.cookie_secret)
@@ -852,8 +1064,19 @@ class Daemon:
             # Only a changed [log] level applies, so that --log-level stays in force otherwise.
             logging.getLogger().setLevel(LOG_LEVELS[new.log.level])
         self.config = new
+        self._reconfigure_agents(new)
         self._report_reload(new)
         return True
+
+    def _reconfigure_bridge(self, new: Config) -> None:
+        """New routes and limits for new tunnels; the open ones go on (on the services loop)."""
+        if self.bridge is not None and self.services is not None:
+            self.services.call_soon(self.bridge.reconfigure, new, self._names_for(new))
+
+    def _reconfigure_agents(self, new: Config) -> None:
+        """Connected agents stay; their tokens and names are checked against the new [agents] (AgentHub.reconfigure)."""
+        if self.hub is not None and new.agents is not None and self.services is not None:
+            self.services.call_soon(self.hub.reconfigure, new.agents)
 
     def _report_reload(self, new: Config) -> None:
         log.info("reloaded %s: %d routes, fallback %s; connections already bound keep their host",

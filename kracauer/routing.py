@@ -30,6 +30,13 @@ challenges (RFC 8737) can go to one host. Such routes are tried before all
 others, in the client's order of offered protocols, with the same name
 matching (exact, wildcard, regex); then the routes without ``alpn``.
 
+**Agents.** Names that agents registered (kracauer/agents.py) come as
+``dynamic`` routes, exact names and wildcards only, whose hosts are the
+agents' addresses. They take part in the same matching order, so an agent's
+exact ``app.example.com`` beats a configured ``*.example.com`` and the
+fallback; but where a configured route has the very same name (or wildcard),
+the configured route wins and the agent's is not used.
+
 **Several hosts.** A route may list several hosts; ``Target.hosts`` keeps them
 in file order and the tracker picks one per client address (rendezvous
 hashing) and fails over to the others.
@@ -81,6 +88,7 @@ class Target:
     port: int
     route: str          # the route's name as written, "fallback" or "listener"
     hosts: tuple[ipaddress.IPv6Address, ...] = ()   # every host of the route
+    bridge: str | None = None   # a bridge route: the [[bridge]] that carries it (host: the local relay)
 
     def __post_init__(self) -> None:
         if not self.hosts:
@@ -100,7 +108,7 @@ class Resolve:
 class Router:
     """Name → Target look-ups over the routes of a configuration."""
 
-    def __init__(self, routes: Sequence[Route], fallback: Fallback | None) -> None:
+    def __init__(self, routes: Sequence[Route], fallback: Fallback | None, dynamic: Sequence[Route] = ()) -> None:
         by_alpn: dict[str, list[Route]] = {}
         for route in routes:
             if route.alpn is not None:
@@ -119,6 +127,13 @@ class Router:
             name = normalize_name(route.name)
             if name.startswith("*."):
                 # The first of duplicate routes wins (the config rejects duplicates).
+                self._wildcards.setdefault(name[2:], route)
+            else:
+                self._exact.setdefault(name, route)
+        # After the configured routes, with setdefault: a configured route of the same name wins.
+        for route in dynamic:
+            name = normalize_name(route.name)
+            if name.startswith("*."):
                 self._wildcards.setdefault(name[2:], route)
             else:
                 self._exact.setdefault(name, route)
@@ -142,7 +157,8 @@ class Router:
             if route is not None:
                 if route.resolve:
                     return Resolve(name, route.port if route.port is not None else port, route.name, route.networks)
-                return Target(route.host, route.port if route.port is not None else port, route.name, route.hosts)
+                return Target(route.host, route.port if route.port is not None else port, route.name, route.hosts,
+                              route.bridge)
         fallback = self._fallback
         if fallback is None:
             return None

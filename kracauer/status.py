@@ -11,6 +11,12 @@ route and host, connections by state, drops by reason and uptime::
       (no host yet)      -                 1
     closed by outcome: closed 110, reset_by_client 5, refused_unknown_name 2
     packets dropped by reason: no_connection 12, rst_out_of_window 1
+
+With ``[agents]``, the agents connected, their names and their traffic::
+
+    agents: 1 connected
+      agent         names            peer               to agent           from agent         drops
+      fd00:6b72::2  app.example.org  192.0.2.99:40112   1200 pkts 1.6 MB   900 pkts 80.0 kB   0
 """
 
 from __future__ import annotations
@@ -52,6 +58,20 @@ class Status:
     # Several workers ([tun] workers): their count, and per worker (up, restarts, active connections).
     workers: int = 0
     worker_rows: dict[str, list[float]] = field(default_factory=dict)
+    # [agents]: None when the box has no hub; else agent address -> its row.
+    agents: dict[str, "AgentRow"] | None = None
+    agent_refusals: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass
+class AgentRow:
+    names: str = ""
+    peer: str = ""
+    packets_to: int = 0
+    bytes_to: int = 0
+    packets_from: int = 0
+    bytes_from: int = 0
+    drops: int = 0
 
 
 def metrics_url(config: Config) -> str:
@@ -124,6 +144,8 @@ def parse(text: str) -> Status:
                 status.reload_ok = value == 1
             elif name == "kracauer_workers":
                 status.workers = int(value)
+            elif name.startswith("kracauer_agent"):
+                _agent_sample(status, name, labels, value)
             elif name in _WORKER_COLUMNS:
                 row = status.worker_rows.setdefault(labels.get("worker", "?"), [0.0, 0.0, 0.0])
                 row[_WORKER_COLUMNS[name]] = value
@@ -131,6 +153,54 @@ def parse(text: str) -> Status:
         raise StatusError("no kracauer_build_info in the metrics: is this kracauer's endpoint?")
     status.outcomes = {k: int(v) for k, v in outcomes.items() if v}
     return status
+
+
+def _agent_sample(status: Status, name: str, labels: dict[str, str], value: float) -> None:
+    if status.agents is None:
+        status.agents = {}
+    if name == "kracauer_agent_refusals_total":
+        status.agent_refusals[labels.get("reason", "?")] = int(value)
+        return
+    agent = labels.get("agent")
+    if agent is None or agent == "-":
+        return
+    row = status.agents.setdefault(agent, AgentRow())
+    if name == "kracauer_agent_info":
+        row.names, row.peer = labels.get("names", "").replace(",", ", "), labels.get("peer", "")
+    elif name == "kracauer_agent_packets_total":
+        if labels.get("direction") == "to_agent":
+            row.packets_to = int(value)
+        else:
+            row.packets_from = int(value)
+    elif name == "kracauer_agent_bytes_total":
+        if labels.get("direction") == "to_agent":
+            row.bytes_to = int(value)
+        else:
+            row.bytes_from = int(value)
+    elif name == "kracauer_agent_drops_total":
+        row.drops += int(value)
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def _agent_lines(status: Status) -> list[str]:
+    agents = status.agents or {}
+    lines = [f"agents: {len(agents)} connected"
+             + (f"; refused at registration: {_pairs(status.agent_refusals)}" if status.agent_refusals else "")]
+    if agents:
+        table = [("agent", "names", "peer", "to agent", "from agent", "drops")]
+        for address, row in sorted(agents.items()):
+            table.append((address, row.names, row.peer, f"{row.packets_to} pkts {_size(row.bytes_to)}",
+                          f"{row.packets_from} pkts {_size(row.bytes_from)}", str(row.drops)))
+        widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+        for r in table:
+            lines.append("  " + "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)).rstrip())
+    return lines
 
 
 def _duration(seconds: float | None) -> str:
@@ -175,6 +245,8 @@ def format_status(status: Status, url: str) -> str:
         lines.append(f"workers: {status.workers} ({up} up): " + ", ".join(
             f"{w}: {int(active)} active" + (f", {int(restarts)} restarts" if restarts else "")
             + ("" if alive else ", down") for w, (alive, restarts, active) in rows))
+    if status.agents is not None:
+        lines.extend(_agent_lines(status))
     lines.append("closed by outcome: " + _pairs(status.outcomes))
     lines.append("packets dropped by reason: " + _pairs(status.drops))
     return "\n".join(lines)

@@ -53,7 +53,8 @@ from kracauer.systemd import Notifier
 from kracauer.tun import add_routes, open_tun
 from kracauer.worker import EXIT_OK, INIT
 from kracauer.workers import (
-    HEALTH, LOG, METRICS, QUIC_CID, READY, RELOAD, RELOADED, STATUS, Channel, TableCounts, channel_pair, merge_expositions,
+    AGENTS, agents_message, HEALTH, LOG, METRICS, QUIC_CID, READY, RELOAD, RELOADED, STATUS, Channel, TableCounts,
+    channel_pair, merge_expositions,
 )
 
 log = logging.getLogger("kracauer")
@@ -203,10 +204,18 @@ class Supervisor(Daemon):
                               f"(workers = 1 runs without it)") from None
         self._poller = select.epoll()
         self._previous_sigchld = signal.signal(signal.SIGCHLD, self._on_child)
+        # The bridge's routes and addresses are the supervisor's (it stays root and removes them at the
+        # end); its sockets and tunnels are worker 0's, which binds them and then drops privileges.
+        self._add_bridge_plumbing()
         for w in self.workers:
-            self._spawn(w, restore=self._restore_files, adopt=self.kernel is not None and self.tun.attached)
+            self._spawn(w, restore=self._restore_files, adopt=self.kernel is not None and self.tun.attached,
+                        fresh=True)
         self._wait_ready()
         add_routes(self.tun, config.tun.mtu, ipv4_routes, ipv6_routes)
+        # The hub runs here; the workers hear of its agents over their channels (_agents_changed).
+        self._start_agents()
+        if self.services is not None:
+            self._poller.register(self.services.wake_fd, select.EPOLLIN)
         for path in self._restore_files:
             try:
                 os.unlink(path)
@@ -223,7 +232,7 @@ class Supervisor(Daemon):
         if self.restored:
             log.info("restored %s from %s", _connections(self.restored), ", ".join(self._restore_files))
 
-    def _spawn(self, w: WorkerHandle, restore: list[str], adopt: bool) -> None:
+    def _spawn(self, w: WorkerHandle, restore: list[str], adopt: bool, fresh: bool = False) -> None:
         """Start worker `w` on its queue; its first message is its set-up."""
         tun = self.tun
         supervisor_end, worker_end = channel_pair()
@@ -237,7 +246,7 @@ class Supervisor(Daemon):
             "source": str(self.config.source), "log_level": self.log_level, "tun_fd": queue_fd,
             "tun_name": tun.name, "tun_index": tun.index, "offload": tun.offload, "persist": self.persist,
             "attached": tun.attached, "flows_fd": flows_fd, "leftover_fd": leftover_fd, "secret": self.secret.hex(),
-            "restore": list(restore), "adopt": adopt, "counts_fd": self.counts.fd,
+            "restore": list(restore), "adopt": adopt, "counts_fd": self.counts.fd, "fresh": fresh,
         }
         try:
             w.proc = subprocess.Popen([sys.executable, "-m", "kracauer.worker", str(worker_end.fileno())],
@@ -246,6 +255,9 @@ class Supervisor(Daemon):
             worker_end.close()
         w.channel = Channel(supervisor_end)
         w.channel.send(INIT, json.dumps(setup).encode())
+        if self.agent_table:
+            # A restarted worker learns the agents' names at once.
+            w.channel.send_json(AGENTS, agents_message(self.agent_table, []))
         w.ready = False
         w.started = time.monotonic()
         w.restart_at = None
@@ -340,7 +352,11 @@ class Supervisor(Daemon):
         for fd, _ in self._poller.poll(timeout):
             w = self._by_fd.get(fd)
             if w is None:
-                self._drain(fd)
+                handler = self._extra_fds.get(fd)
+                if handler is not None:
+                    handler()  # the services thread's posts (the agent hub)
+                else:
+                    self._drain(fd)
                 continue
             self._read_channel(w)
 
@@ -380,6 +396,17 @@ class Supervisor(Daemon):
         elif kind == RELOADED:
             if not json.loads(payload).get("ok"):
                 log.error("worker %d refused the reload (its log says why)", w.index)
+
+    def _metrics_registry(self) -> Any:
+        return self.metrics.own
+
+    def _agents_changed(self, routes: dict, gone: list) -> None:
+        """The hub's agents changed: every worker's resolver gets the names, and resets what went through a gone one."""
+        self.agent_table = routes
+        message = agents_message(routes, gone)
+        for w in self.workers:
+            if w.channel is not None and not w.channel.send_json(AGENTS, message):
+                log.error("worker %d missed a change of the agents' names (its channel is full)", w.index)
 
     def _reap(self) -> None:
         for w in self.workers:
@@ -446,8 +473,10 @@ class Supervisor(Daemon):
                 set_syn_cookies(self.kernel, new, self.cookie_secret)
             except (KernelPathError, OSError) as exc:
                 log.warning("the kernel path keeps answering SYNs as before the reload: %s", exc)
+        self._reconfigure_bridge(new)
         self.config = new
         self.text = new.text
+        self._reconfigure_agents(new)
         for w in self.workers:
             if w.channel is not None:
                 w.channel.send_json(RELOAD, {"text": new.text, "source": str(new.source)})
@@ -460,7 +489,8 @@ class Supervisor(Daemon):
 
     def _shutdown(self) -> None:
         self.notifier.stopping("saving state" if self.persist else "stopping")
-        self._stop_services()
+        self._stop_agents()
+        self._stop_bridge()
         # The return codes, not exit_status: the last SIGCHLD may not have been handled yet.
         saved_all = all(w.proc is not None and w.proc.poll() == EXIT_OK for w in self.workers)
         keep = self.persist and self.config.state is not None and saved_all

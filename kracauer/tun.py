@@ -524,3 +524,90 @@ def _add_route(ipr: IPRoute, tun: Tun, family: int, dst: str) -> None:
         raise TunError(f"cannot add route {dst} via {tun.name}: {exc}") from exc
     tun.routes.append((family, dst))
     log.info("route %s dev %s", dst, tun.name)
+
+
+# -- the bridge's addresses and routes (kracauer.bridge) ----------------------------
+
+# linux/if_addr.h: no duplicate address detection (the address is kracauer's own, on its own TUN).
+IFA_F_NODAD = 0x02
+RT_TABLE_LOCAL = 255
+
+
+def add_tun_addresses(name: str, addresses: list[ipaddress.IPv6Address]) -> list[ipaddress.IPv6Address]:
+    """Put /128 addresses on the TUN (the bridge relay's): packets kracauer writes for them are
+    then delivered locally. Returns the ones added (an address already there is kept, not owned)."""
+    added = []
+    with IPRoute() as ipr:
+        index = ipr.link_lookup(ifname=name)[0]
+        for address in addresses:
+            try:
+                ipr.addr("add", index=index, address=str(address), prefixlen=128, family=socket.AF_INET6,
+                         flags=IFA_F_NODAD)
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise TunError(f"cannot add address {address}/128 to {name}: {exc}") from exc
+                continue
+            added.append(address)
+            log.info("address %s/128 dev %s (bridge relay)", address, name)
+    return added
+
+
+def add_local_routes(prefixes: list[ipaddress.IPv6Network]) -> list[ipaddress.IPv6Network]:
+    """`ip -6 route add local PREFIX dev lo` (table local), so that sockets bound to any address of
+    the prefix (IPV6_FREEBIND) get the hosts' answers. Returns the routes added."""
+    added = []
+    with IPRoute() as ipr:
+        lo = ipr.link_lookup(ifname="lo")[0]
+        for prefix in prefixes:
+            try:
+                ipr.route("add", dst=str(prefix), family=socket.AF_INET6, type="local", oif=lo,
+                          table=RT_TABLE_LOCAL)
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise TunError(f"cannot add route local {prefix} dev lo: {exc}") from exc
+                log.info("route local %s dev lo (kept)", prefix)
+                continue
+            added.append(prefix)
+            log.info("route local %s dev lo (bridge listener)", prefix)
+    return added
+
+
+def remove_local_routes(prefixes: list[ipaddress.IPv6Network]) -> None:
+    with IPRoute() as ipr:
+        lo = ipr.link_lookup(ifname="lo")[0]
+        for prefix in prefixes:
+            try:
+                ipr.route("del", dst=str(prefix), family=socket.AF_INET6, type="local", oif=lo,
+                          table=RT_TABLE_LOCAL)
+            except NetlinkError as exc:
+                if exc.code not in (errno.ESRCH, errno.ENOENT):
+                    log.warning("could not remove route local %s dev lo: %s", prefix, exc)
+
+
+def remove_tun_addresses(name: str, addresses: list[ipaddress.IPv6Address]) -> None:
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=name)
+        if not found:
+            return  # the TUN went, and its addresses with it
+        for address in addresses:
+            try:
+                ipr.addr("del", index=found[0], address=str(address), prefixlen=128, family=socket.AF_INET6)
+            except NetlinkError as exc:
+                if exc.code not in (errno.EADDRNOTAVAIL, errno.ENOENT, errno.ENODEV):
+                    log.warning("could not remove address %s from %s: %s", address, name, exc)
+
+
+# -- the agent's address (kracauer.agent) ---------------------------------------------
+
+def add_address(tun: Tun, address: ipaddress.IPv6Address, prefixlen: int = 128) -> None:
+    """Give the TUN an IPv6 address (``kracauer agent``: the one the box assigned), without duplicate detection.
+
+    DAD has nothing to probe on a point-to-point TUN, and would hold the
+    address tentative (unusable) for a second.
+    """
+    try:
+        with IPRoute() as ipr:
+            ipr.addr("add", index=tun.index, address=str(address), prefixlen=prefixlen, family=socket.AF_INET6,
+                     flags=IFA_F_NODAD)
+    except NetlinkError as exc:
+        raise TunError(f"cannot add the address {address}/{prefixlen} to {tun.name}: {exc}") from exc

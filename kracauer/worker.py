@@ -39,7 +39,10 @@ from netstack.tracker import TrackerConfig
 from kracauer.privileges import drop_privileges
 from kracauer.systemd import Notifier
 from kracauer.tun import Tun
-from kracauer.workers import HEALTH, LOG, METRICS, QUIC_CID, READY, RELOAD, RELOADED, STATUS, Channel, TableCounts
+from kracauer.workers import (
+    AGENTS, HEALTH, LOG, METRICS, QUIC_CID, READY, RELOAD, RELOADED, STATUS, Channel, TableCounts,
+    parse_agents_message,
+)
 from netstack.state import adopt
 from netstack.steer import flow_key_owner
 from netstack.syncookie import BLAKE2S, SynCookies
@@ -82,6 +85,7 @@ class WorkerSetup:
     restore: tuple[str, ...]  # state files to restore from (entries that steer to this worker)
     adopt: bool               # restarted after a crash: adopt the kernel's flows that steer here
     counts_fd: int            # every worker's table size (workers.TableCounts)
+    fresh: bool = False       # started with a new supervisor (not restarted beside a running agent hub)
 
     @classmethod
     def from_json(cls, payload: bytes) -> WorkerSetup:
@@ -103,6 +107,11 @@ class ChannelAccessLog:
             wall_offset = time.time() - time.monotonic()
         line = json.dumps(record_fields(record, record.start + wall_offset), ensure_ascii=False,
                           separators=(", ", ": "))
+        if not self.channel.send(LOG, line.encode()):
+            self.dropped += 1
+
+    def write_line(self, line: str) -> None:
+        """A record formatted already (a bridge tunnel's), from the packet loop's thread."""
         if not self.channel.send(LOG, line.encode()):
             self.dropped += 1
 
@@ -180,6 +189,12 @@ class Worker(Daemon):
             self._take_back_shard()
         if setup.adopt and self.tracker.flows is not None:
             self._adopt_own_flows(now)
+        if setup.fresh:
+            # A new box process (not a worker restarted beside a running hub): see Daemon's.
+            self._forget_agents_connections()
+        if setup.index == 0:
+            # The bridge's ends live in one process: the first worker (its plumbing is the supervisor's).
+            self._start_bridge_service()
         if self.config.tun.user:
             drop_privileges(self.config.tun.user)
             _die_with_parent(setup.supervisor)
@@ -303,6 +318,8 @@ class Worker(Daemon):
                 elif kind == QUIC_CID:
                     if self.tracker.udp is not None:
                         self.tracker.udp.learn_remote(json.loads(payload))
+                elif kind == AGENTS:
+                    self._agents_changed(*parse_agents_message(json.loads(payload)))
                 elif kind == HEALTH:
                     host, port, fails, until = json.loads(payload)
                     key = (bytes.fromhex(host), port)

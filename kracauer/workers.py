@@ -21,6 +21,10 @@ type   direction                  payload
                                   JSON [cid, listener, host, port, route, name, alpn]
 ``C``  supervisor → worker        reload: JSON {"text": config text, "source": path}
 ``c``  worker → supervisor        reload done: JSON {"ok": true|false}
+``A``  supervisor → worker        agents changed: JSON {"routes": {name: [address,
+                                  ...]}, "gone": [address, ...]} (kracauer/agents.py;
+                                  the whole table each time, so a restarted worker
+                                  is brought up to date with one message)
 =====  =========================  ==============================================
 
 The supervisor answers /metrics from the workers' latest texts
@@ -51,6 +55,20 @@ SOCKET_BUFFER = 8 << 20
 
 READY, STATUS, METRICS, LOG, HEALTH, RELOAD, RELOADED = b"R", b"S", b"M", b"L", b"H", b"C", b"c"
 QUIC_CID = b"Q"
+AGENTS = b"A"
+
+
+def agents_message(routes: dict[str, Any], gone: Iterable[Any]) -> dict[str, Any]:
+    """The ``A`` message's JSON for name → addresses and the addresses of agents that went."""
+    return {"routes": {name: [str(a) for a in hosts] for name, hosts in routes.items()},
+            "gone": [str(a) for a in gone]}
+
+
+def parse_agents_message(message: dict[str, Any]) -> tuple[dict[str, tuple[Any, ...]], list[Any]]:
+    import ipaddress
+
+    routes = {str(name): tuple(ipaddress.IPv6Address(a) for a in hosts) for name, hosts in message["routes"].items()}
+    return routes, [ipaddress.IPv6Address(a) for a in message["gone"]]
 
 
 class Channel:

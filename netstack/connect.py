@@ -45,8 +45,8 @@ import re
 from dataclasses import dataclass
 from typing import Iterable
 
-from .http import _TCHAR, RequestHeadReader, host_of
-from .peek import NEED_DATA, BadRequest, Decision, PeekResult
+from .http import _FIELD_LINE, _OWS, _TCHAR, RequestHeadReader, host_of
+from .peek import NEED_DATA, BadRequest, Decision, NeedData, PeekResult
 
 # RFC 9112 §3: request-line = method SP request-target SP HTTP-version, lines
 # ending in CRLF or a bare LF (§2.2 lets a recipient accept LF alone).
@@ -177,3 +177,149 @@ class ConnectPolicy:
         """Whether the IPv4 address `client` (4 bytes) lies in one of the allowed networks."""
         address = int.from_bytes(client, "big")
         return any(address & mask == network for network, mask in self.allow)
+
+
+# ---------------------------------------------------------------- the bridge
+#
+# ../shared/design/bridge.md: an ingress kracauer repeats a client's tunnel as
+# CONNECT to its peer kracauer, with the client's address in a Forwarded field
+# (RFC 7239), and reads the peer's answer head before it relays the tunnel.
+
+FORWARDED = "forwarded"
+
+
+def connect_request(name: str, port: int, client: str) -> bytes:
+    """The head an ingress sends its peer: RFC 9110 §9.3.6 authority-form, Host, and Forwarded.
+
+    RFC 9110 §7.2: a client MUST send Host, here the same authority. RFC 7239
+    §4/§5.2: ``for=`` names the node that made the request; an IPv4 address may
+    be a token, but a quoted-string is always allowed (§4, value = token /
+    quoted-string), and quoting every value keeps one form for IPv4 and IPv6
+    (which §6 requires quoted, in brackets).
+    """
+    host = f"[{name}]" if ":" in name else name
+    authority = f"{host}:{port}"
+    return (f"CONNECT {authority} HTTP/1.1\r\n"
+            f"Host: {authority}\r\n"
+            f"Forwarded: {format_forwarded(client)}\r\n"
+            f"\r\n").encode("ascii")
+
+
+def format_forwarded(client: str) -> str:
+    """RFC 7239 §4 forwarded-element with one pair: ``for="198.51.100.2"`` (IPv6 as ``for="[2001:db8::1]"``)."""
+    address = ipaddress.ip_address(client)
+    node = f"[{address}]" if address.version == 6 else str(address)
+    return f'for="{node}"'
+
+
+# RFC 7239 §4: forwarded-pair = token "=" value; value = token / quoted-string
+# (RFC 7230 §3.2.6: quoted-string = DQUOTE *( qdtext / quoted-pair ) DQUOTE).
+_PAIR = re.compile(r'\s*([!#$%&\'*+\-.^_`|~0-9A-Za-z]+)=(?:"((?:[^"\\]|\\.)*)"|([!#$%&\'*+\-.^_`|~0-9A-Za-z]+))\s*')
+# RFC 7239 §6: node = nodename [ ":" node-port ]; an IPv6 nodename in brackets.
+_NODE = re.compile(r"(?:\[([0-9A-Fa-f:.]+)\]|([0-9.]+))(?::([0-9]{1,5}|_[0-9A-Za-z._-]+))?")
+
+
+def parse_forwarded(values: list[str]) -> ipaddress.IPv4Address:
+    """The client's IPv4 address from the Forwarded field(s) of a bridge CONNECT; ValueError if there is not exactly one.
+
+    The peer trusts it only because the ingress box that sent it proved who
+    it is with a client certificate. It must be one field with one element
+    (RFC 7239 §4: elements are comma-separated, one per proxy) whose ``for``
+    is an IPv4 address: a chain or an obfuscated or IPv6 node is not what an
+    ingress kracauer sends, and the host must see a real client address.
+    """
+    if len(values) != 1:
+        raise ValueError(f"expected one Forwarded field, got {len(values)}")
+    element = values[0]
+    pairs: dict[str, str] = {}
+    for part in element.split(";"):
+        match = _PAIR.fullmatch(part)
+        if match is None:
+            raise ValueError(f"malformed forwarded-pair {part[:64]!r}")
+        key = match[1].lower()  # RFC 7239 §4: parameter names are case-insensitive
+        if key in pairs:
+            raise ValueError(f"the parameter {key} appears twice")
+        value = match[2] if match[2] is not None else match[3]
+        pairs[key] = re.sub(r"\\(.)", r"\1", value)
+    node = pairs.get("for")
+    if node is None:
+        raise ValueError("no for= parameter")
+    match = _NODE.fullmatch(node)
+    if match is None or match[1] is not None:
+        raise ValueError(f"for={node[:64]!r} is not an IPv4 address")
+    return ipaddress.IPv4Address(match[2])  # raises ValueError for 300.1.1.1
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    """The peer's complete answer head: its status and its length (the tunnel's bytes start after it)."""
+
+    status: int
+    reason: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class BadResponse:
+    """An answer that is not an HTTP/1.x response head, or one longer than the cap."""
+
+    reason: str
+
+
+# RFC 9112 §4: status-line = HTTP-version SP status-code SP [ reason-phrase ]. The SP before
+# an empty reason may be missing (as h11 accepts), but a status code is three digits and no more.
+_STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([0-9]{3})(?: ([\t\x20-\x7e\x80-\xff]*))?\r?\n")
+
+
+class ResponseHeadReader:
+    """Feed the peer's bytes as they arrive; NEED_DATA, then a ResponseHead or a BadResponse.
+
+    ATS's tls_bridge recognises the end of the peer's response head with a
+    restartable state machine; so does this (and like h11 it remembers where
+    its search stopped): the head may arrive split anywhere, even inside the
+    CRLF CRLF, and the bytes after it in the same read belong to the tunnel
+    (``rest`` after a ResponseHead).
+    """
+
+    def __init__(self, max_bytes: int = 16384) -> None:
+        self._max_bytes = max_bytes
+        self._buf = bytearray()
+        self._scan = 0
+        self._line_start = 0
+        self._status: tuple[int, str] | None = None
+        self._result: NeedData | ResponseHead | BadResponse = NEED_DATA
+        #: After a ResponseHead: the bytes that followed it (the tunnel's first bytes).
+        self.rest = b""
+
+    def feed(self, data: bytes | memoryview) -> "NeedData | ResponseHead | BadResponse":
+        if self._result is not NEED_DATA:
+            raise RuntimeError("the response head is complete; the rest belongs to the tunnel")
+        self._buf += data
+        self._result = result = self._advance()
+        if result is NEED_DATA and len(self._buf) > self._max_bytes:
+            self._result = result = BadResponse(f"response head larger than {self._max_bytes} bytes")
+        return result
+
+    def _advance(self) -> "NeedData | ResponseHead | BadResponse":
+        while True:
+            end = self._buf.find(b"\n", self._scan)
+            if end < 0:
+                self._scan = len(self._buf)
+                return NEED_DATA
+            if end >= self._max_bytes:
+                return BadResponse(f"response head larger than {self._max_bytes} bytes")
+            line = bytes(self._buf[self._line_start:end + 1])
+            self._line_start = self._scan = end + 1
+            if self._status is None:
+                match = _STATUS_LINE.fullmatch(line)
+                if match is None:
+                    return BadResponse("malformed status line")
+                self._status = (int(match[1]), (match[2] or b"").decode("latin-1"))
+                continue
+            if line in (b"\r\n", b"\n"):
+                size = self._line_start
+                self.rest = bytes(self._buf[size:])
+                self._buf.clear()
+                return ResponseHead(self._status[0], self._status[1], size)
+            if line[0] in _OWS or _FIELD_LINE.fullmatch(line) is None:
+                return BadResponse("malformed header field line")

@@ -21,7 +21,8 @@ whose names and sizes the header lists, in order (``encode``, ``decode``):
                        ["hello_segments", "I"], ["connect_time", "d"]],
      "parked_count": 1,
      "listeners": [["c000020a", 443]],
-     "targets": [[["20010db8000000000000000000000010"], 443, "www.example.com"]],
+     "targets": [[["20010db8000000000000000000000010"], 443, "www.example.com"],
+                 [["0064ff9b0001000000000000fffffffd"], 443, "*.service.example.com", true]],
      "decisions": [["www.example.com", ["h2", "http/1.1"], 1, "refused_unknown_name", null]],
      "candidates": [[]],
      "outcomes": [""],
@@ -326,7 +327,9 @@ def snapshot(tracker: Tracker, now: float) -> dict[str, Any]:
         "parked_fields": [list(field) for field in PARKED_FIELDS],
         "parked_count": len(sections["parked"]) // _PARKED.size,
         "listeners": [[lst.address.hex(), lst.port] for lst in shared.listeners.values],
-        "targets": [[[h.hex() for h in t.hosts], t.port, t.route] for t in shared.targets],
+        # A relay target (kracauer's own bridge relay) says so: the tracker must not answer its CONNECT.
+        "targets": [[[h.hex() for h in t.hosts], t.port, t.route] + ([True] if t.relay else [])
+                    for t in shared.targets],
         "decisions": [[name, list(alpn), records, unrouted, port]
                       for name, alpn, records, unrouted, port in shared.decisions.values],
         "candidates": [[h.hex() for h in hosts] for hosts in shared.candidates.values],
@@ -583,9 +586,11 @@ class _Loader:
         self.listeners = [tracker.listeners.get(bytes.fromhex(address) + U16.pack(int(port)))
                           for address, port in state["listeners"]]
         self.targets = []
-        for hosts, port, route in state["targets"]:
+        for hosts, port, route, *relay in state["targets"]:
+            if relay not in ([], [True]):
+                raise ValueError(f"a target's fourth value is {relay!r}, not true")
             packed = tuple(bytes.fromhex(h) for h in hosts)
-            self.targets.append(Target(packed[0], int(port), str(route), packed))
+            self.targets.append(Target(packed[0], int(port), str(route), packed, relay=bool(relay)))
         self.candidates = [tuple(bytes.fromhex(h) for h in hosts) for hosts in state["candidates"]]
         self.outcomes = [str(outcome) for outcome in state["outcomes"]]
         if state["version"] == 2:

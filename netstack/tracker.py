@@ -157,6 +157,10 @@ class Target:
     port: int
     route: str
     hosts: tuple[bytes, ...] = ()  # every host; () means (host,)
+    # The host is kracauer's own bridge relay (kracauer.bridge, a route with
+    # `bridge`): a connect listener's CONNECT head then goes to it unchanged,
+    # and the relay, not the tracker, answers it (after the peer did).
+    relay: bool = False
 
     def __post_init__(self) -> None:
         if not self.hosts:
@@ -922,7 +926,10 @@ class Tracker:
             return self._refuse(conn, now, conn.decision.unrouted)
         if isinstance(target, (Pending, Refused)):
             return self._unresolved(conn, target, now)
-        self._consume_head(conn)
+        if not target.relay:
+            # A bridge relay reads the head itself (with the same peeker) and answers
+            # once its peer did: the relay is the CONNECT's proxy, kracauer's splice is plain.
+            self._consume_head(conn)
         return self._bind(conn, target, now)
 
     def _consume_head(self, conn: Connection) -> None:
@@ -1090,7 +1097,8 @@ class Tracker:
         if not self._checksum_trusted() and not is_valid(
                 segment, ones_sum(conn.host + conn.src6) + PROTO_TCP + len(segment)):
             return self._drop("bad_checksum")
-        answer = self._answer_connect(conn, now) if conn.listener.protocol == "connect" else None
+        answer = (self._answer_connect(conn, now)
+                  if conn.listener.protocol == "connect" and not conn.target.relay else None)
         self._splice(conn, segment, tcp, now)
         conn.connect_time = now - conn.connect_start
         if self.health.pop((conn.host, conn.target.port), None) is not None and self.health_changes is not None:
@@ -1608,6 +1616,48 @@ class Tracker:
         out = build_segment(conn.host_sport, conn.target.port, tcp.seq, ack, tcp.flags & (RST | ACK), 0)
         conn.packets_to_host += 1
         return self._ipv6_to_host(conn, out)
+
+    # ------------------------------------------------------------ a host gone
+
+    def reset_host(self, host: bytes, now: float) -> list[bytearray]:
+        """The host at address `host` is gone for good (an agent's tunnel closed): end its connections.
+
+        Nothing will ever answer for them, so waiting for timeouts would only
+        leave clients hanging: a connection still connecting moves on to the
+        route's next host if it has one, every other one bound to `host`
+        (those the kernel carries included) ends with an RST to the client,
+        outcome ``host_gone``. Its host never sees a packet again.
+        """
+        out: list[bytearray] = []
+        for key, conn in list(self.clients.items()):
+            if conn.__class__ is tuple:
+                if conn[2] != host:
+                    continue
+                conn = self._unpark(key, conn, now)
+                if conn is None:
+                    continue
+            if conn.state in (PEEKING, REFUSING, GONE) or conn.host != host:
+                continue
+            self.events["host_gone_reset"] += 1
+            if conn.state == CONNECTING:
+                conn.candidates = tuple(h for h in conn.candidates if h != host)
+                if conn.candidates and now < conn.connect_start + self.config.connect_timeout:
+                    self.events["host_failover"] += 1
+                    out.extend(self._try_next_host(conn, now))
+                    continue
+                self._finish(conn, "host_gone", now)
+                out.append(self._rst_to_client(conn, conn.hello.contiguous if conn.hello is not None else 0))
+                continue
+            self._finish(conn, "host_gone", now)
+            out.append(self._rst_established_client(conn))
+        return out
+
+    def _rst_established_client(self, conn: Connection) -> bytearray:
+        """RST|ACK to the client of a spliced connection, at the next sequence number it expects
+        (RFC 5961 §3.2: only an exact match resets; host_nxt is what the host sent, in the client's space)."""
+        segment = build_segment(conn.listener.port, conn.client_port, conn.host_nxt, conn.client_nxt, RST | ACK, 0)
+        conn.packets_to_client += 1
+        return self._ipv4_to_client(conn, segment)
 
     # ------------------------------------------------------------- refusals
 

@@ -71,7 +71,7 @@ PREFIX = "64:ff9b:1::/96"
 ROLES = ("client", "box", "host1", "host2")
 
 #: Names in the hosts' certificate (subjectAltName).
-CERT_NAMES = ("www.example.com", "*.example.org", "example.org", "www.example.net")
+CERT_NAMES = ("www.example.com", "*.example.org", "example.org", "www.example.net", "app.example.com")
 #: Ports every host's nginx listens on.
 PLAIN_PORTS = (80, 8080)
 TLS_PORTS = (443, 8443)
@@ -439,8 +439,9 @@ class Kracauer:
     """A kracauer process started by :meth:`Lab.start_kracauer` in the box namespace."""
 
     def __init__(self, lab: "Lab", popen: subprocess.Popen, config_path: pathlib.Path,
-                 stderr_path: pathlib.Path, config: dict | None):
+                 stderr_path: pathlib.Path, config: dict | None, role: str = "box"):
         self.lab = lab
+        self.role = role  # the namespace it runs in
         self.popen = popen
         self.config_path = config_path
         self.stderr_path = stderr_path
@@ -503,20 +504,22 @@ class Kracauer:
         cfg = self.config or {}
         tun = self.tun
         missing = []
-        link = _ip("-n", self.lab.ns("box"), "-j", "link", "show", "dev", tun, check=False) if tun else None
+        link = _ip("-n", self.lab.ns(self.role), "-j", "link", "show", "dev", tun, check=False) if tun else None
         if link is None or link.returncode != 0:
             missing.append(f"TUN {tun}")
             return missing
         info = json.loads(link.stdout or "[]")
         if not info or "UP" not in info[0].get("flags", []):
             missing.append(f"TUN {tun} up")
-        v4 = {r.get("dst") for r in self.lab.routes("box", tun, 4)}
-        for address in sorted({lst.get("address") for lst in cfg.get("listen", []) if lst.get("address")}):
+        v4 = {r.get("dst") for r in self.lab.routes(self.role, tun, 4)}
+        # A bridge listener is a socket of its own, not routed into the TUN.
+        for address in sorted({lst.get("address") for lst in cfg.get("listen", [])
+                               if lst.get("address") and lst.get("protocol") != "bridge"}):
             if address not in v4 and f"{address}/32" not in v4:
                 missing.append(f"route {address}/32 dev {tun}")
         prefix = cfg.get("translate", {}).get("prefix")
         if prefix:
-            v6 = {r.get("dst") for r in self.lab.routes("box", tun, 6)}
+            v6 = {r.get("dst") for r in self.lab.routes(self.role, tun, 6)}
             if str(ipaddress.IPv6Network(prefix, strict=False)) not in v6:
                 missing.append(f"route {prefix} dev {tun}")
         return missing
@@ -821,8 +824,8 @@ class Lab:
 
     # -- kracauer --
 
-    def spawn_kracauer(self, config_text: str, *, extra_args: Sequence[str] = ()) -> Kracauer:
-        """Write ``config_text`` and start kracauer in the box namespace; do not wait."""
+    def spawn_kracauer(self, config_text: str, *, extra_args: Sequence[str] = (), role: str = "box") -> Kracauer:
+        """Write ``config_text`` and start kracauer in the ``role`` namespace (the box); do not wait."""
         assert self.dir is not None, "lab not started"
         n = len(self._kracauers)
         config_path = self.dir / f"kracauer-{n}.toml"
@@ -832,11 +835,11 @@ class Lab:
         err = open(stderr_path, "wb")
         try:
             popen = subprocess.Popen(
-                ["ip", "netns", "exec", self.ns("box"), *self.kracauer_cmd, "--config", str(config_path), *extra_args],
+                ["ip", "netns", "exec", self.ns(role), *self.kracauer_cmd, "--config", str(config_path), *extra_args],
                 stdin=subprocess.DEVNULL, stdout=err, stderr=err, cwd=str(REPO))
         finally:
             err.close()
-        k = Kracauer(self, popen, config_path, stderr_path, config)
+        k = Kracauer(self, popen, config_path, stderr_path, config, role)
         self._kracauers.append(k)
         return k
 
@@ -860,13 +863,14 @@ class Lab:
         enabled = KERNEL_PATH_MODES[mode or lab_kernel_path()]
         return config_text + f'\n[kernel_path]\nenabled = {enabled}\npin_dir = "{self.dir / "bpf"}"\n'
 
-    def start_kracauer(self, config_text: str, *, timeout: float = 10, extra_args: Sequence[str] = ()) -> Kracauer:
+    def start_kracauer(self, config_text: str, *, timeout: float = 10, extra_args: Sequence[str] = (),
+                       role: str = "box") -> Kracauer:
         """Start kracauer and wait until its TUN is up and its routes are in place.
 
         Raises LabError (with kracauer's stderr) if it exits or is not ready
         within ``timeout`` s; in the latter case it is stopped first.
         """
-        k = self.spawn_kracauer(config_text, extra_args=extra_args)
+        k = self.spawn_kracauer(config_text, extra_args=extra_args, role=role)
         if k.config is None:
             k.stop()
             raise LabError(f"the kracauer config is not valid TOML:\n{config_text}")
@@ -907,6 +911,55 @@ class Lab:
         if proc.returncode != 0:
             raise LabError(f"`kracauer decode {address}` failed ({proc.returncode}): {proc.stderr.strip()}")
         return proc.stdout.strip()
+
+    # -- more namespaces (a NAT and the hosts behind it: tests/integration/test_agents.py) --
+
+    def add_namespace(self, role: str) -> str:
+        """A further namespace ``role`` (lo up, no RA, no DAD), removed with the lab."""
+        if role in self.namespaces:
+            raise LabError(f"the lab already has a namespace {role!r}")
+        ns = f"{self.prefix}-{role}"
+        _ip("netns", "add", ns)
+        self._created.append(ns)
+        self.namespaces[role] = ns
+        _ip("-n", ns, "link", "set", "lo", "up")
+        self._ns_exec(role, "sysctl", "-q", "-w",
+                      "net.ipv6.conf.all.accept_ra=0", "net.ipv6.conf.default.accept_ra=0",
+                      "net.ipv6.conf.all.accept_dad=0", "net.ipv6.conf.default.accept_dad=0")
+        return ns
+
+    def start_nginx(self, role: str, cert_host: str = "host1") -> None:
+        """nginx in namespace ``role`` as on the lab's hosts (ports, log format, ``/`` naming ``role``,
+        ``/big.bin``), with ``cert_host``'s certificate; its files are in ``host_dir(role)``."""
+        assert self.dir is not None and self.host_certs, "start the lab with hosts=True first"
+        hdir = self.host_dir(role)
+        for sub in ("www", "tmp"):
+            (hdir / sub).mkdir(parents=True, exist_ok=True)
+        (hdir / "www" / "index.txt").write_text(f"{role}\n")
+        os.link(self.dir / "big.bin", hdir / "www" / "big.bin")
+        cert, key = self.host_certs[cert_host]
+        listen = "\n".join([f"        listen [::]:{p};" for p in PLAIN_PORTS]
+                           + [f"        listen [::]:{p} ssl;" for p in TLS_PORTS])
+        conf = hdir / "nginx.conf"
+        conf.write_text(_NGINX_CONF.format(host=role, dir=hdir, workers=self.nginx_workers, cert=cert, key=key,
+                                           listen=listen))
+        out = open(hdir / "nginx.out", "wb")
+        try:
+            popen = subprocess.Popen(
+                ["ip", "netns", "exec", self.ns(role), "nginx", "-p", str(hdir), "-c", str(conf),
+                 "-e", str(hdir / "error.log"), "-g", "daemon off;"],
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+        finally:
+            out.close()
+        proc = _Proc(f"nginx {role}", popen, (hdir / "nginx.out", hdir / "error.log"))
+        self._procs.append(proc)
+        ports = {str(p) for p in PLAIN_PORTS + TLS_PORTS}
+
+        def ready():
+            if popen.poll() is not None:
+                raise LabError(f"nginx in {role} exited with {popen.returncode}:\n{self._tail(proc)}")
+            return ports <= self.listening_ports(role)
+        wait_until(ready, 10, f"nginx in {role} to listen on {sorted(ports)}", lambda: self._tail(proc))
 
     def describe(self) -> str:
         lines = [f"lab {self.tag}: dir {self.dir}"]

@@ -66,7 +66,7 @@ def test_check_config_error_goes_to_stderr_and_exits_2(bad_config_file, capsys):
     out, err = capsys.readouterr()
     assert out == ""
     assert err == (f'kracauer: {bad_config_file}:7: listen[0].protocol: expected one of "tls", "http", "tcp", "connect", '
-                   '"quic", got "udp" (a UDP listener is protocol = "quic": HTTP/3 routed by name)\n')
+                   '"quic", "bridge", got "udp" (a UDP listener is protocol = "quic": HTTP/3 routed by name)\n')
 
 
 def test_check_config_missing_file_exits_2(tmp_path, capsys):
@@ -229,3 +229,47 @@ def test_check_config_lists_routes_by_dns_with_their_networks_and_servers(tmp_pa
     assert out[1] == ("  1 route by DNS (AAAA records, looked up when the hello arrives) via "
                       "[2001:db8::53]:53, 192.0.2.53:5353:")
     assert out[2] == "    *.service.example.com: hosts inside 2001:db8:100::/48"
+
+
+# -- agents ---------------------------------------------------------------------------
+
+def test_agent_token_prints_a_token_and_the_sha256_the_box_needs(capsys):
+    import hashlib
+
+    assert main(["agent-token"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    token = out[0].removeprefix("token:").strip()
+    digest = out[1].removeprefix("sha256:").strip()
+    assert len(token) >= 43 and hashlib.sha256(token.encode()).hexdigest() == digest
+
+
+def test_check_config_lists_the_agents_listener_and_what_each_token_may_register(tmp_path, capsys):
+    path = tmp_path / "k.toml"
+    path.write_text(MINIMAL + f"""
+[agents]
+listen = "203.0.113.5:4444"
+cert = "{tmp_path}/box.pem"
+key = "{tmp_path}/box.key"
+[[agents.token]]
+sha256 = "{'ab' * 32}"
+names = ["app.example.com", "*.dev.example.com"]
+""")
+    assert main(["check-config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "agents dial in on 203.0.113.5:4444 (TLS 1.3), addresses from fd00:6b72::/64 on kagents0" in out
+    assert "1 token:" in out and "abababababab…: may register app.example.com, *.dev.example.com" in out
+
+
+def test_the_agent_without_a_config_or_with_a_missing_token_file_exits_2(tmp_path, capsys, caplog):
+    assert main(["agent"]) == 2
+    assert "needs --config FILE" in capsys.readouterr().err
+    path = tmp_path / "agent.toml"
+    path.write_text(f"""[agent]
+box = "edge.example.com:4444"
+server_name = "edge.example.com"
+ca = "{tmp_path}/ca.pem"
+token_file = "{tmp_path}/absent.token"
+names = ["app.example.com"]
+""")
+    assert main(["agent", "--config", str(path)]) == 2
+    assert f"token_file: cannot read {tmp_path}/absent.token" in caplog.text  # logged, as the agent logs

@@ -319,7 +319,7 @@ def test_bad_listener_ports_are_rejected(port, expected):
 def test_unknown_protocol_is_rejected_with_the_choices_and_the_line():
     text = HEAD + listen() + listen(port="80", protocol='"udp"')
     assert error(text) == ('k.toml:15: listen[1].protocol: expected one of "tls", "http", "tcp", "connect", "quic", '
-                           'got "udp" (a UDP listener is protocol = "quic": HTTP/3 routed by name)')
+                           '"bridge", got "udp" (a UDP listener is protocol = "quic": HTTP/3 routed by name)')
 
 
 def test_protocol_names_are_case_sensitive():
@@ -765,6 +765,23 @@ def test_example_files_commented_out_resolve_route_and_resolver_are_valid_when_u
     assert route.networks == (ipaddress.IPv6Network("2001:db8:100::/48"),)
     assert config.resolver.servers == ((V6("2001:db8::53"), 53), (V4("192.0.2.53"), 5353))
     assert (config.resolver.timeout, config.resolver.attempts, config.resolver.max_ttl) == (2.0, 2, 3600)
+
+
+def test_example_files_commented_out_bridge_blocks_are_valid_when_uncommented():
+    text = EXAMPLE.read_text()
+    blocks = [m[0] for m in re.finditer(r"^# \[\[(?:bridge|route|listen)\]\]\n(?:# \w+ = .*\n)+", text, re.M)
+              if "bridge" in m[0]]
+    assert len(blocks) == 3, blocks  # the [[bridge]], its route, the peer's listener
+    for block in blocks:
+        text = text.replace(block, re.sub(r"^# ", "", block, flags=re.M))
+    config = parse(text)
+    [bridge] = config.bridges
+    assert (bridge.name, bridge.address, bridge.port, bridge.server_name) == (
+        "provider", "203.0.113.20", 4443, "bridge.example.com")
+    [route] = [r for r in config.routes if r.bridge is not None]
+    assert (route.name, route.bridge) == ("*.service.example.com", "provider")
+    [peer] = config.bridge_listeners
+    assert (peer.port, peer.prefix, peer.ports) == (4443, ipaddress.IPv6Network("64:ff9b:2::/96"), (443,))
 
 
 # -- quic listeners (UDP) ------------------------------------------------------

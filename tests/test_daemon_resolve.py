@@ -56,6 +56,9 @@ class DnsServer(threading.Thread):
         self.port = self.sock.getsockname()[1]
         self.addresses = addresses
         self.queries = 0
+        # Cleared: answers wait until it is set (so that a test can keep a lookup in flight).
+        self.release = threading.Event()
+        self.release.set()
 
     def run(self) -> None:
         while True:
@@ -64,6 +67,7 @@ class DnsServer(threading.Thread):
             except OSError:
                 return
             self.queries += 1
+            self.release.wait(5)
             query = DNS(data)
             q = query.qd[0]
             an = [DNSRR(rrname=q.qname, type="AAAA", ttl=60, rdata=a) for a in self.addresses]
@@ -114,10 +118,12 @@ def test_a_looked_up_name_binds_the_waiting_connections_with_one_query(daemon, s
     box = Box()
     box.tracker = daemon.tracker
     walks = [Walk(box, sport=40000 + i) for i in range(3)]
+    server.release.clear()  # the answer waits until every hello is held (else the cache may serve the last)
     for walk in walks:
         walk.handshake()
         assert walk.send_hello(CHROME) == []  # www.example.com: looked up, the hello held
     assert daemon.services is not None and daemon.services.running
+    server.release.set()
     run_posted_until(daemon, lambda: not daemon.tracker.waiting)
     syns = written(daemon)
     assert sorted(s.tcp.sport for s in syns) == [40000, 40001, 40002]

@@ -25,6 +25,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent.parent
 TOOLS = ("dpkg", "dpkg-deb", "unshare")
 WANTS = pathlib.Path("/etc/systemd/system/multi-user.target.wants/kracauer.service")
 UNIT = pathlib.Path("/lib/systemd/system/kracauer.service")
+AGENT_UNIT = pathlib.Path("/lib/systemd/system/kracauer-agent.service")
 CONFIG = pathlib.Path("/etc/kracauer/kracauer.toml")
 SITE = pathlib.Path("/opt/kracauer/lib")
 
@@ -115,9 +116,13 @@ def test_the_package_installs_checks_and_purges_leaving_nothing(source, tmp_path
         unit = UNIT.read_text()
         assert "ExecStart=/usr/bin/kracauer --config /etc/kracauer/kracauer.toml" in unit
         assert "/usr/local/bin" not in unit
+        # The agent's unit (docs/agents.md): installed for hosts behind NAT, never enabled by the package.
+        assert "ExecStart=/usr/bin/kracauer agent --config /etc/kracauer/agent.toml" in AGENT_UNIT.read_text()
+        assert not AGENT_UNIT.with_name("multi-user.target.wants").joinpath(AGENT_UNIT.name).exists()
+        assert not (WANTS.parent / AGENT_UNIT.name).exists()
         assert not _kracauer_daemons(), _kracauer_daemons()
         if shutil.which("systemd-analyze"):
-            verify = run("systemd-analyze", "verify", str(UNIT), check=False, timeout=60)
+            verify = run("systemd-analyze", "verify", str(UNIT), str(AGENT_UNIT), check=False, timeout=60)
             assert verify.returncode == 0, verify.stdout + verify.stderr
         else:
             print("systemd-analyze is not installed: the unit was not verified")  # shown with -rP

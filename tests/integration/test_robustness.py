@@ -24,6 +24,7 @@ them) and attached with ``record_property``.
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import json
@@ -980,7 +981,15 @@ def test_silent_and_trickling_clients_are_reset_oldest_first_while_others_are_se
     # when kracauer answers the SYNs itself.
     if not kernel:
         assert max_alive <= 1.2 * MAX_PEEKING, max_alive
-    assert evicted_early >= 0.1 * SILENT, (evicted_early, lifetimes[:5])
+    # How many must have been reset early follows from how fast the client opened them (a loaded
+    # machine opens them slower): a prompt connection with more than max_peeking (and 20% slack)
+    # younger ones established within its hello_timeout cannot still be peeking when it ends.
+    started = sorted(c["est"] for c in established)
+    must = sum(1 for c in prompt
+               if bisect.bisect_left(started, c["est"] + SLOW_HELLO_TIMEOUT - 0.5)
+               - bisect.bisect_right(started, c["est"]) > 1.2 * MAX_PEEKING)
+    assert must < 0.02 * SILENT or evicted_early >= min(0.1 * SILENT, 0.5 * must), \
+        (evicted_early, must, lifetimes[:5])
     assert out_of_order <= 0.05 * len(prompt), (out_of_order, len(prompt))
     assert lifetimes[-1] < SLOW_HELLO_TIMEOUT + 3.0, lifetimes[-5:]
     # Trickling a byte a second does not extend hello_timeout (they may be evicted sooner: while silent
