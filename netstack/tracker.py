@@ -1650,6 +1650,8 @@ class Tracker:
                 continue
             self._finish(conn, "host_gone", now)
             out.append(self._rst_established_client(conn))
+        if self.udp is not None:
+            self.udp.reset_host(host, now)
         return out
 
     def _rst_established_client(self, conn: Connection) -> bytearray:

@@ -671,6 +671,14 @@ class UdpTracker:
         flow.reader = None
         self.tracker.records.append(self._record(flow, outcome, now))
 
+    def reset_host(self, host: bytes, now: float) -> None:
+        """The host is gone for good (Tracker.reset_host): its flows end, outcome ``host_gone``. Nothing is
+        sent to their clients (only the host could close a QUIC connection); their packets are
+        ``quic_no_flow`` or no_connection from now on, and their QUIC stacks time out."""
+        for flow in [f for f in self.flows.values() if f.state == BOUND and f.host == host]:
+            self.tracker.events["host_gone_reset"] += 1
+            self._finish(flow, "host_gone", now)
+
     def finish_all(self, outcome: str, now: float) -> None:
         for flow in list(self.flows.values()):
             self._finish(flow, outcome, now)

@@ -713,3 +713,15 @@ def test_a_damaged_saved_quic_flow_is_an_error_that_leaves_the_tables_as_they_we
     with pytest.raises(StateError):
         restore(again, state, 50.0)
     assert not again.udp.flows and not again.udp.hosts
+
+
+def test_flows_to_a_host_that_is_gone_end_with_host_gone():
+    tracker = make_tracker()
+    decided_flow(tracker, sport=1000)
+    tracker.receive(from_host(HOST_HANDSHAKE, dport=1000), 1.1)
+    assert tracker.reset_host(V6(HOST_ORG).packed, 2.0) == [] and len(tracker.udp.flows) == 1
+    assert tracker.reset_host(V6(HOST_WWW).packed, 2.0) == []
+    assert not tracker.udp.flows and not tracker.udp.hosts and not tracker.udp.cids
+    assert tracker.records[-1].outcome == "host_gone" and tracker.events["host_gone_reset"] == 1
+    assert tracker.receive(from_client(b"\x41" + HOST_CID + b"z" * 30, sport=1000), 3.0) == []
+    assert tracker.drops["quic_no_flow"] == 1
