@@ -18,7 +18,9 @@ A line, with the keys in this order (docs/operations.md describes them)::
      "hello_size": 517, "hello_segments": 1, "hello_records": 1}
 
 ``hello_*`` keys appear for tls, http and connect listeners (``hello_records`` for tls
-only); values that are not known are ``null``.
+only); quic listeners' lines have ``hello_size`` and ``hello_datagrams`` (the Initial
+datagrams that carried the ClientHello), and their ``packets_*`` count datagrams.
+Values that are not known are ``null``.
 """
 
 from __future__ import annotations
@@ -70,6 +72,10 @@ def record_fields(record: ConnectionRecord, start_wall: float) -> dict[str, Any]
         fields["hello_segments"] = record.hello_segments
         if record.protocol == "tls":
             fields["hello_records"] = record.hello_records
+    elif record.protocol == "quic":
+        # packets_* count datagrams; bytes_* their UDP payloads (QUIC packets, encrypted).
+        fields["hello_size"] = record.hello_size
+        fields["hello_datagrams"] = record.hello_segments
     return fields
 
 

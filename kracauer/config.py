@@ -4,7 +4,7 @@
 string. Every problem raises ``ConfigError`` with one line of text that names
 the file, the line when it is known, the key and what was expected::
 
-    kracauer.toml:14: listen[1].protocol: expected one of "tls", "http", "tcp", "connect", "bridge", got "udp"
+    kracauer.toml:14: listen[1].protocol: expected one of "tls", "http", "tcp", "connect", "quic", "bridge", got "smtp"
 
 Array entries are counted from 0 (``listen[0]`` is the first ``[[listen]]``).
 Line numbers come from the TOML parser for syntax errors; for the other errors
@@ -56,9 +56,10 @@ __all__ = [
     "agent_name_key",
 ]
 
-PROTOCOLS = ("tls", "http", "tcp", "connect", "bridge")
-# Listeners whose connections come through the TUN (a "bridge" listener is a TLS socket of its own).
-TUN_PROTOCOLS = ("tls", "http", "tcp", "connect")
+PROTOCOLS = ("tls", "http", "tcp", "connect", "quic", "bridge")
+# Listeners whose packets come through the TUN (a "bridge" listener is a TLS socket of its own;
+# a "quic" one takes UDP, netstack.udptracker).
+TUN_PROTOCOLS = ("tls", "http", "tcp", "connect", "quic")
 
 
 class ConfigError(ValueError):
@@ -102,7 +103,7 @@ def _all_hosts(obj) -> None:
 class Listener:
     address: ipaddress.IPv4Address
     port: int                    # 1..65535
-    protocol: str                # "tls" | "http" | "tcp" | "connect"
+    protocol: str                # "tls" | "http" | "tcp" | "connect" | "quic" (UDP)
     host: ipaddress.IPv6Address | None = None   # required for "tcp", forbidden for the others (the first host)
     hosts: tuple[ipaddress.IPv6Address, ...] = ()   # every host, in the order written
     prefix: ipaddress.IPv6Network | None = None     # overrides [translate] prefix for this listener
@@ -183,6 +184,10 @@ class Limits:
     syn_backlog: int = 1024          # half-open handshakes kept with state; SYN cookies past it
     host_try_timeout: float = 3.0    # with several hosts, seconds one may take before the next is tried; <= connect_timeout
     max_tunnels: int = 10_000        # bridge tunnels open at once in this process (ingress relay and peer listener each)
+    udp_idle_timeout: float = 60.0   # quic: a flow ends this long after its last datagram; > 0
+    udp_max_peeking: int = 10_000    # quic: flows still sending their Initials; the oldest is dropped past it
+    udp_peek_max_bytes: int = 16384  # quic: datagram bytes held per peeking flow, 1200..65536
+    udp_peek_max_datagrams: int = 8  # quic: datagrams held per peeking flow, 1..64
 
 
 @dataclass(frozen=True)
@@ -632,9 +637,12 @@ _RESOLVER_COUNTS = {"attempts": (1, 10), "cache_size": (1, 1_000_000), "max_ttl"
 MAX_RESOLVER_TIMEOUT = 30.0
 _FALLBACK_KEYS = ("host", "port")
 _LIMITS_KEYS = ("hello_timeout", "hello_max_bytes", "connect_timeout", "host_try_timeout", "idle_timeout",
-                "max_connections", "max_peeking", "syn_backlog", "max_tunnels")
+                "max_connections", "max_peeking", "syn_backlog", "max_tunnels", "udp_idle_timeout", "udp_max_peeking",
+                "udp_peek_max_bytes", "udp_peek_max_datagrams")
 _LIMITS_COUNTS = {"max_connections": (1, 10_000_000), "max_peeking": (1, 10_000_000), "syn_backlog": (0, 10_000_000),
-                  "max_tunnels": (1, 1_000_000)}
+                  "max_tunnels": (1, 1_000_000), "udp_max_peeking": (1, 10_000_000),
+                  # RFC 9000 §14.1: a client's Initial datagram is at least 1200 bytes.
+                  "udp_peek_max_bytes": (1200, 65536), "udp_peek_max_datagrams": (1, 64)}
 
 _MISSING = object()
 
@@ -919,7 +927,7 @@ class _Validator:
         if not items:
             raise self.error(("listen",), "at least one [[listen]] entry is required")
         listeners: list[Listener] = []
-        seen: dict[tuple[ipaddress.IPv4Address, int], int] = {}
+        seen: dict[tuple[ipaddress.IPv4Address, int, str], int] = {}
         for i, item in enumerate(items):
             path = ("listen", i)
             address = self.ipv4_address(self.require(item, path + ("address",)), path + ("address",))
@@ -927,12 +935,17 @@ class _Validator:
             protocol = self.string(self.require(item, path + ("protocol",)), path + ("protocol",))
             if protocol not in PROTOCOLS:
                 choices = ", ".join(_quote(p) for p in PROTOCOLS)
-                raise self.error(path + ("protocol",), f"expected one of {choices}, got {_quote(protocol)}")
+                hint = " (a UDP listener is protocol = \"quic\": HTTP/3 routed by name)" if protocol in ("udp", "h3", "http3") else ""
+                raise self.error(path + ("protocol",), f"expected one of {choices}, got {_quote(protocol)}{hint}")
             hosts: tuple[ipaddress.IPv6Address, ...] = ()
-            if (address, port) in seen:
-                raise self.error(path, f"{address}:{port} is already used by listen[{seen[address, port]}]")
+            # A quic listener takes UDP: it may share its address and port with a TCP listener (HTTP/3
+            # next to HTTPS on 443), not with another quic one.
+            transport = "udp" if protocol == "quic" else "tcp"
+            if (address, port, transport) in seen:
+                raise self.error(path, f"{address}:{port} is already used by listen[{seen[address, port, transport]}]"
+                                       + (" (UDP)" if transport == "udp" else ""))
             if protocol == "bridge":
-                seen[address, port] = i
+                seen[address, port, transport] = i
                 self.bridge_listeners.append(self.bridge_listener(item, path, address, port))
                 continue
             for key in ("cert", "key", "client_ca"):
@@ -944,7 +957,7 @@ class _Validator:
                 raise self.error(path + ("host",), f"only allowed with protocol \"tcp\" (this listener is {_quote(protocol)}; "
                                                    "its hosts come from [[route]] and [fallback])")
             allow, ports = self.connect_policy(item, path, protocol)
-            seen[address, port] = i
+            seen[address, port, transport] = i
             prefix = None
             if "prefix" in item:
                 text = self.string(item["prefix"], path + ("prefix",))

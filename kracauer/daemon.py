@@ -190,6 +190,10 @@ def tracker_config(config: Config, workers: int = 1) -> TrackerConfig:
         syn_backlog=share(limits.syn_backlog),
         max_fails=config.health.max_fails,
         fail_timeout=config.health.fail_timeout,
+        udp_idle_timeout=limits.udp_idle_timeout,
+        udp_max_peeking=share(limits.udp_max_peeking),
+        udp_peek_max_bytes=limits.udp_peek_max_bytes,
+        udp_peek_max_datagrams=limits.udp_peek_max_datagrams,
         connect_policies={(lst.address.packed, lst.port): ConnectPolicy.of(lst.allow, lst.ports)
                           for lst in config.listeners if lst.protocol == "connect"},
     )
@@ -210,7 +214,8 @@ def new_cookie_secret() -> bytes:
 
 def set_syn_cookies(kernel: KernelPath, config: Config, secret: bytes) -> None:
     """Let the BPF program answer `config`'s listeners' SYNs with the tracker's cookies."""
-    listeners = {(lst.address, lst.port): config.kernel_path.python_syn_rate for lst in tracker_listeners(config)}
+    listeners = {(lst.address, lst.port): config.kernel_path.python_syn_rate for lst in tracker_listeners(config)
+                 if lst.protocol != "quic"}
     kernel.set_syn_cookies(secret, mss=min(tracker_config(config).mss, 65535), window=SYN_WINDOW,
                            wscale=OUR_WSCALE, listeners=listeners)
 
@@ -993,7 +998,8 @@ class Daemon:
             log.error("could not save the state to %s: %s; the TUN is removed and the %d connections are lost",
                       path, exc, len(self.tracker))
             return None
-        return data["count"] + data["parked_count"]  # parked: carried by the kernel, their numbers in its map
+        # parked: carried by the kernel, their numbers in its map; udp_flows: quic listeners' bound flows
+        return data["count"] + data["parked_count"] + len(data.get("udp_flows", ()))
 
     # -- signals -------------------------------------------------------------
 

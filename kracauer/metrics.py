@@ -35,6 +35,7 @@ from prometheus_client.exposition import start_http_server
 
 from kracauer import __version__
 from netstack.tracker import STATE_NAMES, ConnectionRecord, Tracker
+from netstack.udptracker import STATE_NAMES as UDP_STATE_NAMES
 
 __all__ = ["Metrics"]
 
@@ -60,6 +61,9 @@ class _Snapshot:
     in_kernel: int = 0
     # The BPF program's counters (kracauer.kernel_path.KernelPath.stats), None: no kernel path.
     kernel: dict[str, int] | None = None
+    # quic listeners' UDP flows (netstack.udptracker)
+    udp_flows: int = 0
+    udp_peeking: int = 0
 
 
 def process_metrics(registry: CollectorRegistry) -> tuple[Counter, Gauge]:
@@ -182,6 +186,8 @@ class Metrics:
             log_dropped=dict(log_dropped or {}),
             in_kernel=tracker.in_kernel,
             kernel=kernel,
+            udp_flows=len(tracker.udp.flows) if tracker.udp is not None else 0,
+            udp_peeking=len(tracker.udp.peeking) if tracker.udp is not None else 0,
         )
 
     def count_opened(self, tracker: Tracker) -> None:
@@ -253,6 +259,19 @@ class Metrics:
             target = conn.target
             by_route[(target.route if target is not None else "", conn.host)] += 1
             by_state[STATE_NAMES[conn.state].lower()] += 1
+        udp = self.tracker.udp
+        flows: list = []
+        for _ in range(5 if udp is not None else 0):
+            try:
+                flows = list(udp.flows.values())
+                break
+            except RuntimeError:
+                continue
+        for flow in flows:
+            # quic flows: state "udp_peeking" or "udp_bound".
+            target = flow.target
+            by_route[(target.route if target is not None else "", flow.host)] += 1
+            by_state["udp_" + UDP_STATE_NAMES[flow.state].lower()] += 1
         return by_route, by_state
 
 
@@ -286,6 +305,10 @@ class _TrackerCollector:
              snap.half_open),
             ("kracauer_hosts_down", "Hosts skipped for now after repeated failures (passive health)",
              snap.hosts_down),
+            ("kracauer_udp_flows_active", "UDP flows of quic listeners in the table (peeking or bound)",
+             snap.udp_flows),
+            ("kracauer_udp_flows_peeking", "UDP flows of quic listeners still sending their Initials",
+             snap.udp_peeking),
         ):
             yield GaugeMetricFamily(name, help_text, value=value)
         yield from self._kernel_families(snap)

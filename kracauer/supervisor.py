@@ -53,7 +53,8 @@ from kracauer.systemd import Notifier
 from kracauer.tun import add_routes, open_tun
 from kracauer.worker import EXIT_OK, INIT
 from kracauer.workers import (
-    AGENTS, agents_message, HEALTH, LOG, METRICS, READY, RELOAD, RELOADED, STATUS, Channel, TableCounts, channel_pair, merge_expositions,
+    AGENTS, agents_message, HEALTH, LOG, METRICS, QUIC_CID, READY, RELOAD, RELOADED, STATUS, Channel, TableCounts,
+    channel_pair, merge_expositions,
 )
 
 log = logging.getLogger("kracauer")
@@ -383,10 +384,12 @@ class Supervisor(Daemon):
             w.metrics_text = payload.decode("utf-8", "replace")
         elif kind == STATUS:
             w.status = json.loads(payload)
-        elif kind == HEALTH:
+        elif kind == HEALTH or kind == QUIC_CID:
+            # Passive health and QUIC connection IDs: every worker must know them (a rebinding
+            # client's new address and port may steer to any worker).
             for other in self.workers:
                 if other is not w and other.channel is not None:
-                    other.channel.send(HEALTH, payload)
+                    other.channel.send(kind, payload)
         elif kind == READY:
             w.ready = True
             w.status.update(json.loads(payload))

@@ -40,7 +40,8 @@ from kracauer.privileges import drop_privileges
 from kracauer.systemd import Notifier
 from kracauer.tun import Tun
 from kracauer.workers import (
-    AGENTS, HEALTH, LOG, METRICS, READY, RELOAD, RELOADED, STATUS, Channel, TableCounts, parse_agents_message,
+    AGENTS, HEALTH, LOG, METRICS, QUIC_CID, READY, RELOAD, RELOADED, STATUS, Channel, TableCounts,
+    parse_agents_message,
 )
 from netstack.state import adopt
 from netstack.steer import flow_key_owner
@@ -138,6 +139,8 @@ class Worker(Daemon):
         tracker.reconfigure(self._tracker_config(config), tracker.resolve)
         tracker.queue, tracker.queues = setup.index, setup.count
         tracker.health_changes = []
+        if tracker.udp is not None:
+            tracker.udp.cid_changes = []
         tracker.cookies = SynCookies(bytes.fromhex(setup.secret))
         self._extra_fds[channel.fileno()] = self._on_channel
         self.save_failed = False
@@ -272,6 +275,12 @@ class Worker(Daemon):
         return None  # the supervisor reads the kernel path's counters
 
     def _after_poll(self) -> None:
+        udp = self.tracker.udp
+        if udp is not None and udp.cid_changes:
+            # Sent at once, not with the next tick: a client may rebind soon after its handshake.
+            for cid, flow in udp.cid_changes:
+                self.channel.send_json(QUIC_CID, udp.export_cid(cid, flow))
+            udp.cid_changes.clear()
         index = self.setup.index
         self.counts.set(index, len(self.tracker.clients))
         self.tracker.elsewhere = self.counts.others(index)
@@ -306,6 +315,9 @@ class Worker(Daemon):
             for kind, payload in self.channel.receive():
                 if kind == RELOAD:
                     self._reload_from(json.loads(payload))
+                elif kind == QUIC_CID:
+                    if self.tracker.udp is not None:
+                        self.tracker.udp.learn_remote(json.loads(payload))
                 elif kind == AGENTS:
                     self._agents_changed(*parse_agents_message(json.loads(payload)))
                 elif kind == HEALTH:

@@ -17,6 +17,8 @@ type   direction                  payload
 ``M``  worker → supervisor        once a second: its Prometheus text exposition
 ``L``  worker → supervisor        one access-log line (JSON, no newline)
 ``H``  both ways                  passive health changed: JSON [host, port, fails, until]
+``Q``  both ways                  a QUIC host's connection ID (NAT rebinding, netstack.udptracker):
+                                  JSON [cid, listener, host, port, route, name, alpn]
 ``C``  supervisor → worker        reload: JSON {"text": config text, "source": path}
 ``c``  worker → supervisor        reload done: JSON {"ok": true|false}
 ``A``  supervisor → worker        agents changed: JSON {"routes": {name: [address,
@@ -52,6 +54,7 @@ MESSAGE_MAX = 4 << 20
 SOCKET_BUFFER = 8 << 20
 
 READY, STATUS, METRICS, LOG, HEALTH, RELOAD, RELOADED = b"R", b"S", b"M", b"L", b"H", b"C", b"c"
+QUIC_CID = b"Q"
 AGENTS = b"A"
 
 

@@ -45,6 +45,12 @@ only what the kernel's flow map lacks (decision, target, host, hello segments,
 connect time): their numbers stay in the map, which outlives the process, and
 the next one rebuilds them from it.
 
+quic listeners' bound UDP flows (netstack.udptracker) are few numbers each and
+go in the header as a JSON list, ``"udp_flows"`` (``UdpTracker.saved``): the
+client, listener, host, ports, route, name and ALPN, the host's connection IDs
+(for NAT rebinding after the restart), ages and counts. Flows still peeking
+are not saved (their clients send their Initials again).
+
 In a row, -1 is "none" for an index and a window scale, NaN for a time or the
 connect time. A field the reader does not know or knows with another format,
 a damaged table or section, or a version other than 3 and 2 is an error
@@ -331,6 +337,9 @@ def snapshot(tracker: Tracker, now: float) -> dict[str, Any]:
         "hellos": sections.pop("hellos"),
         "health": [[host.hex(), port, fails, max(until - now, 0.0)]
                    for (host, port), (fails, until) in tracker.health.items()],
+        # quic listeners' bound UDP flows (netstack.udptracker.UdpTracker.saved); an older
+        # kracauer ignores the key, and their clients' packets are then quic_no_flow.
+        "udp_flows": tracker.udp.saved(now) if tracker.udp is not None else [],
         **sections,
     }
 
@@ -496,6 +505,14 @@ def restore(tracker: Tracker, state: dict[str, Any], now: float,
         restored = loader.run() + loader.parked()
         for host, port, fails, left in state.get("health", []):
             tracker.health[(bytes.fromhex(host), int(port))] = (int(fails), now + float(left) if left else 0.0)
+        udp_flows = state.get("udp_flows", [])
+        if udp_flows and tracker.udp is not None:
+            udp_restored, udp_skipped = tracker.udp.restore(udp_flows, now, keep)
+            restored += udp_restored
+            if udp_skipped:
+                tracker.events["state_skipped"] += udp_skipped
+        elif udp_flows:
+            tracker.events["state_skipped"] += len(udp_flows)
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, struct.error, binascii.Error) as exc:
         before.put_back(tracker)
         if isinstance(exc, StateError):

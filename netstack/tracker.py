@@ -48,6 +48,8 @@ from netstack.ip import (
 from netstack.peek import NEED_DATA, BadRequest, Decision, NotProtocol
 from netstack.reassembly import StreamBuffer
 from netstack.steer import queue_of
+from netstack.udp import PROTO_UDP
+from netstack.udptracker import UdpTracker
 from netstack.syncookie import SynCookies, decode_options, encode_options
 from netstack.vnet import (
     F_DATA_VALID, F_NEEDS_CSUM, GSO_ECN, GSO_NONE, GSO_TCPV4, GSO_TCPV6, PLAIN, TCP_CSUM_OFFSET, VNET_HEADER,
@@ -96,7 +98,7 @@ CLOSE_LINGER = 10.0
 # the endpoint answers a blind RST with a challenge ACK, which revives it.
 RST_LINGER = 5.0
 
-LISTENER_PROTOCOLS = ("tls", "http", "tcp", "connect")
+LISTENER_PROTOCOLS = ("tls", "http", "tcp", "connect", "quic")
 
 # What a refused connection is told before the FIN, by (listener protocol, outcome).
 REFUSALS = {
@@ -140,7 +142,7 @@ class Listener:
 
     address: bytes  # 4 bytes
     port: int
-    protocol: str  # "tls" | "http" | "tcp" | "connect"
+    protocol: str  # "tls" | "http" | "tcp" | "connect" | "quic" (UDP: netstack.udptracker)
     prefix: bytes | None = None  # 12 bytes: this listener's own translation prefix
 
     def __str__(self) -> str:
@@ -202,6 +204,11 @@ class TrackerConfig:
     host_try_timeout: float = 3.0  # with several hosts, seconds one may take to answer before the next is tried
     # Who may use each connect listener, by (address, port); one without a policy serves nobody.
     connect_policies: Mapping[tuple[bytes, int], connect.ConnectPolicy] = field(default_factory=dict)
+    # quic listeners' UDP flows (netstack.udptracker)
+    udp_idle_timeout: float = 60.0  # a bound flow ends this long after its last datagram
+    udp_max_peeking: int = 10_000  # flows still sending their hello; past it the oldest is dropped
+    udp_peek_max_bytes: int = 16384  # datagram bytes held per peeking flow
+    udp_peek_max_datagrams: int = 8  # datagrams held per peeking flow
 
     @property
     def mss(self) -> int:
@@ -316,9 +323,12 @@ class Tracker:
         if len(config.prefix) != 12:
             raise ValueError("the translation prefix must be 12 bytes (a /96)")
         self.config = config
-        self.listeners = {lst.address + U16.pack(lst.port): lst for lst in listeners}
-        self.listen_addresses = {lst.address for lst in self.listeners.values()}
-        self.prefixes = {config.prefix} | {lst.prefix for lst in self.listeners.values() if lst.prefix}
+        listeners = list(listeners)
+        # quic listeners take UDP (netstack.udptracker); one may share its address and port with a TCP one.
+        self.listeners = {lst.address + U16.pack(lst.port): lst for lst in listeners if lst.protocol != "quic"}
+        quic = [lst for lst in listeners if lst.protocol == "quic"]
+        self.listen_addresses = {lst.address for lst in listeners}
+        self.prefixes = {config.prefix} | {lst.prefix for lst in listeners if lst.prefix}
         self.resolve = resolve
         self.random32 = random32
         # The kernel's flow map, if a BPF program translates established connections,
@@ -376,6 +386,8 @@ class Tracker:
         self._rx_flags = 0
         self._rx_gso_type = 0
         self._rx_gso_size = 0
+        # UDP flows of quic listeners, sharing this tracker's routing and counters (None: no quic listener).
+        self.udp: UdpTracker | None = UdpTracker(self, quic) if quic else None
 
     def __len__(self) -> int:
         return len(self.clients)
@@ -451,6 +463,8 @@ class Tracker:
     def _from_client(self, packet: memoryview, now: float) -> list[bytearray]:
         ip = IPv4Header(packet)
         if ip.proto != PROTO_TCP:
+            if ip.proto == PROTO_UDP and self.udp is not None:
+                return self.udp.from_client(packet, ip, now)
             if ip.proto == PROTO_ICMP:
                 return self._icmp_from_client_side(packet, ip, now)
             return self._drop("not_tcp")
@@ -497,6 +511,8 @@ class Tracker:
             return self._drop("not_prefix")
         # Hosts send TCP without extension headers; anything else is not ours to carry.
         if ip.next_header != PROTO_TCP:
+            if ip.next_header == PROTO_UDP and self.udp is not None:
+                return self.udp.from_host(packet, ip, now)
             if ip.next_header == PROTO_ICMPV6:
                 return self._icmp_from_host_side(packet, ip, now)
             return self._drop("not_tcp")
@@ -861,10 +877,10 @@ class Tracker:
 
     def resume(self, key: Hashable, now: float) -> list[bytearray]:
         """The resolver has the answer for `key`: route the connections that wait for it."""
+        out: list[bytearray] = [] if self.udp is None else self.udp.resume(key, now)
         group = self.waiting.pop(key, None)
         if not group:
-            return []
-        out: list[bytearray] = []
+            return out
         for conn in group.values():
             self._waiting_on.pop(conn.client_key, None)
             if conn.state == PEEKING:
@@ -1634,6 +1650,8 @@ class Tracker:
                 continue
             self._finish(conn, "host_gone", now)
             out.append(self._rst_established_client(conn))
+        if self.udp is not None:
+            self.udp.reset_host(host, now)
         return out
 
     def _rst_established_client(self, conn: Connection) -> bytearray:
@@ -1707,12 +1725,17 @@ class Tracker:
             return self._drop("icmp_type")
         quoted = message[ICMP_HEADER_LEN:]
         # The quoted packet went from a service address to a client (RFC 792: its
-        # header and at least 8 bytes of TCP: the ports and the sequence number).
-        if len(quoted) < IPV4_HEADER_LEN or quoted[0] >> 4 != 4 or quoted[9] != PROTO_TCP:
+        # header and at least 8 bytes of TCP, the ports and the sequence number, or of UDP).
+        if len(quoted) < IPV4_HEADER_LEN or quoted[0] >> 4 != 4 or quoted[9] not in (PROTO_TCP, PROTO_UDP):
             return self._drop("icmp_quote")
         ihl = (quoted[0] & 0x0F) * 4
         if ihl < IPV4_HEADER_LEN or len(quoted) < ihl + 8:
             return self._drop("icmp_quote")
+        if quoted[9] == PROTO_UDP:
+            if self.udp is None:
+                return self._drop("icmp_quote")
+            made = self.udp.icmp_from_client_side(ip, icmp.type, icmp.code, icmp.rest, quoted, ihl)
+            return [] if made is None else self._icmp6_error(*made)
         service, client = quoted[12:16].tobytes(), quoted[16:20].tobytes()
         key = client + service + quoted[ihl + 2:ihl + 4].tobytes() + quoted[ihl:ihl + 2].tobytes()
         conn = self.clients.get(key)
@@ -1736,12 +1759,15 @@ class Tracker:
         inner = bytearray(build_ipv6_header(conn.host, conn.src6, PROTO_TCP, max(total_len - ihl, len(tcp)),
                                             quoted[8], quoted[1]))
         inner += tcp
-        room = ICMP6_ERROR_MAX - IPV6_HEADER_LEN - ICMP_HEADER_LEN
         # §4.2: the error comes from the IPv4 router's address, embedded in the prefix.
-        source = conn.src6[:12] + ip.src
-        message6 = build_icmp6(source, conn.host, *mapped, inner[:room])
+        return self._icmp6_error(conn.src6[:12] + ip.src, conn.host, mapped, inner)
+
+    def _icmp6_error(self, source: bytes, host: bytes, mapped: tuple[int, int, bytes], inner: bytearray) -> list:
+        """A translated error to a host, its quote cut to fit (RFC 4443 §2.4 (c))."""
+        room = ICMP6_ERROR_MAX - IPV6_HEADER_LEN - ICMP_HEADER_LEN
+        message6 = build_icmp6(source, host, *mapped, inner[:room])
         out = bytearray(PLAIN) if self.config.vnet else bytearray()
-        out += build_ipv6_header(source, conn.host, PROTO_ICMPV6, len(message6))
+        out += build_ipv6_header(source, host, PROTO_ICMPV6, len(message6))
         out += message6
         self.events["icmp_translated"] += 1
         return [out]
@@ -1757,8 +1783,13 @@ class Tracker:
         if icmp.type not in ICMP6_ERRORS:
             return self._drop("icmp_type")
         quoted = message[ICMP_HEADER_LEN:]
-        if len(quoted) < IPV6_HEADER_LEN + 8 or quoted[0] >> 4 != 6 or quoted[6] != PROTO_TCP:
+        if len(quoted) < IPV6_HEADER_LEN + 8 or quoted[0] >> 4 != 6 or quoted[6] not in (PROTO_TCP, PROTO_UDP):
             return self._drop("icmp_quote")
+        if quoted[6] == PROTO_UDP:
+            if self.udp is None:
+                return self._drop("icmp_quote")
+            made = self.udp.icmp_from_host_side(icmp.type, icmp.code, icmp.rest, quoted)
+            return [] if made is None else self._icmp4_error(*made)
         src6, host = quoted[8:24].tobytes(), quoted[24:40].tobytes()
         tcp_at = IPV6_HEADER_LEN
         key = host + src6 + quoted[tcp_at + 2:tcp_at + 4].tobytes() + quoted[tcp_at:tcp_at + 2].tobytes()
@@ -1786,11 +1817,15 @@ class Tracker:
         if len(tcp) >= 18:
             U16.pack_into(tcp, 16, update(U16.unpack_from(tcp, 16)[0], old, ones_sum(client + service + tcp[:12])))
         payload_len = int.from_bytes(quoted[4:6], "big")
-        room = ICMP4_ERROR_MAX - 2 * IPV4_HEADER_LEN - ICMP_HEADER_LEN
         # The quoted length is the sender's word; an IPv4 header can say at most 65535.
         inner = build_ipv4_header(client, service, PROTO_TCP, min(max(payload_len, len(tcp)), 0xFFFF - IPV4_HEADER_LEN), quoted[7],
                                   ((quoted[0] & 0x0F) << 4) | (quoted[1] >> 4))
         inner += tcp
+        return self._icmp4_error(service, client, mapped, inner)
+
+    def _icmp4_error(self, service: bytes, client: bytes, mapped: tuple[int, int, bytes], inner: bytearray) -> list:
+        """A translated error to a client, its quote cut to fit (RFC 1812 §4.3.2.3)."""
+        room = ICMP4_ERROR_MAX - 2 * IPV4_HEADER_LEN - ICMP_HEADER_LEN
         message4 = build_icmp4(*mapped, inner[:room + IPV4_HEADER_LEN])
         out = bytearray(PLAIN) if self.config.vnet else bytearray()
         out += build_ipv4_header(service, client, PROTO_ICMP, len(message4))
@@ -1813,6 +1848,14 @@ class Tracker:
 
     def next_timer(self) -> float | None:
         """When ``on_timer`` next has work, or None when there are no connections."""
+        at = self._next_tcp_timer()
+        if self.udp is not None:
+            udp = self.udp.next_timer()
+            if udp is not None and (at is None or udp < at):
+                return udp
+        return at
+
+    def _next_tcp_timer(self) -> float | None:
         sweep = self._sweep_at if self.in_kernel else None
         timers = self._timers
         while timers:
@@ -1835,6 +1878,8 @@ class Tracker:
             out.extend(self._expire(conn, now))
         if self.in_kernel and now >= self._sweep_at:
             self._sweep_parked(now)
+        if self.udp is not None:
+            out.extend(self.udp.on_timer(now))
         return out
 
     def _expire(self, conn: Connection, now: float) -> list[bytearray]:

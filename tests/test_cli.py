@@ -49,7 +49,7 @@ def bad_config_file(tmp_path):
 def test_check_config_ok_prints_a_summary_and_exits_0(capsys):
     assert main(["check-config", str(EXAMPLE)]) == 0
     out, err = capsys.readouterr()
-    assert out == f"{EXAMPLE}: OK (3 listeners, 2 routes, fallback: yes)\n"
+    assert out == f"{EXAMPLE}: OK (4 listeners, 2 routes, fallback: yes)\n"
     assert err == ""
 
 
@@ -65,7 +65,8 @@ def test_check_config_error_goes_to_stderr_and_exits_2(bad_config_file, capsys):
     assert main(["check-config", str(bad_config_file)]) == 2
     out, err = capsys.readouterr()
     assert out == ""
-    assert err == f'kracauer: {bad_config_file}:7: listen[0].protocol: expected one of "tls", "http", "tcp", "connect", "bridge", got "udp"\n'
+    assert err == (f'kracauer: {bad_config_file}:7: listen[0].protocol: expected one of "tls", "http", "tcp", "connect", '
+                   '"quic", "bridge", got "udp" (a UDP listener is protocol = "quic": HTTP/3 routed by name)\n')
 
 
 def test_check_config_missing_file_exits_2(tmp_path, capsys):

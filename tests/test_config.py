@@ -68,6 +68,7 @@ def test_example_file_loads_with_the_documented_values():
         listeners=(
             Listener(V4("192.0.2.10"), 443, "tls"),
             Listener(V4("192.0.2.10"), 80, "http"),
+            Listener(V4("192.0.2.10"), 443, "quic"),
             Listener(V4("192.0.2.10"), 22, "tcp", V6("2001:db8::22")),
         ),
         routes=(
@@ -94,6 +95,7 @@ def test_example_file_documents_the_optional_limits_commented_out():
     assert re.search(r"^# connect_timeout = 10\.0$", text, re.M)
     assert re.search(r"^# idle_timeout = 7440\.0$", text, re.M)
     assert re.search(r"^# host_try_timeout = 3\.0$", text, re.M)
+    assert re.search(r"^# udp_idle_timeout = 60\.0$", text, re.M)
 
 
 # -- defaults and types ---------------------------------------------------------
@@ -316,7 +318,8 @@ def test_bad_listener_ports_are_rejected(port, expected):
 
 def test_unknown_protocol_is_rejected_with_the_choices_and_the_line():
     text = HEAD + listen() + listen(port="80", protocol='"udp"')
-    assert error(text) == 'k.toml:15: listen[1].protocol: expected one of "tls", "http", "tcp", "connect", "bridge", got "udp"'
+    assert error(text) == ('k.toml:15: listen[1].protocol: expected one of "tls", "http", "tcp", "connect", "quic", '
+                           '"bridge", got "udp" (a UDP listener is protocol = "quic": HTTP/3 routed by name)')
 
 
 def test_protocol_names_are_case_sensitive():
@@ -779,3 +782,43 @@ def test_example_files_commented_out_bridge_blocks_are_valid_when_uncommented():
     assert (route.name, route.bridge) == ("*.service.example.com", "provider")
     [peer] = config.bridge_listeners
     assert (peer.port, peer.prefix, peer.ports) == (4443, ipaddress.IPv6Network("64:ff9b:2::/96"), (443,))
+
+
+# -- quic listeners (UDP) ------------------------------------------------------
+
+QUIC = '\n[[listen]]\naddress = "192.0.2.10"\nport = 443\nprotocol = "quic"\n'
+
+
+def test_a_quic_listener_may_share_a_tls_listeners_address_and_port():
+    config = parse(BASE + QUIC + FALLBACK)
+    assert [(lst.port, lst.protocol) for lst in config.listeners] == [(443, "tls"), (443, "quic")]
+
+
+def test_two_quic_listeners_on_one_address_and_port_are_refused():
+    message = error(BASE + QUIC + QUIC + FALLBACK)
+    assert message.endswith("listen[2]: 192.0.2.10:443 is already used by listen[1] (UDP)")
+
+
+def test_a_quic_listener_needs_routes_and_takes_no_host():
+    quic_only = '[translate]\nprefix = "64:ff9b:1::/96"\n' + QUIC
+    assert "nothing to route to: this quic listener" in error(quic_only)
+    assert 'listen[0].host: only allowed with protocol "tcp"' in error(quic_only + 'host = "2001:db8::1"\n' + FALLBACK)
+
+
+def test_protocol_udp_is_refused_with_a_hint_at_quic():
+    message = error(BASE.replace('protocol = "tls"', 'protocol = "udp"') + FALLBACK)
+    assert '"quic"' in message and 'got "udp"' in message
+
+
+def test_udp_limits_default_and_are_checked():
+    limits = parse(MINIMAL).limits
+    assert (limits.udp_idle_timeout, limits.udp_max_peeking, limits.udp_peek_max_bytes,
+            limits.udp_peek_max_datagrams) == (60.0, 10_000, 16384, 8)
+    limits = parse(MINIMAL + "\n[limits]\nudp_idle_timeout = 30\nudp_max_peeking = 5\nudp_peek_max_bytes = 4096\n"
+                             "udp_peek_max_datagrams = 3\n").limits
+    assert (limits.udp_idle_timeout, limits.udp_max_peeking, limits.udp_peek_max_bytes,
+            limits.udp_peek_max_datagrams) == (30.0, 5, 4096, 3)
+    assert "limits.udp_peek_max_bytes" in error(MINIMAL + "\n[limits]\nudp_peek_max_bytes = 1000\n")
+    assert "limits.udp_peek_max_datagrams" in error(MINIMAL + "\n[limits]\nudp_peek_max_datagrams = 0\n")
+    assert "limits.udp_idle_timeout" in error(MINIMAL + "\n[limits]\nudp_idle_timeout = 0\n")
+    assert "limits.udp_max_peeking" in error(MINIMAL + "\n[limits]\nudp_max_peeking = \"many\"\n")

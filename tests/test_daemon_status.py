@@ -158,3 +158,26 @@ kracauer_worker_connections_active{worker="1"} 0.0
     out = format_status(parse(text), "http://x/metrics")
     assert "workers: 2 (1 up): 0: 7 active, 1: 0 active, 3 restarts, down" in out
     assert "workers:" not in format_status(parse(generate_latest(busy.registry).decode()), "http://x/metrics")
+
+
+def test_quic_flows_are_counted_beside_the_connections():
+    """A quic listener's UDP flows (netstack.udptracker) show in the metrics and in the status line."""
+    import ipaddress
+
+    from scapy.layers.inet import IP, UDP
+
+    from tests.test_udptracker import AIOQUIC, LISTENERS as QUIC_LISTENERS, PREFIX, Counter32
+    from tests.test_udptracker import resolve as quic_resolve
+    from netstack.tracker import Tracker, TrackerConfig
+
+    tracker = Tracker(TrackerConfig(prefix=PREFIX), QUIC_LISTENERS, quic_resolve, Counter32())
+    tracker.receive(bytes(IP(src="198.51.100.2", dst="192.0.2.10") / UDP(sport=5000, dport=443) / AIOQUIC[0]), 1.0)
+    metrics = Metrics(tracker)
+    metrics.sync(tracker, 1.0)
+    text = generate_latest(metrics.registry).decode()
+    assert "kracauer_udp_flows_active 1.0" in text
+    assert 'kracauer_connections_by_state{state="udp_bound"} 1.0' in text
+    status = parse(text)
+    assert status.udp_flows == 1
+    assert "connections: 0 tracked and 1 quic flows (udp_bound 1;" in format_status(status, "http://x/metrics")
+    assert ipaddress.IPv6Address("2001:db8::10").packed in {flow.host for flow in tracker.udp.flows.values()}

@@ -62,6 +62,19 @@ def test_icmp_errors_steer_by_the_connection_they_quote():
     assert packet_key(bytes(unreach)) == (client, 40000)
 
 
+def test_both_directions_of_a_quic_flow_and_icmp_about_it_name_the_client():
+    """quic listeners (netstack.udptracker): UDP steers like TCP, both ways, and so do errors quoting it."""
+    client = ipaddress.IPv4Address(CLIENT).packed
+    up = IP(src=CLIENT, dst=SERVICE) / UDP(sport=51000, dport=443) / Raw(b"\xc0" + bytes(1250))
+    down = IPv6(src=HOST, dst=embedded(CLIENT)) / UDP(sport=443, dport=51000) / Raw(b"\x40" + bytes(100))
+    assert packet_key(bytes(up)) == packet_key(bytes(down)) == (client, 51000)
+    sent_to_client = IP(src=SERVICE, dst=CLIENT) / UDP(sport=443, dport=51000) / Raw(b"\x40" * 40)
+    icmp4 = IP(src="203.0.113.1", dst=SERVICE) / ICMP(type=3, code=4) / bytes(sent_to_client)[:28]
+    sent_to_host = IPv6(src=embedded(CLIENT), dst=HOST) / UDP(sport=51000, dport=443) / Raw(b"\x40" * 40)
+    icmp6 = IPv6(src="2001:db8::1", dst=embedded(CLIENT)) / ICMPv6PacketTooBig(mtu=1280) / bytes(sent_to_host)
+    assert packet_key(bytes(icmp4)) == packet_key(bytes(icmp6)) == (client, 51000)
+
+
 def test_what_cannot_be_keyed_goes_to_queue_0():
     assert packet_key(bytes(IP(src=CLIENT, dst=SERVICE) / ICMP(type=8))) is None  # echo request
     assert packet_key(b"") is None
@@ -132,6 +145,10 @@ def test_program_answers_what_netstack_steer_computes_for_each_kind(steering):
         bytes(IPv6(src="2001:db8::1", dst=embedded(CLIENT)) / ICMPv6PacketTooBig(mtu=1280) / bytes(sent_to_host)),
         bytes(IP(src=CLIENT, dst=SERVICE) / ICMP(type=8)),
         bytes(IP(src=CLIENT, dst=SERVICE, options=b"\x01\x01\x01\x00") / TCP(sport=1234, dport=443)),
+        # quic listeners' UDP, both ways, and an error about a datagram sent to a host.
+        bytes(IPv6(src=HOST, dst=embedded(CLIENT)) / UDP(sport=443, dport=5353) / Raw(b"\x40" * 30)),
+        bytes(IPv6(src="2001:db8::1", dst=embedded(CLIENT)) / ICMPv6PacketTooBig(mtu=1280)
+              / bytes(IPv6(src=embedded(CLIENT), dst=HOST) / UDP(sport=5353, dport=443) / Raw(b"\x40" * 30))),
     ]
     for packet in packets:
         assert run_program(steering, packet) == expected(packet), IP(packet) if packet[0] >> 4 == 4 else packet
