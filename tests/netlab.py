@@ -912,7 +912,7 @@ class Lab:
             raise LabError(f"`kracauer decode {address}` failed ({proc.returncode}): {proc.stderr.strip()}")
         return proc.stdout.strip()
 
-    # -- more namespaces (a NAT and the hosts behind it: tests/integration/test_agents.py) --
+    # -- more namespaces (a NAT and the hosts behind it: tests/integration/test_agents_lab.py) --
 
     def add_namespace(self, role: str) -> str:
         """A further namespace ``role`` (lo up, no RA, no DAD), removed with the lab."""

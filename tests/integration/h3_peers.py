@@ -1,4 +1,4 @@
-"""An HTTP/3 server and client on aioquic, for the quic lab (tests/integration/test_quic.py).
+"""An HTTP/3 server and client on aioquic, for the quic lab (tests/integration/test_quic_lab.py).
 
 Run as a script inside a lab namespace:
 
