@@ -10,18 +10,10 @@ from kracauer.config import (
     ConfigError, agent_name_allowed, agent_name_key, load_agent_config, parse_agent_config, parse_config,
 )
 from kracauer.daemon import restart_needed
+from tests.configs import BASE
 
 DIGEST = hashlib.sha256(b"secret-token").hexdigest()
 
-BASE = """\
-[translate]
-prefix = "64:ff9b:1::/96"
-
-[[listen]]
-address = "192.0.2.10"
-port = 443
-protocol = "tls"
-"""
 
 
 def agents(extra: str = "", token: str = f'sha256 = "{DIGEST}"\nnames = ["app.example.com", "*.dev.example.com"]') -> str:

@@ -11,23 +11,14 @@ import ipaddress
 import pytest
 
 from kracauer.bridge import bridge_changes, ingress_context, peer_context, relay_addresses, relay_ports
-from kracauer.config import Bridge, BridgeListener, ConfigError, Route, parse_config, relay_address
+from kracauer.config import Bridge, BridgeListener, ConfigError, Route, relay_address
 from kracauer.daemon import restart_needed
+from tests.configs import BASE, parse
 
 V4 = ipaddress.IPv4Address
 V6 = ipaddress.IPv6Address
 N6 = ipaddress.IPv6Network
 
-# Lines 1-7: one tls listener.
-BASE = """\
-[translate]
-prefix = "64:ff9b:1::/96"
-
-[[listen]]
-address = "192.0.2.10"
-port = 443
-protocol = "tls"
-"""
 # Lines 8-15 when appended to BASE.
 BRIDGE = """
 [[bridge]]
@@ -62,10 +53,6 @@ name = "*.service.example.com"
 host = "2001:db8::10"
 """
 PEER = BASE + PEER_LISTEN + HOST_ROUTE
-
-
-def parse(text: str):
-    return parse_config(text, source="k.toml")
 
 
 def error(text: str) -> str:

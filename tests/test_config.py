@@ -18,31 +18,18 @@ from kracauer.config import (
     load_config,
     parse_config,
 )
+from tests.configs import BASE, parse
 
 EXAMPLE = pathlib.Path(__file__).resolve().parent.parent / "kracauer-config.toml"
 
 V4 = ipaddress.IPv4Address
 V6 = ipaddress.IPv6Address
 
-# The smallest valid configuration; tests append tables to it.
-BASE = """\
-[translate]
-prefix = "64:ff9b:1::/96"
-
-[[listen]]
-address = "192.0.2.10"
-port = 443
-protocol = "tls"
-"""
 FALLBACK = """
 [fallback]
 host = "2001:db8::99"
 """
 MINIMAL = BASE + FALLBACK
-
-
-def parse(text: str) -> Config:
-    return parse_config(text, source="k.toml")
 
 
 def error(text: str) -> str:
