@@ -31,7 +31,6 @@ import logging
 import os
 import select
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -74,7 +73,7 @@ class WorkerHandle:
     """One worker as the supervisor sees it."""
 
     index: int
-    proc: subprocess.Popen | None = None
+    proc: WorkerProcess | None = None
     channel: Channel | None = None
     ready: bool = False
     started: float = 0.0
@@ -249,8 +248,7 @@ class Supervisor(Daemon):
             "restore": list(restore), "adopt": adopt, "counts_fd": self.counts.fd, "fresh": fresh,
         }
         try:
-            w.proc = subprocess.Popen([sys.executable, "-m", "kracauer.worker", str(worker_end.fileno())],
-                                      pass_fds=fds, stdin=subprocess.DEVNULL)
+            w.proc = WorkerProcess.spawn([sys.executable, "-m", "kracauer.worker", str(worker_end.fileno())], fds)
         finally:
             worker_end.close()
         w.channel = Channel(supervisor_end)
@@ -435,10 +433,7 @@ class Supervisor(Daemon):
         if sig == signal.SIGKILL:
             for w in self.workers:
                 if w.proc is not None:
-                    try:
-                        w.proc.wait(timeout=5)
-                    except subprocess.TimeoutExpired:
-                        pass
+                    w.proc.wait(timeout=5)
 
     def _tick(self, now: float) -> None:
         self._next_sync = now + SYNC_INTERVAL
@@ -510,6 +505,53 @@ class Supervisor(Daemon):
                      self.config.state.file, self.count - 1, name)
         else:
             log.info("stopped; TUN %s and its routes removed", name)
+
+
+class WorkerProcess:
+    """A worker process started with posix_spawn: the supervisor's own Python, no shell, no fork of
+    its threads and memory. returncode is the exit code, or minus
+    the signal that ended it."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    @classmethod
+    def spawn(cls, argv: list[str], pass_fds: list[int]) -> WorkerProcess:
+        """Start `argv` with stdin on /dev/null and only `pass_fds` inherited (PEP 446: every other
+        descriptor is close-on-exec); SIGPIPE and SIGXFSZ, which Python ignores, back to default."""
+        was = {fd: os.get_inheritable(fd) for fd in pass_fds}
+        try:
+            for fd in pass_fds:
+                os.set_inheritable(fd, True)
+            pid = os.posix_spawn(argv[0], argv, os.environ,
+                                 file_actions=[(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0)],
+                                 setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
+        finally:
+            for fd, inheritable in was.items():
+                os.set_inheritable(fd, inheritable)
+        return cls(pid)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                return self.returncode  # reaped elsewhere: nothing more to learn
+            if pid == self.pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float) -> int | None:
+        """Poll until it has exited or `timeout` seconds passed; its returncode (None if still running)."""
+        deadline = time.monotonic() + timeout
+        while self.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:  # never signal a pid that may have been reused
+            os.kill(self.pid, sig)
 
 
 def _describe_status(status: int | None) -> str:
