@@ -157,6 +157,7 @@ class KernelPath:
                 raise KernelPathError(f"cannot use {pin_dir} for pinned maps: {exc}") from None
             pins = {name: os.path.join(pin_dir, name) for name in PINNED_MAPS}
             max_flows = _pinned_size(pins["flows"], max_flows)
+            _unpin_misfits(pins)
         try:
             obj = BpfObject.open(str(path), pin_maps=pins)
             try:
@@ -311,6 +312,33 @@ def _pinned_size(path: str, wanted: int) -> int:
         log.warning("the pinned flow map %s has %d entries, not the %d configured; it is kept with its "
                     "connections (`kracauer cleanup` and a start make it anew)", path, info.max_entries, wanted)
     return info.max_entries
+
+
+# The pinned maps whose contents a new kracauer writes anew or can lose (counters), and the
+# (key size, value size, entries) this version's program has for them.
+DISPOSABLE_MAPS = {"config": (U32_KEY.size, XLAT_CONFIG.size, 1), "stats": (U32_KEY.size, 8, len(STATS))}
+
+
+def _unpin_misfits(pins: dict[str, str]) -> None:
+    """A pinned config or stats map an older version made to another size (flow.h gained a counter)
+    is unpinned, so the load makes it anew: only the flow map's entries are worth keeping."""
+    from kracauer.bpf.libbpf import BpfError, map_fd_info, obj_get
+
+    for name, shape in DISPOSABLE_MAPS.items():
+        path = pins[name]
+        if not os.path.exists(path):
+            continue
+        try:
+            fd = obj_get(path)
+        except BpfError:
+            continue
+        try:
+            info = map_fd_info(fd)
+        finally:
+            os.close(fd)
+        if (info.key_size, info.value_size, info.max_entries) != shape:
+            log.info("the pinned %s map %s was made by another kracauer version; it is made anew", name, path)
+            os.unlink(path)
 
 
 def remove_pins(pin_dir: str) -> bool:

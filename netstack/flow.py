@@ -28,9 +28,13 @@ from netstack.checksum import ones_sum, update, update_partial
 from netstack.ip import IPV4_HEADER_LEN, IPV6_HEADER, IPV6_HEADER_LEN, PROTO_TCP, IPv4Header, IPv6Header, write_ipv4_header
 from netstack.tcp import ACK, MOD32, U16, U32, TcpHeader, shift_sack_blocks
 
-# struct flow_key (flow.h): the 4-tuple as the packet carries it; IPv4
-# addresses take the first 4 of 16 bytes. Ports stay in network order.
-FLOW_KEY = struct.Struct("=B3x16s16s2s2s")
+# struct flow_key (flow.h): the family, the transport (L4_*) and the 4-tuple as
+# the packet carries it; IPv4 addresses take the first 4 of 16 bytes. Ports
+# stay in network order.
+FLOW_KEY = struct.Struct("=BB2x16s16s2s2s")
+# flow_key.l4: TCP is 0 (the byte was padding before UDP flows went in the map).
+L4_TCP = 0
+L4_UDP = 17
 # struct flow_value (flow.h), field by field with their offsets.
 FLOW_VALUE = struct.Struct(
     "="
@@ -79,6 +83,7 @@ STATS = (
     "to_host_packets", "to_host_bytes", "to_client_packets", "to_client_bytes",
     "pass_disabled", "pass_not_tcp", "pass_ip_options", "pass_fragment", "pass_length", "pass_ttl",
     "pass_flags", "pass_tcp_options", "pass_no_flow", "pass_gso", "pass_error", "drop_error",
+    "pass_udp_checksum",
 )
 
 # SYN cookies answered by the program (flow.h's cookie_config, listener_key,
@@ -158,16 +163,22 @@ class Flow:
         return isinstance(other, Flow) and all(getattr(self, n) == getattr(other, n) for n in FLOW_VALUE_FIELDS)
 
 
-def flow_key(src: bytes, dst: bytes, ports: bytes) -> bytes:
-    """The map key (struct flow_key) for a packet from `src` to `dst` with these 4 bytes of TCP ports."""
-    return FLOW_KEY.pack(4 if len(src) == 4 else 6, src, dst, ports[:2], ports[2:4])
+def flow_key(src: bytes, dst: bytes, ports: bytes, l4: int = L4_TCP) -> bytes:
+    """The map key (struct flow_key) for a packet from `src` to `dst` with these 4 bytes of ports
+    (TCP's, or UDP's with ``l4=L4_UDP``)."""
+    return FLOW_KEY.pack(4 if len(src) == 4 else 6, l4, src, dst, ports[:2], ports[2:4])
 
 
 def split_key(key: bytes) -> tuple[bytes, bytes, int, int]:
     """(src, dst, sport, dport) of a map key."""
-    family, src, dst, sport, dport = FLOW_KEY.unpack(key)
+    family, _, src, dst, sport, dport = FLOW_KEY.unpack(key)
     size = 4 if family == 4 else 16
     return src[:size], dst[:size], U16.unpack(sport)[0], U16.unpack(dport)[0]
+
+
+def key_l4(key: bytes) -> int:
+    """The transport of a map key: L4_TCP or L4_UDP."""
+    return key[1]
 
 
 class FlowTable(Protocol):

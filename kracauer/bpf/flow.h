@@ -3,9 +3,11 @@
  * The flow map: one entry per direction of a connection the kernel carries.
  *
  * The key is the 4-tuple the packet carries when it reaches the TUN's egress
- * (before translation); the value says how to rewrite it and collects what
- * user space needs back (the highest ACK and sequence number, the window,
- * counters). User space mirrors these layouts once, in netstack/flow.py, and a
+ * (before translation) and its transport; the value says how to rewrite it
+ * and collects what user space needs back (the highest ACK and sequence
+ * number, the window, counters). A UDP entry uses only the addresses, the
+ * ports, the family and the counters: its sequence, timestamp and window
+ * fields stay 0. User space mirrors these layouts once, in netstack/flow.py, and a
  * test checks sizes and offsets against this header's BTF.
  *
  * All multi-byte protocol fields are kept in host order except where the
@@ -26,9 +28,15 @@
 /* xlat_config.flags */
 #define XLAT_F_ENABLED     0x01   /* translate; otherwise pass everything on */
 
+/* flow_key.l4: which transport the entry is for. TCP is 0, so that entries
+ * made before the field existed (it was padding) still read as TCP. */
+#define FLOW_L4_TCP        0
+#define FLOW_L4_UDP        17  /* a quic listener's flow (netstack/udptracker.py) */
+
 struct flow_key {
 	__u8 family;        /* 4 or 6: the packet's IP version */
-	__u8 pad[3];
+	__u8 l4;            /* FLOW_L4_* */
+	__u8 pad[2];
 	__u8 src[16];       /* IPv4: four bytes, then zeros */
 	__u8 dst[16];
 	__be16 sport;
@@ -58,7 +66,7 @@ struct flow_value {
 	__u16 window_max;   /* 82: the largest SEG.WND, unscaled */
 	__u32 pad;          /* 84 */
 	__u64 packets;      /* 88: frames translated (a GSO super-packet is one) */
-	__u64 bytes;        /* 96: TCP payload bytes translated */
+	__u64 bytes;        /* 96: TCP payload (UDP: datagram payload) bytes translated */
 	__u64 last_seen;    /* 104: bpf_ktime_get_ns() of the latest packet */
 };                          /* 112 bytes */
 
@@ -119,7 +127,7 @@ enum xlat_stat {
 	STAT_TO_CLIENT_BYTES,
 	/* Packets passed on to user space, by reason. */
 	STAT_PASS_DISABLED,
-	STAT_PASS_NOT_TCP,
+	STAT_PASS_NOT_TCP,  /* neither TCP nor UDP */
 	STAT_PASS_IP_OPTIONS,
 	STAT_PASS_FRAGMENT,
 	STAT_PASS_LENGTH,
@@ -130,6 +138,7 @@ enum xlat_stat {
 	STAT_PASS_GSO,
 	STAT_PASS_ERROR,
 	STAT_DROP_ERROR,    /* dropped: a helper failed half way */
+	STAT_PASS_UDP_CHECKSUM,  /* a UDP datagram without a checksum (0): user space's */
 	STAT_MAX,
 };
 

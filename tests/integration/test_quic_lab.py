@@ -202,7 +202,7 @@ def _spki_hash(cert_path: pathlib.Path) -> str:
 def test_headless_chromium_with_quic_forced_reaches_the_host(lab, kracauer, tmp_path):
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
-        pytest.skip("chromium is not installed (apt-get install chromium; scripts/setup-env does not)")
+        pytest.skip("chromium is not installed (scripts/setup-env installs it, as root)")
     before = len(host_log(lab, "host1"))
     profile = tmp_path / "chromium"
     # Chromium trusts no lab CA for QUIC; the hosts' keys are pinned instead. Only QUIC is
