@@ -22,7 +22,7 @@ from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
-from netstack.flow import FLOW_KEY, FLOW_VALUE, Flow, flow_key, to_client, to_host
+from netstack.flow import FLOW_KEY, FLOW_VALUE, L4_TCP, L4_UDP, Flow, flow_key, to_client, to_host
 from netstack.ip import IPv4Header, IPv6Header
 from netstack.tcp import TcpHeader
 
@@ -133,7 +133,11 @@ def test_flow_record_layout_matches_the_c_header(tmp_path):
               "packets", "bytes", "last_seen")
     source = tmp_path / "layout.c"
     lines = ['#include <stdio.h>', '#include <stddef.h>', '#include "flow.h"', "int main(void) {",
-             'printf("%zu %zu\\n", sizeof(struct flow_key), sizeof(struct flow_value));']
+             'printf("%zu %zu\\n", sizeof(struct flow_key), sizeof(struct flow_value));',
+             'printf("%zu %zu %zu %zu %zu %zu\\n", offsetof(struct flow_key, family), offsetof(struct flow_key, l4), '
+             'offsetof(struct flow_key, src), offsetof(struct flow_key, dst), offsetof(struct flow_key, sport), '
+             'offsetof(struct flow_key, dport));',
+             'printf("%d %d\\n", FLOW_L4_TCP, FLOW_L4_UDP);']
     for name in fields:
         lines.append(f'printf("%zu\\n", offsetof(struct flow_value, {name}));')
     lines += ["return 0; }"]
@@ -148,7 +152,11 @@ def test_flow_record_layout_matches_the_c_header(tmp_path):
         pytest.skip(f"cannot compile a host program with {clang}: {result.stderr[-300:]}")
     out = subprocess.run([str(binary)], capture_output=True, text=True, check=True).stdout.split()
     key_size, value_size, *offsets = (int(x) for x in out)
+    key_offsets, (l4_tcp, l4_udp), offsets = offsets[:6], offsets[6:8], offsets[8:]
     assert key_size == FLOW_KEY.size == 40
+    # family, l4, then the 4-tuple (FLOW_KEY = "=BB2x16s16s2s2s").
+    assert key_offsets == [0, 1, 4, 20, 36, 38]
+    assert (l4_tcp, l4_udp) == (L4_TCP, L4_UDP)
     assert value_size == FLOW_VALUE.size
     # struct.calcsize of each prefix of the format gives the Python offsets.
     fmt = FLOW_VALUE.format

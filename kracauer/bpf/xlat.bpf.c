@@ -12,6 +12,9 @@
  * queue and kracauer's Python loop (TC_ACT_OK), which keeps the handshake,
  * the hello, FIN, RST, ICMP and whatever is unusual.
  *
+ * UDP datagrams of quic listeners' flows are translated the same way once
+ * user space has put the flow in the map: see "UDP" below.
+ *
  * It also answers SYNs to kracauer's listeners with SYN cookies (RFC 4987
  * §3.6), turning the SYN into the SYN-ACK in place and sending it back the
  * same way, so that a SYN flood never reaches Python: see "SYN cookies" below.
@@ -26,6 +29,7 @@
 #include <linux/ipv6.h>
 #include <linux/pkt_cls.h>
 #include <linux/tcp.h>
+#include <linux/udp.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
 
@@ -706,6 +710,8 @@ static __noinline int syn_to_listener(struct __sk_buff *skb, const struct xlat_c
 
 /* to_host's answer for a bare SYN: the caller hands it to syn_to_listener. */
 #define TO_LISTENER -1
+/* to_host's and to_client's answer for a UDP datagram: for udp_to_host or udp_to_client. */
+#define TO_UDP -2
 
 /* Client to host: IPv4 in, IPv6 out (RFC 7915 §4). */
 static __noinline int to_host(struct __sk_buff *skb, const struct xlat_config *cfg)
@@ -723,6 +729,8 @@ static __noinline int to_host(struct __sk_buff *skb, const struct xlat_config *c
 
 	if (bpf_skb_load_bytes(skb, l3, &ip, sizeof(ip)))
 		return pass(STAT_PASS_LENGTH);
+	if (ip.protocol == IPPROTO_UDP)
+		return TO_UDP;
 	if (ip.protocol != IPPROTO_TCP)
 		return pass(STAT_PASS_NOT_TCP);
 	if (ip.ihl != 5)
@@ -804,6 +812,8 @@ static __noinline int to_client(struct __sk_buff *skb, const struct xlat_config 
 
 	if (bpf_skb_load_bytes(skb, l3, &ip6, sizeof(ip6)))
 		return pass(STAT_PASS_LENGTH);
+	if (ip6.nexthdr == IPPROTO_UDP)
+		return TO_UDP;
 	/* Hosts send TCP without extension headers; anything else is user space's. */
 	if (ip6.nexthdr != IPPROTO_TCP)
 		return pass(STAT_PASS_NOT_TCP);
@@ -869,6 +879,195 @@ static __noinline int to_client(struct __sk_buff *skb, const struct xlat_config 
 	return bpf_redirect(cfg->redirect_ifindex, BPF_F_INGRESS);
 }
 
+/* -------------------------------------------------------------------- UDP */
+
+/*
+ * A quic listener's flow, once user space has bound it to a host and seen
+ * the host's handshake (netstack/udptracker.py puts it in the map at the
+ * host's first short-header packet): every datagram of it is translated here
+ * as netstack/udp.py translates it, byte for byte. The program reads no QUIC:
+ * the Initials, the hello, refusals, NAT rebinding (a new 4-tuple has no
+ * entry) and ICMP stay with user space.
+ *
+ * Passed on to user space, the entries left in place: IPv4 options and
+ * fragments (RFC 7915 §4.1 drops options; QUIC sets DF), a UDP length that is
+ * not the IP payload's, TTL or hop limit 1, GSO super-packets, and a zero
+ * checksum: IPv4's "no checksum" must become a computed one in IPv6 (RFC 8200
+ * §8.1, RFC 7915 §4.5), which needs the whole datagram; IPv6's 0 is invalid
+ * and user space drops it.
+ */
+
+/* The checksum moves by the pseudo-header's addresses (RFC 1624; under
+ * CHECKSUM_PARTIAL that is all the field holds) and by the ports, the only
+ * words of the datagram that change. BPF_F_MARK_MANGLED_0: a result of 0 is
+ * sent as 0xFFFF (RFC 768). */
+static __always_inline int store_udp(struct __sk_buff *skb, __u32 off, const struct udphdr *old,
+				     const struct udphdr *new, __s64 pseudo_diff)
+{
+	__s64 diff = bpf_csum_diff((__be32 *)old, 4, (__be32 *)new, 4, 0);
+
+	if (diff < 0 || pseudo_diff < 0)
+		return -1;
+	if (bpf_skb_store_bytes(skb, off, new, 4, BPF_F_RECOMPUTE_CSUM))
+		return -1;
+	if (bpf_l4_csum_replace(skb, off + 6, 0, pseudo_diff, BPF_F_PSEUDO_HDR | BPF_F_MARK_MANGLED_0))
+		return -1;
+	return bpf_l4_csum_replace(skb, off + 6, 0, diff, BPF_F_MARK_MANGLED_0);
+}
+
+/* The UDP header at `off`, `udp_len` bytes from there to the packet's end:
+ * 0 if the program takes the datagram, else the reason it passes. */
+static __always_inline __u32 load_udp(struct __sk_buff *skb, __u32 off, __u32 udp_len, struct udphdr *udp)
+{
+	if (udp_len < sizeof(*udp) || bpf_skb_load_bytes(skb, off, udp, sizeof(*udp)))
+		return STAT_PASS_LENGTH;
+	if (bpf_ntohs(udp->len) != udp_len)
+		return STAT_PASS_LENGTH;
+	if (!udp->check)
+		return STAT_PASS_UDP_CHECKSUM;
+	/* One datagram per skb: a UDP GSO train would need its segments' checksums (user space's). */
+	if (skb->gso_size)
+		return STAT_PASS_GSO;
+	return 0;
+}
+
+/* Client to host: IPv4 in, IPv6 out (RFC 7915 §4.1, §4.5). */
+static __noinline int udp_to_host(struct __sk_buff *skb, const struct xlat_config *cfg)
+{
+	__u32 l3 = cfg->l3_offset & 63;
+	struct flow_key key = { .family = 4, .l4 = FLOW_L4_UDP };
+	struct flow_value *f;
+	struct iphdr ip;
+	struct ipv6hdr ip6 = {};
+	struct udphdr old, udp;
+	__u32 tot_len, udp_len, reason;
+	__s64 pseudo;
+
+	if (bpf_skb_load_bytes(skb, l3, &ip, sizeof(ip)))
+		return pass(STAT_PASS_LENGTH);
+	if (ip.ihl != 5)
+		return pass(STAT_PASS_IP_OPTIONS);
+	if (bpf_ntohs(ip.frag_off) & IPV4_MF_OFFSET)
+		return pass(STAT_PASS_FRAGMENT);
+	tot_len = bpf_ntohs(ip.tot_len);
+	if (tot_len != skb->len - l3)
+		return pass(STAT_PASS_LENGTH);
+	udp_len = tot_len - sizeof(ip);
+	reason = load_udp(skb, l3 + sizeof(ip), udp_len, &udp);
+	if (reason)
+		return pass(reason);
+	if (ip.ttl <= 1)
+		return pass(STAT_PASS_TTL);
+
+	__builtin_memcpy(key.src, &ip.saddr, 4);
+	__builtin_memcpy(key.dst, &ip.daddr, 4);
+	key.sport = udp.source;
+	key.dport = udp.dest;
+	f = bpf_map_lookup_elem(&flows, &key);
+	if (!f || f->family != 6 || !same_client(f->src + 12, key.src))
+		return pass(STAT_PASS_NO_FLOW);
+
+	old = udp;
+	udp.source = f->sport;
+	udp.dest = f->dport;
+	pseudo = bpf_csum_diff((__be32 *)&ip.saddr, 8, (__be32 *)f->src, 32, 0);
+
+	/* RFC 7915 §4.1: traffic class from TOS (the ECN bits with it), flow
+	 * label 0, hop limit from TTL less one, next header UDP. */
+	ip6.version = 6;
+	ip6.priority = ip.tos >> 4;
+	ip6.flow_lbl[0] = (ip.tos & 0x0f) << 4;
+	ip6.payload_len = bpf_htons(udp_len);
+	ip6.nexthdr = IPPROTO_UDP;
+	ip6.hop_limit = ip.ttl - 1;
+	__builtin_memcpy(&ip6.saddr, f->src, 16);
+	__builtin_memcpy(&ip6.daddr, f->dst, 16);
+
+	if (bpf_skb_change_proto(skb, bpf_htons(ETH_P_IPV6), 0))
+		return pass(STAT_PASS_ERROR);
+	if (bpf_skb_store_bytes(skb, l3, &ip6, sizeof(ip6), BPF_F_RECOMPUTE_CSUM))
+		return shot();
+	if (store_udp(skb, l3 + sizeof(ip6), &old, &udp, pseudo))
+		return shot();
+
+	__sync_fetch_and_add(&f->packets, 1);
+	__sync_fetch_and_add(&f->bytes, udp_len - sizeof(udp));
+	f->last_seen = bpf_ktime_get_ns();
+	count(STAT_TO_HOST_PACKETS, 1);
+	count(STAT_TO_HOST_BYTES, udp_len - sizeof(udp));
+	return bpf_redirect(cfg->redirect_ifindex, BPF_F_INGRESS);
+}
+
+/* Host to client: IPv6 in, IPv4 out (RFC 7915 §5.1, §5.5). */
+static __noinline int udp_to_client(struct __sk_buff *skb, const struct xlat_config *cfg)
+{
+	__u32 l3 = cfg->l3_offset & 63;
+	struct flow_key key = { .family = 6, .l4 = FLOW_L4_UDP };
+	struct flow_value *f;
+	struct ipv6hdr ip6;
+	struct iphdr ip = {};
+	struct udphdr old, udp;
+	__u32 udp_len, reason;
+	__s64 pseudo;
+	__u64 sum;
+
+	if (bpf_skb_load_bytes(skb, l3, &ip6, sizeof(ip6)))
+		return pass(STAT_PASS_LENGTH);
+	udp_len = bpf_ntohs(ip6.payload_len);
+	/* A jumbogram (payload length 0) does not fit IPv4. */
+	if (!udp_len || udp_len != skb->len - l3 - sizeof(ip6) || udp_len + sizeof(ip) > 0xffff)
+		return pass(STAT_PASS_LENGTH);
+	reason = load_udp(skb, l3 + sizeof(ip6), udp_len, &udp);
+	if (reason)
+		return pass(reason);
+	if (ip6.hop_limit <= 1)
+		return pass(STAT_PASS_TTL);
+
+	__builtin_memcpy(key.src, &ip6.saddr, 16);
+	__builtin_memcpy(key.dst, &ip6.daddr, 16);
+	key.sport = udp.source;
+	key.dport = udp.dest;
+	f = bpf_map_lookup_elem(&flows, &key);
+	if (!f || f->family != 4 || !same_client(f->dst, key.dst + 12))
+		return pass(STAT_PASS_NO_FLOW);
+
+	old = udp;
+	udp.source = f->sport;
+	udp.dest = f->dport;
+
+	/* RFC 7915 §5.1 as for TCP: TOS from traffic class, TTL from hop limit
+	 * less one, DF above 1260 bytes, the Identification the flow's count. */
+	ip.version = 4;
+	ip.ihl = 5;
+	ip.tos = ip6.priority << 4 | ip6.flow_lbl[0] >> 4;
+	ip.tot_len = bpf_htons(udp_len + sizeof(ip));
+	ip.id = bpf_htons(f->packets & 0xffff);
+	ip.frag_off = udp_len + sizeof(ip) > DF_THRESHOLD ? bpf_htons(IPV4_DF) : 0;
+	ip.ttl = ip6.hop_limit - 1;
+	ip.protocol = IPPROTO_UDP;
+	__builtin_memcpy(&ip.saddr, f->src, 4);
+	__builtin_memcpy(&ip.daddr, f->dst, 4);
+	sum = bpf_csum_diff(0, 0, (__be32 *)&ip, sizeof(ip), 0);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	ip.check = ~sum & 0xffff;
+	pseudo = bpf_csum_diff((__be32 *)&ip6.saddr, 32, (__be32 *)&ip.saddr, 8, 0);
+
+	if (bpf_skb_change_proto(skb, bpf_htons(ETH_P_IP), 0))
+		return pass(STAT_PASS_ERROR);
+	if (bpf_skb_store_bytes(skb, l3, &ip, sizeof(ip), BPF_F_RECOMPUTE_CSUM))
+		return shot();
+	if (store_udp(skb, l3 + sizeof(ip), &old, &udp, pseudo))
+		return shot();
+
+	__sync_fetch_and_add(&f->packets, 1);
+	__sync_fetch_and_add(&f->bytes, udp_len - sizeof(udp));
+	f->last_seen = bpf_ktime_get_ns();
+	count(STAT_TO_CLIENT_PACKETS, 1);
+	count(STAT_TO_CLIENT_BYTES, udp_len - sizeof(udp));
+	return bpf_redirect(cfg->redirect_ifindex, BPF_F_INGRESS);
+}
+
 SEC("tc")
 int kracauer_xlat(struct __sk_buff *skb)
 {
@@ -879,9 +1078,14 @@ int kracauer_xlat(struct __sk_buff *skb)
 	if (skb->protocol == bpf_htons(ETH_P_IP)) {
 		int verdict = to_host(skb, cfg);
 
-		return verdict == TO_LISTENER ? syn_to_listener(skb, cfg) : verdict;
+		if (verdict == TO_LISTENER)
+			return syn_to_listener(skb, cfg);
+		return verdict == TO_UDP ? udp_to_host(skb, cfg) : verdict;
 	}
-	if (skb->protocol == bpf_htons(ETH_P_IPV6))
-		return to_client(skb, cfg);
+	if (skb->protocol == bpf_htons(ETH_P_IPV6)) {
+		int verdict = to_client(skb, cfg);
+
+		return verdict == TO_UDP ? udp_to_client(skb, cfg) : verdict;
+	}
 	return pass(STAT_PASS_NOT_TCP);
 }
