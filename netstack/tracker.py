@@ -146,7 +146,10 @@ class Listener:
     prefix: bytes | None = None  # 12 bytes: this listener's own translation prefix
 
     def __str__(self) -> str:
-        return f"{ipaddress.IPv4Address(self.address)}:{self.port}"
+        # A quic listener may share its address and port with a TCP one: its name
+        # (access log, metrics' listener label) says UDP, as ss and HAProxy's "udp@" do.
+        suffix = "/udp" if self.protocol == "quic" else ""
+        return f"{ipaddress.IPv4Address(self.address)}:{self.port}{suffix}"
 
 
 @dataclass(frozen=True)

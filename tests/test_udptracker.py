@@ -348,6 +348,8 @@ def test_a_bound_flow_idles_out_after_udp_idle_timeout_of_silence_only():
     (record,) = tracker.records
     assert record.outcome == "idle_timeout" and record.packets_to_host == 2 and record.packets_to_client == 1
     assert record.bytes_to_host == len(AIOQUIC[0]) + 30 and record.bytes_to_client == 30
+    # A quic listener's name says UDP: a TCP listener may have the same address and port.
+    assert record.listener.endswith(":443/udp")
     assert (record.name, record.alpn, record.route, record.host, record.host_port) == (
         CAPTURES["aioquic"]["sni"], tuple(CAPTURES["aioquic"]["alpn"]), "www", HOST_WWW, 443)
     assert record.hello_segments == 1 and record.hello_size > 200
