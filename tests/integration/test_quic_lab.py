@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -269,6 +270,41 @@ def test_an_http3_download_carries_on_across_a_stop_and_start_with_state(lab, kr
     (request,) = result["requests"]
     assert (request["status"], request["length"], request["sha256"]) == (200, BIG, lab.big_sha256), (result, stderr)
     # One request, one connection: the host saw nothing new.
+    assert [e["path"] for e in host_log(lab, "host1")[before:]] == ["/big.bin"]
+    code, stderr = k2.stop()
+    assert code == 0, stderr
+    r = lab.run("box", [*lab.kracauer_cmd, "cleanup", "--config", str(k2.config_path)], timeout=20)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.skipif(netlab.lab_kernel_path() == "off", reason="KRACAUER_LAB_KERNEL_PATH=off: the Python path run")
+def test_an_http3_download_survives_kill_9_and_the_next_process_adopts_it(lab, kracauer):
+    """After the [state] test (it needs the module's kracauer stopped). With the kernel path, a flow in the
+    map is translated while no kracauer runs, and the next process adopts it from the map."""
+    kracauer.stop()
+    text = quic_config(lab).replace(f"udp_idle_timeout = {IDLE}", "udp_idle_timeout = 30")
+    text += f'\n[state]\nfile = "{lab.dir}/state/crash.json"\n'
+    k1 = started(lab, text)
+    before = len(host_log(lab, "host1"))
+    argv = [sys.executable, str(PEERS), "client", "--cafile", str(lab.ca_cert), "--name", "www.example.com",
+            "--connect", f"{SERVICE_ADDRESS}:443", "--timeout", "60", "--path", "/big.bin"]
+    client = lab.popen("client", argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    k2 = None
+    try:
+        wait_until(lambda: len(host_log(lab, "host1")) > before, 20, "the download to start")
+        wait_until(lambda: 'kracauer_udp_flows_in_kernel 1.0' in metrics(lab), 10, "the flow to enter the kernel",
+                   lambda: metrics(lab))
+        k1.popen.send_signal(signal.SIGKILL)
+        k1.popen.wait(timeout=10)
+        k2 = started(lab, text)
+        assert "adopted 1 connection" in k2.stderr(), k2.stderr()
+        stdout, stderr = client.communicate(timeout=90)
+    finally:
+        if client.poll() is None:
+            client.kill()
+    result = json.loads(stdout.strip().splitlines()[-1])
+    (request,) = result["requests"]
+    assert (request["status"], request["length"], request["sha256"]) == (200, BIG, lab.big_sha256), (result, stderr)
     assert [e["path"] for e in host_log(lab, "host1")[before:]] == ["/big.bin"]
     code, stderr = k2.stop()
     assert code == 0, stderr
