@@ -853,6 +853,9 @@ class Daemon:
         if parked > taken:
             log.warning("%s restored as carried by the kernel could not be taken back (their map is gone)",
                         _connections(parked - taken))
+        if self.tracker.udp is not None:
+            # quic flows need nothing from the map but what it counted: none is lost without it.
+            taken += self.tracker.udp.take_back_all(self._leftover_flows)
         if taken:
             log.info("took %s back from the kernel path", _connections(taken))
         if self._leftover_flows is not None:

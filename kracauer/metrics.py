@@ -64,6 +64,7 @@ class _Snapshot:
     # quic listeners' UDP flows (netstack.udptracker)
     udp_flows: int = 0
     udp_peeking: int = 0
+    udp_in_kernel: int = 0  # bound ones in the kernel's flow map (not in in_kernel, which is TCP's)
 
 
 def process_metrics(registry: CollectorRegistry) -> tuple[Counter, Gauge]:
@@ -188,6 +189,7 @@ class Metrics:
             kernel=kernel,
             udp_flows=len(tracker.udp.flows) if tracker.udp is not None else 0,
             udp_peeking=len(tracker.udp.peeking) if tracker.udp is not None else 0,
+            udp_in_kernel=tracker.udp.in_kernel if tracker.udp is not None else 0,
         )
 
     def count_opened(self, tracker: Tracker) -> None:
@@ -309,6 +311,8 @@ class _TrackerCollector:
              snap.udp_flows),
             ("kracauer_udp_flows_peeking", "UDP flows of quic listeners still sending their Initials",
              snap.udp_peeking),
+            ("kracauer_udp_flows_in_kernel", "Bound UDP flows of quic listeners whose datagrams the kernel "
+             "translates (also in kracauer_udp_flows_active)", snap.udp_in_kernel),
         ):
             yield GaugeMetricFamily(name, help_text, value=value)
         yield from self._kernel_families(snap)

@@ -50,6 +50,7 @@ class Status:
     closed: int = 0
     restored: int = 0
     udp_flows: int = 0  # quic listeners' UDP flows
+    udp_in_kernel: int = 0  # of which the kernel translates
     by_route: dict[tuple[str, str], int] = field(default_factory=dict)
     by_state: dict[str, int] = field(default_factory=dict)
     outcomes: dict[str, int] = field(default_factory=dict)
@@ -124,6 +125,8 @@ def parse(text: str) -> Status:
                 status.peeking = int(value)
             elif name == "kracauer_udp_flows_active":
                 status.udp_flows = int(value)
+            elif name == "kracauer_udp_flows_in_kernel":
+                status.udp_in_kernel = int(value)
             elif name == "kracauer_connections_half_open":
                 status.half_open = int(value)
             elif name == "kracauer_connections_opened_total":
@@ -230,6 +233,8 @@ def format_status(status: Status, url: str) -> str:
         lines.append("the last configuration reload was refused (see kracauer's log)")
     states = _pairs(status.by_state) if status.by_state else f"{status.peeking} peeking"
     quic = f" and {status.udp_flows} quic flows" if status.udp_flows else ""
+    if status.udp_in_kernel:
+        quic += f" ({status.udp_in_kernel} in the kernel)"
     lines.append(f"connections: {status.active} tracked{quic} ({states}; {status.half_open} half-open), "
                  f"{status.opened} opened, {status.closed} closed, {status.restored} restored at start")
     rows = sorted(status.by_route.items(), key=lambda kv: (kv[0][0] == "", kv[0][0], kv[0][1]))

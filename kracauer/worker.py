@@ -187,6 +187,9 @@ class Worker(Daemon):
             self._restore_shard(path, now)
         if setup.leftover_fd >= 0:
             self._take_back_shard()
+        elif self.tracker.flows is None and self.tracker.udp is not None:
+            # No kernel path and no map left: quic flows saved as in the kernel go on here.
+            self.tracker.udp.take_back_all(None)
         if setup.adopt and self.tracker.flows is not None:
             self._adopt_own_flows(now)
         if setup.fresh:
@@ -220,6 +223,8 @@ class Worker(Daemon):
         now = time.monotonic()
         adopt(self.tracker, ((k, f) for k, f in leftover.items() if self._mine(k)), now)
         taken = self.tracker.unpark_all(now, leftover)
+        if self.tracker.udp is not None:
+            taken += self.tracker.udp.take_back_all(leftover)
         if taken:
             log.info("worker %d: took %s back from the kernel path", self.setup.index, _connections(taken))
         leftover.map.close()

@@ -72,13 +72,14 @@ import struct
 from typing import Any, Callable, Iterable
 
 from netstack import connect, http, tls
-from netstack.flow import F_SACK, F_TIMESTAMPS, NO_WSCALE, Flow, flow_key, split_key
+from netstack.flow import F_SACK, F_TIMESTAMPS, L4_UDP, NO_WSCALE, Flow, flow_key, key_l4, split_key
 from netstack.peek import Decision
 from netstack.reassembly import StreamBuffer
 from netstack.tcp import MOD32, U16
 from netstack.tracker import (
     CONNECTING, ESTABLISHED, GONE, PEEKING, REFUSING, Connection, Target, Tracker,
 )
+from netstack.udptracker import KERNEL_IN
 
 VERSION = 3
 READS = (2, 3)  # the versions this kracauer restores
@@ -735,11 +736,17 @@ def adopt(tracker: Tracker, entries: Iterable[tuple[bytes, Flow]], now: float) -
 
     Returns how many were adopted, and the keys of entries to remove (their
     other half is missing, or their listener is gone).
+
+    Entries of UDP flows (``key_l4``) are quic listeners' bound flows
+    (netstack.udptracker), adopted by ``UdpTracker.adopt`` the same way, in
+    pairs.
     """
     entries = dict(entries)
     adopted = 0
     keep: set[bytes] = set()
     for key, up in entries.items():
+        if key_l4(key) == L4_UDP:
+            continue
         src, dst, sport, dport = split_key(key)
         if len(src) != 4:
             continue
@@ -756,4 +763,32 @@ def adopt(tracker: Tracker, entries: Iterable[tuple[bytes, Flow]], now: float) -
         tracker.clients[client_key] = (None, Target(up.dst, up.dport, ""), up.dst, 0, None)
         tracker.in_kernel += 1
         adopted += 1
+    adopted += _adopt_udp(tracker, entries, keep, now)
     return adopted, [key for key in entries if key not in keep]
+
+
+def _adopt_udp(tracker: Tracker, entries: dict[bytes, Flow], keep: set[bytes], now: float) -> int:
+    """adopt() for the UDP entries: each client-side entry with its host-side one; both keys go in `keep`
+    when the flow is the tracker's (adopted now, or restored from the state file)."""
+    udp = tracker.udp
+    if udp is None:
+        return 0
+    adopted = 0
+    for key, up in entries.items():
+        if key_l4(key) != L4_UDP:
+            continue
+        src, dst, sport, dport = split_key(key)
+        if len(src) != 4:
+            continue
+        host_key = flow_key(up.dst, up.src, up.dport.to_bytes(2, "big") + up.sport.to_bytes(2, "big"), L4_UDP)
+        down = entries.get(host_key)
+        if down is None:
+            continue
+        client_key = src + dst + sport.to_bytes(2, "big") + dport.to_bytes(2, "big")
+        known = udp.flows.get(client_key)
+        if known is not None and known.kernel == KERNEL_IN:
+            keep.update((key, host_key))  # restored from the state file, in the kernel still
+        elif known is None and udp.adopt(client_key, up, down, now):
+            keep.update((key, host_key))
+            adopted += 1
+    return adopted

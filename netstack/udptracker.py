@@ -43,6 +43,26 @@ same host and port: the host's QUIC stack validates the new path (§8.2) and
 sees the client's new embedded address. Connection IDs the host hands out
 later (NEW_CONNECTION_ID frames) are encrypted: a client that migrates on
 purpose with one of those (§9.5 asks it to) cannot be followed.
+
+The kernel path (``Tracker.flows``, a ``netstack.flow.FlowTable``; None
+without one). A BOUND flow goes into the kernel's flow map when the host
+sends its first short-header datagram through here (RFC 9000 §17.3: the
+handshake is over on the host's side): by then the host's long-header
+packets, whose SCIDs rebinding needs, have been seen. Its two entries are
+keyed like ``client_key`` and ``host_key`` (with ``L4_UDP``) and hold the
+rewrite ``netstack.udp`` does; the BPF program translates the datagrams
+that match them and counts them in the entries. Unlike a parked TCP
+connection the flow object stays in the tables (it is small, and what
+rebinding, ICMP errors, the idle timer and the record need): ``kernel``
+says it is in the map and ``kernel_base`` what the entries' counters held
+when this process last accounted for them, so that their counts are added
+once (``_leave_kernel``). A datagram of such a flow that reaches this
+tracker anyway (one the program passes on: no checksum, a fragment, IP
+options, TTL 1...) is translated here and counted here; the entries stay.
+Its idle time is the latest of its own ``last_seen`` and its entries'. It
+leaves the map only when it ends (``_finish``), a restart without a kernel
+path takes it back (``take_back_all``), or its entries vanish (the flow
+ends, event ``kernel_flow_lost``).
 """
 
 from __future__ import annotations
@@ -53,6 +73,7 @@ from typing import TYPE_CHECKING, Hashable
 
 from netstack.icmp import icmp4_to_icmp6, icmp6_to_icmp4
 from netstack.checksum import ones_sum, update
+from netstack.flow import L4_UDP, Flow, FlowTable, flow_key
 from netstack.ip import IPV4_HEADER_LEN, IPV6_HEADER_LEN, IPv4Header, IPv6Header, build_ipv4_header, build_ipv6_header
 from netstack.peek import NEED_DATA, Decision, NotProtocol
 from netstack.quic import (
@@ -67,6 +88,12 @@ if TYPE_CHECKING:
 PEEKING, BOUND, GONE = range(3)
 STATE_NAMES = ("PEEKING", "BOUND", "GONE")
 
+# Whether a bound flow is in the kernel's flow map: not (yet), in it, or never (the map refused it).
+# KERNEL_NO and KERNEL_NEVER are netstack.tracker's values for TCP connections.
+KERNEL_NO, KERNEL_IN, KERNEL_NEVER = 0, 1, 2
+# What the entries of a flow that was never in the map hold: (packets up, packets down, bytes up, bytes down).
+NO_BASE = (0, 0, 0, 0)
+
 # Connection IDs remembered per flow for NAT rebinding: the host's SCIDs seen
 # in its long-header packets (one, mostly; a Retry or a server that changes it
 # during the handshake adds one).
@@ -78,6 +105,16 @@ MAX_HELD_WAITING = 16
 # The long-header Packet Type of 0-RTT: RFC 9000 §17.2 (v1: 0b01), RFC 9369 §3.2 (v2: 0b10).
 ZERO_RTT_TYPES = {VERSION_1: 0b01, VERSION_2: 0b10}
 _U16 = struct.Struct("!H")
+
+
+def _kernel_base(saved: list | None) -> tuple[int, int, int, int] | None:
+    """The saved kernel entries' counters of a flow (UdpTracker.saved), checked; None: not in the kernel."""
+    if saved is None:
+        return None
+    base = tuple(int(n) for n in saved)
+    if len(base) != 4 or min(base) < 0:
+        raise ValueError(f"a saved quic flow's kernel counters are damaged: {saved!r}")
+    return base
 
 
 def _reason(dropped: str) -> str:
@@ -92,7 +129,7 @@ class UdpFlow:
         "listener", "client_addr", "client_port", "client_key", "state", "start", "last_seen", "timer_at",
         "reader", "held", "decision", "target", "host", "src6", "host_sport", "host_key", "cids",
         "datagrams_to_host", "datagrams_to_client", "bytes_to_host", "bytes_to_client", "hello_datagrams",
-        "waiting", "ident",
+        "waiting", "kernel", "kernel_base",
     )
 
     def __init__(self, listener: Listener, client_addr: bytes, client_port: int, key: bytes, now: float) -> None:
@@ -119,7 +156,9 @@ class UdpFlow:
         self.bytes_to_client = 0
         self.hello_datagrams = 0
         self.waiting: Hashable | None = None
-        self.ident = 0
+        self.kernel = KERNEL_NO
+        # The entries' (packets up, packets down, bytes up, bytes down) already in the counts above.
+        self.kernel_base = NO_BASE
 
 
 class UdpTracker:
@@ -141,6 +180,8 @@ class UdpTracker:
         self.remote_cids: dict[bytes, tuple] = {}
         self._timers: list[tuple[float, int, UdpFlow]] = []
         self._timer_seq = 0
+        # Bound flows whose datagrams the kernel translates (kernel == KERNEL_IN).
+        self.in_kernel = 0
 
     def __len__(self) -> int:
         return len(self.flows)
@@ -461,20 +502,28 @@ class UdpTracker:
             return self._drop("ttl_exceeded")
         flow.last_seen = now
         payload = data[UDP_HEADER_LEN:udp.length]
-        if payload and payload[0] & LONG_HEADER_BIT and len(flow.cids) < MAX_CIDS_PER_FLOW:
-            self._learn_cid(flow, payload)
+        short = False
+        if payload:
+            if payload[0] & LONG_HEADER_BIT:
+                if len(flow.cids) < MAX_CIDS_PER_FLOW:
+                    self._learn_cid(flow, payload)
+            else:
+                short = True
         tracker = self.tracker
         buf = tracker._rx_buf
         start = tracker._rx_start
         partial = tracker._rx_flags & F_NEEDS_CSUM
-        flow.ident = (flow.ident + 1) & 0xFFFF
+        # RFC 6864 §4: the Identification need only not repeat soon within the flow; the count of
+        # datagrams sent to the client so far is what the BPF program writes too (its entry's packets).
         out = to_client(buf, start, ip.hop_limit, ip.traffic_class, udp, flow.listener.address, flow.client_addr,
-                        flow.listener.port, flow.client_port, partial, flow.ident)
+                        flow.listener.port, flow.client_port, partial, flow.datagrams_to_client)
         flow.datagrams_to_client += 1
         flow.bytes_to_client += udp.length - UDP_HEADER_LEN
         end = start + IPV6_HEADER_LEN + udp.length
         if self.config.vnet:
             out = self._vnet(buf, out, IPV4_HEADER_LEN, partial, IPV4_HEADER_LEN)
+        if short and flow.kernel == KERNEL_NO and tracker.flows is not None:
+            self._offload(flow)
         return [memoryview(buf)[out:end]]
 
     def _learn_cid(self, flow: UdpFlow, payload: memoryview) -> None:
@@ -491,6 +540,140 @@ class UdpTracker:
         self.cid_lengths.add(len(scid))
         if self.cid_changes is not None:
             self.cid_changes.append((scid, flow))
+
+    # ---------------------------------------------------- the kernel path
+
+    @staticmethod
+    def _kernel_keys(flow: UdpFlow) -> tuple[bytes, bytes]:
+        """The flow map's keys: the client's datagrams as they reach the TUN, and the host's."""
+        return (flow_key(flow.client_addr, flow.listener.address, flow.client_key[8:12], L4_UDP),
+                flow_key(flow.host, flow.src6, flow.host_key[32:36], L4_UDP))
+
+    def _offload(self, flow: UdpFlow) -> None:
+        """Put a bound flow's two entries into the kernel's flow map (the host just sent a short header).
+
+        The entries are netstack.udp's rewrite as numbers: the new addresses and
+        ports, and the datagrams counted so far, from which the program writes
+        the IPv4 Identification as this tracker does. No TCP field is used.
+        """
+        lst = flow.listener
+        start_ns = max(int(flow.start * 1e9), 0)
+        last_ns = max(int(flow.last_seen * 1e9), 0)
+        up = Flow(src=flow.src6, dst=flow.host, sport=flow.host_sport, dport=flow.target.port, mss=0,
+                  packets=flow.datagrams_to_host, start_ns=start_ns, last_seen=last_ns)
+        down = Flow(src=lst.address, dst=flow.client_addr, sport=lst.port, dport=flow.client_port, mss=0,
+                    packets=flow.datagrams_to_client, start_ns=start_ns, last_seen=last_ns)
+        table = self.tracker.flows
+        client_key, host_key = self._kernel_keys(flow)
+        if not (table.install(client_key, up) and table.install(host_key, down)):
+            table.take(client_key)
+            table.take(host_key)
+            # As for TCP: a full map stays full for a while; this flow is not tried again.
+            flow.kernel = KERNEL_NEVER
+            self.tracker.events["kernel_install_failed"] += 1
+            return
+        flow.kernel = KERNEL_IN
+        flow.kernel_base = (up.packets, down.packets, 0, 0)
+        self.in_kernel += 1
+        self.tracker.events["kernel_offloaded_udp"] += 1
+
+    def _entries(self, flow: UdpFlow, table: FlowTable | None, take: bool) -> tuple[Flow | None, Flow | None]:
+        """A flow's two entries as they are now in `table` (removed from it with `take`)."""
+        if table is None:
+            return None, None
+        client_key, host_key = self._kernel_keys(flow)
+        read = table.take if take else table.peek
+        return read(client_key), read(host_key)
+
+    @staticmethod
+    def _counts(flow: UdpFlow, up: Flow | None, down: Flow | None) -> tuple[int, int, int, int]:
+        """The flow's (datagrams up, down, bytes up, down) with what its entries counted since kernel_base."""
+        base_up, base_down, base_bytes_up, base_bytes_down = flow.kernel_base
+        counts = [flow.datagrams_to_host, flow.datagrams_to_client, flow.bytes_to_host, flow.bytes_to_client]
+        # max(..., 0): an entry with less than its base is not this flow's (a map made anew).
+        if up is not None:
+            counts[0] += max(up.packets - base_up, 0)
+            counts[2] += max(up.bytes - base_bytes_up, 0)
+        if down is not None:
+            counts[1] += max(down.packets - base_down, 0)
+            counts[3] += max(down.bytes - base_bytes_down, 0)
+        return counts[0], counts[1], counts[2], counts[3]
+
+    @staticmethod
+    def _latest(flow: UdpFlow, up: Flow | None, down: Flow | None) -> float:
+        """The flow's last datagram, here or in the kernel (bpf_ktime_get_ns: the same clock as `now`)."""
+        return max(flow.last_seen, (up.last_seen / 1e9) if up else 0.0, (down.last_seen / 1e9) if down else 0.0)
+
+    def _leave_kernel(self, flow: UdpFlow, table: FlowTable | None) -> bool:
+        """Take the flow's entries out of `table`, add what they counted to the flow's counts, and mark it
+        out of the kernel; True if both entries were there."""
+        up, down = self._entries(flow, table, take=True)
+        (flow.datagrams_to_host, flow.datagrams_to_client, flow.bytes_to_host,
+         flow.bytes_to_client) = self._counts(flow, up, down)
+        flow.last_seen = self._latest(flow, up, down)
+        flow.kernel = KERNEL_NO
+        flow.kernel_base = NO_BASE
+        self.in_kernel -= 1
+        return up is not None and down is not None
+
+    def _kernel_idle_since(self, flow: UdpFlow) -> float | None:
+        """When a flow in the kernel last had a datagram; None if an entry vanished (removed from outside)."""
+        table = self.tracker.flows
+        client_key, host_key = self._kernel_keys(flow)
+        # The cheap read (last_seen only), as the TCP sweep does.
+        up, down = table.last_seen(client_key), table.last_seen(host_key)
+        if up is None or down is None:
+            return None
+        return max(flow.last_seen, up / 1e9, down / 1e9)
+
+    def take_back_all(self, table: FlowTable | None) -> int:
+        """Flows restored (or adopted) as in the kernel, translated here from now on: their entries are
+        taken from `table` (a map a previous process left; None: there is none) and their counts added.
+
+        For a process without a kernel path (Tracker.unpark_all is the TCP side). Unlike a
+        parked TCP connection a flow has all it needs without its entries: with none it goes on
+        here with the counts it was saved with. Returns how many had both entries.
+        """
+        taken = 0
+        for flow in self.flows.values():
+            if flow.kernel == KERNEL_IN:
+                taken += self._leave_kernel(flow, table)
+        return taken
+
+    def adopt(self, client_key: bytes, up: Flow, down: Flow, now: float) -> bool:
+        """Take on a flow only the kernel's map knows (kracauer was killed): its two entries, the client
+        side's `up` under `client_key` (its 12 bytes, as `flows` keys it). False if it cannot be
+        (no such quic listener, the table full, a 4-tuple already in use): its entries are stale.
+
+        What the map does not hold is missing from its record (the name, the ALPN, the route) and
+        from its rebinding: the host's connection IDs are not known, so a client that rebinds is
+        not followed.
+        """
+        listener = self.listeners.get(client_key[4:8] + client_key[10:12])
+        if listener is None or len(self.flows) >= self.config.max_connections:
+            return False
+        host_key = up.dst + up.src + _U16.pack(up.dport) + _U16.pack(up.sport)
+        if client_key in self.flows or host_key in self.hosts:
+            return False
+        from netstack.tracker import Target
+
+        flow = UdpFlow(listener, client_key[:4], _U16.unpack_from(client_key, 8)[0], client_key,
+                       up.start_ns / 1e9 if up.start_ns else now)
+        flow.last_seen = max(up.last_seen, down.last_seen) / 1e9 or now
+        flow.target = Target(up.dst, up.dport, "")
+        flow.host, flow.src6, flow.host_sport, flow.host_key = up.dst, up.src, up.sport, host_key
+        # The entries count from the flow's start (packets) or from its install (bytes): as a base they
+        # make the record count what the kernel saw, whatever was counted here before the crash.
+        flow.datagrams_to_host, flow.datagrams_to_client = up.packets, down.packets
+        flow.bytes_to_host, flow.bytes_to_client = up.bytes, down.bytes
+        flow.kernel_base = (up.packets, down.packets, up.bytes, down.bytes)
+        flow.kernel = KERNEL_IN
+        flow.state = BOUND
+        self.flows[client_key] = flow
+        self.hosts[host_key] = flow
+        self.in_kernel += 1
+        self._set_timer(flow, max(flow.last_seen + self.config.udp_idle_timeout, now))
+        return True
 
     # --------------------------------------------------------------- ICMP
 
@@ -579,6 +762,14 @@ class UdpTracker:
             if flow.state == PEEKING:
                 self._finish(flow, "hello_timeout", now)
                 continue
+            if flow.kernel == KERNEL_IN and self.tracker.flows is not None:
+                # The kernel's datagrams count as activity: its entries say when it saw the last one.
+                last = self._kernel_idle_since(flow)
+                if last is None:
+                    self.tracker.events["kernel_flow_lost"] += 1
+                    self._finish(flow, "kernel_flow_lost", now)
+                    continue
+                flow.last_seen = last
             due = flow.last_seen + idle
             if due > now:
                 self._set_timer(flow, due)
@@ -590,18 +781,32 @@ class UdpTracker:
 
     def saved(self, now: float) -> list[list]:
         """The bound flows, JSON-ready, for netstack.state (peeking ones are not kept: clients send
-        their Initials again). Times are ages, as for TCP connections."""
+        their Initials again). Times are ages, as for TCP connections.
+
+        A flow in the kernel is saved with what its entries counted so far, and, as a 21st value,
+        their counters as they are now ([packets up, packets down, bytes up, bytes down]; None for
+        a flow not in the kernel): the map outlives the process, and the next one, finding the
+        entries, counts from there on (``restore``)."""
         out = []
         for flow in self.flows.values():
             if flow.state != BOUND:
                 continue
             lst, target, decision = flow.listener, flow.target, flow.decision
+            counts = (flow.datagrams_to_host, flow.datagrams_to_client, flow.bytes_to_host, flow.bytes_to_client)
+            last_seen, in_kernel = flow.last_seen, None
+            if flow.kernel == KERNEL_IN:
+                up, down = self._entries(flow, self.tracker.flows, take=False)
+                if self.tracker.flows is None:
+                    in_kernel = list(flow.kernel_base)  # not taken back yet: as it was restored
+                elif up is not None and down is not None:
+                    counts = self._counts(flow, up, down)
+                    last_seen = self._latest(flow, up, down)
+                    in_kernel = [up.packets, down.packets, up.bytes, down.bytes]
             out.append([flow.client_addr.hex(), flow.client_port, lst.address.hex(), lst.port, flow.host.hex(),
                         target.port, target.route, [h.hex() for h in target.hosts], flow.host_sport,
                         decision.name if decision else None, list(decision.alpn) if decision else [],
                         decision.hello_size if decision else 0, [c.hex() for c in flow.cids],
-                        now - flow.start, now - flow.last_seen, flow.datagrams_to_host, flow.datagrams_to_client,
-                        flow.bytes_to_host, flow.bytes_to_client, flow.hello_datagrams])
+                        now - flow.start, now - last_seen, *counts, flow.hello_datagrams, in_kernel])
         return out
 
     def restore(self, entries: list, now: float, keep=None) -> tuple[int, int]:
@@ -613,8 +818,12 @@ class UdpTracker:
         flows = []
         skipped = 0
         for entry in entries:
+            # 20 values (kracauer before UDP flows went in the kernel), or 21: the kernel entries' counters.
             (client, cport, address, port, host, host_port, route, hosts, sport, name, alpn, hello_size, cids,
-             age, idle, up, down, bytes_up, bytes_down, hello_datagrams) = entry
+             age, idle, up, down, bytes_up, bytes_down, hello_datagrams, *rest) = entry
+            if len(rest) > 1:
+                raise ValueError(f"a saved quic flow has {len(entry)} values: {entry!r}")
+            base = _kernel_base(rest[0]) if rest else None
             client, host = bytes.fromhex(client), bytes.fromhex(host)
             listener = self.listeners.get(bytes.fromhex(address) + _U16.pack(int(port)))
             if len(client) != 4 or len(host) != 16 or not 0 < int(cport) < 65536 or not 0 < int(sport) < 65536:
@@ -638,9 +847,9 @@ class UdpTracker:
             flow.bytes_to_host, flow.bytes_to_client = int(bytes_up), int(bytes_down)
             flow.hello_datagrams = int(hello_datagrams)
             flow.state = BOUND
-            flows.append(flow)
+            flows.append((flow, base))
         restored = 0
-        for flow in flows:
+        for flow, base in flows:
             if flow.client_key in self.flows or flow.host_key in self.hosts:
                 continue
             self.flows[flow.client_key] = flow
@@ -648,15 +857,34 @@ class UdpTracker:
             for cid in flow.cids:
                 self.cids[cid] = flow
                 self.cid_lengths.add(len(cid))
+            if base is not None:
+                self._restored_in_kernel(flow, base)
             self._set_timer(flow, flow.last_seen + self.config.udp_idle_timeout)
             restored += 1
         return restored, skipped
+
+    def _restored_in_kernel(self, flow: UdpFlow, base: tuple[int, int, int, int]) -> None:
+        """A restored flow that the previous process had in the kernel. With a kernel path its entries
+        are looked for: there, it is in the kernel still (counting from `base`, what they held at the
+        save); gone (a map made anew), it is translated here, and goes in again on the usual rule.
+        Without one it is marked in the kernel until ``take_back_all`` takes it from the map left."""
+        flow.kernel, flow.kernel_base = KERNEL_IN, base
+        self.in_kernel += 1
+        table = self.tracker.flows
+        if table is None:
+            return
+        up, down = self._entries(flow, table, take=False)
+        if up is None or down is None:
+            self._leave_kernel(flow, table)  # a half left is removed
 
     # ------------------------------------------------------------ the end
 
     def _finish(self, flow: UdpFlow, outcome: str, now: float) -> None:
         if flow.state == GONE:
             return
+        if flow.kernel == KERNEL_IN:
+            # Its entries go, and what the kernel counted goes into the record.
+            self._leave_kernel(flow, self.tracker.flows)
         flow.state = GONE
         self.flows.pop(flow.client_key, None)
         self.peeking.pop(flow.client_key, None)
