@@ -274,6 +274,37 @@ def restart_needed(old: Config, new: Config) -> list[str]:
     return problems
 
 
+def take_back(tracker: Tracker, leftover: BpfFlowTable | None,
+              mine: Callable[[bytes], bool] | None = None, who: str = "") -> int:
+    """Translate here, in Python, what an earlier process left to the kernel; return how many.
+
+    For a process that runs without a kernel path: the connections restored
+    from the state file as carried by the kernel, and after a crash (no state
+    file) those the map ``leftover`` alone holds, adopted first (only the
+    keys ``mine`` accepts: a worker's share). Without a map left, parked TCP
+    connections cannot be rebuilt (their sequence offsets were the map's)
+    and are counted lost; quic flows need nothing from the map but what it
+    counted, so none is lost. The daemon and each worker call this, so that
+    no parked connection is left for a loop with no map to look it up in.
+    """
+    now = time.monotonic()
+    if leftover is not None:
+        entries = leftover.items() if mine is None else ((k, f) for k, f in leftover.items() if mine(k))
+        adopted, _ = adopt(tracker, entries, now)
+        if adopted:
+            log.info("%sadopted %s the kernel carried while kracauer was down", who, _connections(adopted))
+    parked = tracker.in_kernel
+    taken = tracker.unpark_all(now, leftover)
+    if parked > taken:
+        log.warning("%s%s restored as carried by the kernel could not be taken back (their map is gone)",
+                    who, _connections(parked - taken))
+    if tracker.udp is not None:
+        taken += tracker.udp.take_back_all(leftover)
+    if taken:
+        log.info("%stook %s back from the kernel path", who, _connections(taken))
+    return taken
+
+
 def _connections(n: int) -> str:
     return f"{n} connection" if n == 1 else f"{n} connections"
 
@@ -838,26 +869,8 @@ class Daemon:
             log.debug("no BPF program or map left on %s: %s", self.tun.name, exc)
 
     def _take_back(self) -> None:
-        """Connections the previous process left in the kernel are translated here now.
-
-        Those restored from the state file, and after a crash (no state file)
-        those the map alone holds, adopted first.
-        """
-        now = time.monotonic()
-        if self._leftover_flows is not None:
-            adopted, _ = adopt(self.tracker, self._leftover_flows.items(), now)
-            if adopted:
-                log.info("adopted %s the kernel carried while kracauer was down", _connections(adopted))
-        parked = self.tracker.in_kernel
-        taken = self.tracker.unpark_all(now, self._leftover_flows)
-        if parked > taken:
-            log.warning("%s restored as carried by the kernel could not be taken back (their map is gone)",
-                        _connections(parked - taken))
-        if self.tracker.udp is not None:
-            # quic flows need nothing from the map but what it counted: none is lost without it.
-            taken += self.tracker.udp.take_back_all(self._leftover_flows)
-        if taken:
-            log.info("took %s back from the kernel path", _connections(taken))
+        """Connections the previous process left in the kernel are translated here now (``take_back``)."""
+        take_back(self.tracker, self._leftover_flows)
         if self._leftover_flows is not None:
             self._leftover_flows.map.close()
             self._leftover_flows = None

@@ -34,7 +34,7 @@ from typing import Any
 
 from kracauer.accesslog import record_fields
 from kracauer.config import Config, ConfigError, parse_config
-from kracauer.daemon import Daemon, DaemonError, _connections, tracker_config
+from kracauer.daemon import Daemon, DaemonError, _connections, take_back, tracker_config
 from netstack.tracker import TrackerConfig
 from kracauer.privileges import drop_privileges
 from kracauer.systemd import Notifier
@@ -187,9 +187,10 @@ class Worker(Daemon):
             self._restore_shard(path, now)
         if setup.leftover_fd >= 0:
             self._take_back_shard()
-        elif self.tracker.flows is None and self.tracker.udp is not None:
-            # No kernel path and no map left: quic flows saved as in the kernel go on here.
-            self.tracker.udp.take_back_all(None)
+        elif self.tracker.flows is None:
+            # No kernel path and no map left: what was saved as in the kernel goes on here (quic
+            # flows) or is counted lost (TCP connections), never left parked with no map to read.
+            take_back(self.tracker, None, who=f"worker {setup.index}: ")
         if setup.adopt and self.tracker.flows is not None:
             self._adopt_own_flows(now)
         if setup.fresh:
@@ -220,13 +221,7 @@ class Worker(Daemon):
         from kracauer.kernel_path import BpfFlowTable
 
         leftover = BpfFlowTable(Map.from_fd(self.setup.leftover_fd, owned=True))
-        now = time.monotonic()
-        adopt(self.tracker, ((k, f) for k, f in leftover.items() if self._mine(k)), now)
-        taken = self.tracker.unpark_all(now, leftover)
-        if self.tracker.udp is not None:
-            taken += self.tracker.udp.take_back_all(leftover)
-        if taken:
-            log.info("worker %d: took %s back from the kernel path", self.setup.index, _connections(taken))
+        take_back(self.tracker, leftover, self._mine, who=f"worker {self.setup.index}: ")
         leftover.map.close()
 
     def _adopt_own_flows(self, now: float) -> None:

@@ -44,6 +44,9 @@ class KernelSim:
         value = self.entries.pop(key, None)
         return None if value is None else Flow.unpack(value)
 
+    def items(self) -> list[tuple[bytes, Flow]]:
+        return [(key, Flow.unpack(value)) for key, value in self.entries.items()]
+
     def peek(self, key: bytes) -> Flow | None:
         value = self.entries.get(key)
         return None if value is None else Flow.unpack(value)
@@ -354,3 +357,29 @@ def test_a_connection_whose_client_sent_nothing_goes_in_once_the_host_speaks():
     assert out[0].v4 and out[0].payload == b"S"
     box.wait(OFFLOAD_DELAY)
     assert the_connection(box).__class__ is tuple and len(box.kernel.entries) == 2
+
+
+def test_a_process_with_no_kernel_path_and_no_map_left_counts_parked_connections_lost_and_goes_on():
+    # kracauer.daemon.take_back, which the daemon and every worker call at start without a kernel path:
+    # a connection saved as carried by the kernel must not stay parked in a loop with no map to read
+    # (a segment of it would look the map up), whether or not the old map is still there.
+    from kracauer.daemon import take_back
+    box = KernelBox()
+    walk = established(box)
+    state = snapshot(box.tracker, box.now)
+    fresh = Box()
+    assert restore(fresh.tracker, state, box.now) == 1 and fresh.tracker.in_kernel == 1
+    assert take_back(fresh.tracker, None) == 0
+    assert fresh.tracker.in_kernel == 0 and fresh.tracker.clients == {} and fresh.tracker.parked() == []
+    # The client's next segment is a connection the box does not know: dropped, no exception.
+    fresh.now = box.now
+    walk.box = fresh
+    assert walk.from_client("PA", walk.c + 1 + len(CHROME), walk.k + 1, b"q") == []
+    assert fresh.tracker.drops["no_connection"] == 1
+    # With the map left, the same restore is taken back whole.
+    left = KernelSim()
+    left.entries = dict(box.kernel.entries)
+    again = Box()
+    restore(again.tracker, state, box.now)
+    assert take_back(again.tracker, left) == 1 and left.entries == {}
+    assert isinstance(the_connection(again), Connection)
