@@ -17,7 +17,7 @@ import struct
 import types
 
 import pytest
-from scapy.layers.inet import IP, UDP
+from scapy.layers.inet import IP, UDP, IPerror
 from scapy.packet import Raw
 
 from netstack.flow import L4_TCP, L4_UDP, Flow, flow_key, key_l4
@@ -92,7 +92,9 @@ class UdpKernelSim:
                 return None
             data = view[40:40 + ip.payload_len]
         udp = UdpHeader(data)
-        if udp.length != len(data) or (raw[0] >> 4 == 4 and udp.checksum == 0):
+        # As load_udp in xlat.bpf.c: a zero checksum goes to Python both ways (IPv4's must be computed
+        # whole, IPv6's is invalid).
+        if udp.length != len(data) or udp.checksum == 0:
             return None
         value = self.entries.get(flow_key(ip.src, ip.dst, raw[len(raw) - len(data):][:4], L4_UDP))
         if value is None:
@@ -235,6 +237,18 @@ def test_a_datagram_the_program_passes_on_is_translated_here_and_the_entries_sta
     assert box.carried == 0 and box.kernel.entries == before and flow.kernel == KERNEL_IN
     assert (flow.datagrams_to_host, flow.datagrams_to_client) == (len(AIOQUIC) + 1, 3)
     assert box.tracker.events["kernel_offloaded_udp"] == 1  # not installed again
+
+
+def test_a_hosts_zero_checksum_datagram_of_a_flow_in_the_kernel_is_passed_on_and_dropped_here():
+    box = Box()
+    flow = box.offloaded()
+    before = dict(box.kernel.entries)
+    down = flow.datagrams_to_client
+    assert box.send(from_host(SHORT, checksum=0)) == []
+    assert box.carried == 0 and box.tracker.drops["udp_zero_checksum"] == 1
+    assert box.kernel.entries == before and flow.datagrams_to_client == down and flow.kernel == KERNEL_IN
+    (out,) = box.send(from_host(SHORT))  # the next, with its checksum, is the kernel's
+    assert box.carried == 1 and parse(out).dst == CLIENT
 
 
 def host_datagrams(box: Box, n: int) -> list[bytes]:
@@ -654,3 +668,71 @@ def test_the_metrics_count_quic_flows_in_the_kernel_apart_from_tcp_connections()
     assert "kracauer_udp_flows_in_kernel 1.0" in text
     assert "kracauer_connections_in_kernel 0.0" in text
     assert "kracauer_udp_flows_active 1.0" in text
+
+
+# ============================================================ hostile traffic around a flow in the kernel
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+# One datagram: who sends it, its payload, whether its checksum is 0, its TTL or hop limit, whether it is
+# of the flow's own 4-tuple or another port, and whether the program passes it on anyway (queued
+# before the install, say).
+DATAGRAM = st.tuples(
+    st.sampled_from(["client", "host"]),
+    st.one_of(st.binary(min_size=0, max_size=1400), st.just(SHORT), st.just(HOST_HANDSHAKE),
+              st.binary(min_size=1, max_size=60).map(lambda b: bytes([0xC0 | b[0] & 0x3F]) + b[1:])),
+    st.booleans(),
+    st.sampled_from([0, 1, 2, 64, 255]),
+    st.booleans(),
+    st.booleans(),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(DATAGRAM, max_size=40))
+def test_hostile_datagrams_around_a_flow_in_the_kernel_are_counted_once_and_never_misdelivered(datagrams):
+    """Whatever arrives, split between the program and the tracker as the program would, every datagram
+    kracauer sends is checksummed and goes to its flow's own ends, and each flow's record counts exactly
+    what was sent each way, once, whichever of the two sent it. The other port is another client port
+    of the same client: a short header naming the host's CID from there is a rebinding (a second flow)."""
+    box = Box()
+    flow = box.offloaded()
+    base = (flow.datagrams_to_host, flow.datagrams_to_client, flow.bytes_to_host, flow.bytes_to_client)
+    sent = {50000: [0, 0, 0, 0], 50001: [0, 0, 0, 0]}
+    for who, payload, zero, ttl, own, passed in datagrams:
+        box.now += 0.01
+        box.kernel.pass_all = passed
+        checksum = 0 if zero else None
+        port = 50000 if own else 50001
+        if who == "client":
+            raw = from_client(payload, sport=port, ttl=ttl, checksum=checksum)
+        else:
+            raw = from_host(payload, dport=port, hlim=ttl, checksum=checksum)
+        for out in box.send(raw):
+            pkt = parse(out)  # checks every checksum
+            if out[0] >> 4 == 6:
+                assert (pkt.src, pkt.dst, pkt[UDP].sport, pkt[UDP].dport) == (CLIENT6, HOST_WWW, port, 443)
+                assert who == "client" and bytes(pkt[UDP].payload) == payload and pkt.hlim == ttl - 1
+                sent[port][0] += 1
+                sent[port][2] += len(payload)
+            elif UDP in pkt and not pkt.haslayer(IPerror):
+                assert (pkt.src, pkt.dst, pkt[UDP].sport, pkt[UDP].dport) == (SERVICE, CLIENT, 443, port)
+                assert who == "host" and bytes(pkt[UDP].payload) == payload and pkt.ttl == ttl - 1
+                assert not zero  # RFC 8200 §8.1: a host's zero checksum is never passed on
+                sent[port][1] += 1
+                sent[port][3] += len(payload)
+            else:
+                raise AssertionError(f"unexpected packet {pkt.summary()}")
+    assert flow.kernel == KERNEL_IN
+    box.tracker.on_timer(box.now + IDLE + 1)
+    records = {r.client_port: r for r in box.tracker.records if r.outcome == "idle_timeout"}
+    expected = {50000: tuple(b + n for b, n in zip(base, sent[50000]))}
+    if 50001 in records:  # a rebinding flow counts from its first datagram
+        expected[50001] = tuple(sent[50001])
+    else:
+        assert sent[50001] == [0, 0, 0, 0]
+    got = {port: (r.packets_to_host, r.packets_to_client, r.bytes_to_host, r.bytes_to_client)
+           for port, r in records.items()}
+    assert got == expected
+    assert box.kernel.entries == {} and box.udp.in_kernel == 0
