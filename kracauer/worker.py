@@ -185,12 +185,8 @@ class Worker(Daemon):
         now = time.monotonic()
         for path in setup.restore:
             self._restore_shard(path, now)
-        if setup.leftover_fd >= 0:
+        if self.tracker.flows is None:
             self._take_back_shard()
-        elif self.tracker.flows is None:
-            # No kernel path and no map left: what was saved as in the kernel goes on here (quic
-            # flows) or is counted lost (TCP connections), never left parked with no map to read.
-            take_back(self.tracker, None, who=f"worker {setup.index}: ")
         if setup.adopt and self.tracker.flows is not None:
             self._adopt_own_flows(now)
         if setup.fresh:
@@ -217,12 +213,17 @@ class Worker(Daemon):
         return queue_of(client, port, self.setup.count) == self.setup.index
 
     def _take_back_shard(self) -> None:
-        from kracauer.bpf.libbpf import Map
-        from kracauer.kernel_path import BpfFlowTable
+        """No kernel path here: this worker's share of what an earlier process left to the kernel is
+        translated here (``take_back``), from the map it left if there is one (the supervisor's)."""
+        leftover = None
+        if self.setup.leftover_fd >= 0:
+            from kracauer.bpf.libbpf import Map
+            from kracauer.kernel_path import BpfFlowTable
 
-        leftover = BpfFlowTable(Map.from_fd(self.setup.leftover_fd, owned=True))
+            leftover = BpfFlowTable(Map.from_fd(self.setup.leftover_fd, owned=True))
         take_back(self.tracker, leftover, self._mine, who=f"worker {self.setup.index}: ")
-        leftover.map.close()
+        if leftover is not None:
+            leftover.map.close()
 
     def _adopt_own_flows(self, now: float) -> None:
         """After this worker died: the connections the kernel carried for it are its again."""

@@ -26,6 +26,7 @@ from netstack.state import StateError, adopt, decode, encode, restore, snapshot
 from netstack.tracker import Listener, Tracker, TrackerConfig
 from netstack.udp import PROTO_UDP, UdpHeader, to_client, to_host
 from netstack.udptracker import KERNEL_IN, KERNEL_NEVER, KERNEL_NO, UdpFlow
+from tests.test_tracker_kernel import KernelSim
 from tests.test_udptracker import (
     AIOQUIC, CAPTURES, CLIENT, CLIENT6, CLIENT_B, CLIENT_B6, HOST_CID, HOST_HANDSHAKE, HOST_WWW, LISTENERS, PREFIX,
     SERVICE, Counter32, Link, from_client, from_host, make_tracker, parse, resolve,
@@ -39,40 +40,21 @@ SHORT = bytes([0x40]) + HOST_CID + b"1-rtt" * 20  # a short header (RFC 9000 §1
 SERVICE_B = "192.0.2.11"
 
 
-class UdpKernelSim:
-    """A FlowTable, and the program's UDP path over it."""
+class UdpKernelSim(KernelSim):
+    """A FlowTable (tests.test_tracker_kernel's), and the program's UDP path over it."""
 
     def __init__(self, refuse: bool = False, refuse_second: bool = False) -> None:
-        self.entries: dict[bytes, bytes] = {}
-        self.refuse = refuse
+        super().__init__(refuse)
         self.refuse_second = refuse_second  # the host side's install fails, the client side's works
         self.installs = 0
         self.pass_all = False  # hand everything to the tracker (as for datagrams queued before the install)
-        self.now_ns = 0
         self.map = types.SimpleNamespace(close=lambda: None)  # what the daemon closes after a take-back
 
-    # FlowTable
     def install(self, key: bytes, flow: Flow) -> bool:
         self.installs += 1
-        if self.refuse or (self.refuse_second and self.installs % 2 == 0):
+        if self.refuse_second and self.installs % 2 == 0:
             return False
-        self.entries[key] = flow.pack()
-        return True
-
-    def take(self, key: bytes) -> Flow | None:
-        value = self.entries.pop(key, None)
-        return None if value is None else Flow.unpack(value)
-
-    def peek(self, key: bytes) -> Flow | None:
-        value = self.entries.get(key)
-        return None if value is None else Flow.unpack(value)
-
-    def last_seen(self, key: bytes) -> int | None:
-        flow = self.peek(key)
-        return None if flow is None else flow.last_seen
-
-    def items(self):
-        return [(key, Flow.unpack(value)) for key, value in self.entries.items()]
+        return super().install(key, flow)
 
     # the program
     def carry(self, raw: bytes) -> bytes | None:
